@@ -1,0 +1,36 @@
+# The two commands a user needs: `make quickstart` (the main job on the bundled demo data) and `make test`.
+# Each installs what it needs first.
+PYTHON ?= python3
+LOOM := $(PYTHON) -m launch
+STAMP := .install.stamp
+PYTEST := $(PYTHON) -m pytest
+
+.PHONY: install quickstart test test-slow test-distributed test-all lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(LOOM) shards demo output_dir=data/demo overwrite=true
+	$(LOOM) data --config quickstart
+
+test: install
+	$(PYTEST) -q -m "not slow and not gpu"
+
+test-slow: install
+	$(PYTEST) -q -m "slow and not gpu"
+
+test-all: install
+	$(PYTEST) -q -m "not gpu"
+
+lint: install
+	$(PYTHON) -m ruff check .
+
+bench: install
+	$(PYTHON) benchmarks/data_throughput.py
+
+clean:
+	rm -rf $(STAMP) runs data *.egg-info

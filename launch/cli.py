@@ -1,0 +1,77 @@
+"""``loom``: the command line.
+
+    loom <command> [POSITIONAL] [--config PRESET_OR_YAML ...] [--dry-run] [dotted.key=value ...]
+
+Every command reads one typed config (see :mod:`training.config`): its defaults, then the command's default
+presets, then each ``--config`` (a preset name from ``configs/`` or a YAML path), then the ``key=value``
+overrides. A bad config stops here, before any work, with the key, the value and what is allowed.
+``--dry-run`` prints the resolved config and the plan, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from launch.commands import Command, load_commands
+from training.config import ConfigError, load_config, save_config, to_yaml
+
+
+def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom",
+        description="latentloom: train latent image and video diffusion models on WebDataset shards.",
+        epilog="Options are dotted key=value overrides of the command's config; see `loom <command> --dry-run`.",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for cmd in commands.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        if cmd.positional:
+            p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(),
+                           help=f"sets {cmd.positional}=...")
+        p.add_argument("--config", "-c", action="append", default=[], metavar="PRESET",
+                       help="a preset name from configs/ or a YAML file; repeat to layer several")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=64")
+    return parser
+
+
+def build_config(cmd: Command, positional: Optional[str], configs: Sequence[str], overrides: Sequence[str]):
+    """The command's resolved config (raises ConfigError)."""
+    overrides = list(overrides)
+    if positional is not None:
+        if "=" in positional:  # `loom data key=value`: argparse cannot tell; treat it as an override
+            overrides.insert(0, positional)
+        else:
+            overrides.insert(0, f"{cmd.positional}={positional}")
+    return load_config(cmd.config_cls, [*cmd.default_presets, *configs], overrides)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    commands = load_commands()
+    args = _parser(commands).parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cmd = commands[args.command]
+    try:
+        cfg = build_config(cmd, getattr(args, "positional", None), args.config, args.overrides)
+    except ConfigError as e:
+        print(f"loom {cmd.name}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print("# resolved config")
+        print(to_yaml(cfg), end="")
+        print("# plan")
+        print(cmd.plan(cfg))
+        return 0
+    if cmd.run_dir is not None:
+        path = save_config(cfg, cmd.run_dir(cfg) / "config.yaml")
+        logging.getLogger("loom").info("resolved config written to %s", path)
+    code = cmd.run(cfg)
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""One attention path for every model: the function, the projection module and the feed-forward.
+
+Self- and cross-attention in the U-Net, the DiT and the autoencoder's mid-block all go through
+:func:`attention`. The backend is chosen by config: ``"sdpa"`` (PyTorch scaled-dot-product attention, the
+default), ``"xformers"`` (memory-efficient attention, CUDA only) or ``"math"`` (explicit softmax, the reference
+used by tests). Asking for a backend that cannot run raises :class:`AttentionBackendError`; nothing falls back
+silently.
+
+Projection names (``to_q``, ``to_k``, ``to_v``, ``to_out``) are the LoRA targets, see :data:`LORA_TARGETS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AttentionBackend = Literal["sdpa", "xformers", "math"]
+BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
+
+# Module-name suffixes that LoRA adapts: the attention projections, and optionally the feed-forward layers.
+LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
+LORA_FEEDFORWARD_TARGETS: tuple[str, ...] = ("ff.proj_in", "ff.proj_out")
+
+
+class AttentionBackendError(RuntimeError):
+    """The configured attention backend cannot run here."""
+
+
+def check_backend(backend: str, device: Optional[torch.device] = None) -> None:
+    """Raise :class:`AttentionBackendError` unless ``backend`` can run on ``device`` (None: only check install)."""
+    if backend not in BACKENDS:
+        raise AttentionBackendError(f"attention backend {backend!r} is unknown; choose one of {list(BACKENDS)}")
+    if backend == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise AttentionBackendError(
+                "attention backend 'xformers' was asked for but xformers is not installed "
+                "(pip install 'latentloom[xformers]' on a CUDA machine), or set attention_backend=sdpa"
+            )
+        if device is not None and torch.device(device).type != "cuda":
+            raise AttentionBackendError(
+                f"attention backend 'xformers' runs only on CUDA, but the tensors are on {device}; "
+                "set attention_backend=sdpa"
+            )
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, backend: str = "sdpa"
+) -> Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017), softmax(q kᵀ / √d) v.
+
+    Args:
+        q: ``(B, H, Lq, d)``.
+        k, v: ``(B, H, Lk, d)``.
+        mask: optional key mask ``(B, Lk)`` bool, True where a key may be attended to. Every query row must keep
+            at least one key (CLIP prompts always keep their start token).
+        backend: ``"sdpa"``, ``"xformers"`` or ``"math"``.
+    Returns:
+        ``(B, H, Lq, d)``.
+    """
+    if backend == "sdpa":
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if backend == "math":
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v)  # (B, H, Lq, d)
+    if backend == "xformers":
+        check_backend(backend, q.device)
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:  # additive bias (B, H, Lq, Lk); xformers wants the last dim padded to 8
+            lk = k.shape[2]
+            padded = (lk + 7) // 8 * 8
+            bias = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], padded)
+            bias[..., :lk] = bias[..., :lk].masked_fill(~mask[:, None, None, :], float("-inf"))
+            bias = bias[..., :lk]
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+        )  # (B, Lq, H, d)
+        return out.transpose(1, 2)
+    check_backend(backend)
+    raise AssertionError("unreachable")
+
+
+class Attention(nn.Module):
+    """Multi-head self- or cross-attention with separate q, k, v projections.
+
+    Self-attention when ``context_dim`` is None (keys from ``x``), cross-attention otherwise (keys from
+    ``context``). Optional RMS q/k normalisation (used by large DiTs for stability).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: Optional[int] = None,
+        heads: int = 8,
+        head_dim: Optional[int] = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+        qk_norm: bool = False,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        head_dim = head_dim if head_dim is not None else dim // heads
+        if head_dim * heads == 0:
+            raise ValueError(f"attention needs heads >= 1 and head_dim >= 1, got heads={heads}, head_dim={head_dim}")
+        check_backend(backend)
+        inner = heads * head_dim
+        self.heads, self.head_dim, self.backend = heads, head_dim, backend
+        self.is_cross = context_dim is not None
+        kv_dim = context_dim if context_dim is not None else dim
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def _heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        """x ``(B, N, D)``; context ``(B, L, Dc)`` for cross-attention; mask ``(B, L)`` bool over keys."""
+        if self.is_cross and context is None:
+            raise ValueError("cross-attention needs a context (per-token text states); got None")
+        src = context if self.is_cross else x
+        q = self.q_norm(self._heads(self.to_q(x)))  # (B, H, N, d)
+        k = self.k_norm(self._heads(self.to_k(src)))  # (B, H, L, d)
+        v = self._heads(self.to_v(src))  # (B, H, L, d)
+        out = attention(q, k, v, mask=mask if self.is_cross else None, backend=self.backend)  # (B, H, N, d)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)  # (B, N, H*d)
+        return self.to_out(out)  # (B, N, D)
+
+
+class FeedForward(nn.Module):
+    """Transformer feed-forward: ``"geglu"`` (Shazeer 2020, Stable Diffusion) or ``"gelu"``/``"gelu_tanh"``
+    (the ViT/DiT MLP)."""
+
+    def __init__(self, dim: int, inner_dim: Optional[int] = None, activation: str = "geglu", bias: bool = True):
+        super().__init__()
+        if activation not in ("geglu", "gelu", "gelu_tanh"):
+            raise ValueError(f"feed-forward activation {activation!r}; choose geglu, gelu or gelu_tanh")
+        inner_dim = inner_dim if inner_dim is not None else 4 * dim
+        self.activation = activation
+        self.proj_in = nn.Linear(dim, inner_dim * (2 if activation == "geglu" else 1), bias=bias)
+        self.proj_out = nn.Linear(inner_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj_in(x)  # (B, N, inner) or (B, N, 2*inner)
+        if self.activation == "geglu":
+            h, gate = h.chunk(2, dim=-1)
+            h = h * F.gelu(gate)
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.proj_out(h)  # (B, N, D)
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Switch every :class:`Attention` inside ``model`` to ``backend`` (checked first)."""
+    check_backend(backend)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
