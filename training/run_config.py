@@ -7,6 +7,7 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig
 
+
 @dataclasses.dataclass
 class RunSection:
     """Where and how a run is identified."""
