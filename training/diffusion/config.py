@@ -1,0 +1,156 @@
+"""Configuration dataclasses for the diffusion process.
+
+Plain ``@dataclass`` objects whose fields use only int / float / bool / str /
+Optional / Literal / tuple / list / nested dataclasses, so they round-trip
+through YAML / JSON / CLI overrides.  ``__post_init__`` validates every field
+and raises ``ValueError`` naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from .schedules import ScheduleName
+
+ProcessKind = Literal["discrete", "flow"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+LossWeighting = Literal["uniform", "min_snr"]
+FlowTimestepSampling = Literal["uniform", "logit_normal"]
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{name}: got {value!r}; expected {allowed}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a (simple) type hint; return it, possibly coerced (int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise _bad(name, value, f"one of {list(allowed)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _bad(name, value, f"a value of type {hint}")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(name, value, arg)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else _bad(name, value, f"a value of type {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _bad(name, value, "a bool (True/False)")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad(name, value, "an int")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(name, value, "a float")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _bad(name, value, "a str")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise _bad(name, value, f"a {origin.__name__}")
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if args and len(set(args)) == 1:
+            value = [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return origin(value)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return hint(**value)
+        if not isinstance(value, hint):
+            raise _bad(name, value, f"a {hint.__name__}")
+        return value
+    return value
+
+
+def validate_fields(obj: Any) -> None:
+    """Type-check (and coerce int -> float) every field of dataclass ``obj`` from its type hints."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        object.__setattr__(obj, field.name, _check_type(field.name, value, hints[field.name]))
+
+
+@dataclass
+class DiffusionConfig:
+    """Everything needed to build a :class:`~training.diffusion.process.DiffusionProcess`.
+
+    ``kind="discrete"`` builds a DDPM-style :class:`DiscreteDiffusion` from
+    ``schedule`` / ``num_timesteps`` / ``beta_start`` / ``beta_end`` /
+    ``zero_terminal_snr`` / ``prediction`` / ``loss_weighting`` / ``min_snr_gamma``.
+    ``kind="flow"`` builds a :class:`RectifiedFlow` from the ``flow_*`` /
+    ``logit_*`` fields; a flow model always predicts the velocity, so the
+    discrete-only fields (``schedule`` ... ``min_snr_gamma``) are ignored there,
+    except that ``loss_weighting`` must stay ``"uniform"``.
+    ``offset_noise`` and ``channel_dim`` apply to both.
+    """
+
+    kind: ProcessKind = "discrete"  # "discrete" (DDPM-style) or "flow" (rectified flow)
+    # --- discrete (DDPM) process -------------------------------------------------
+    schedule: ScheduleName = "scaled_linear"  # beta schedule (schedules.SCHEDULE_NAMES)
+    num_timesteps: int = 1000  # training steps T of the discrete chain
+    beta_start: Optional[float] = None  # first beta; None: the schedule default (schedules.DEFAULT_BETA_RANGE)
+    beta_end: Optional[float] = None  # last beta; None: the schedule default
+    zero_terminal_snr: bool = False  # rescale betas so the last step has SNR 0 (Lin et al. 2023)
+    prediction: PredictionType = "epsilon"  # what the denoiser predicts: epsilon, v_prediction or sample (x0)
+    loss_weighting: LossWeighting = "uniform"  # per-sample loss weight: uniform or min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting
+    # --- both ----------------------------------------------------------------------
+    offset_noise: float = 0.0  # offset-noise strength (Guttenberg 2023); 0 disables it
+    channel_dim: int = 1  # channel axis of the data: 1 for (B,C,H,W) / (B,C,T,H,W), 2 for (B,T,C,H,W)
+    # --- flow matching -------------------------------------------------------------
+    flow_timestep_sampling: FlowTimestepSampling = "logit_normal"  # training-time density (SD3 section 3.1)
+    logit_mean: float = 0.0  # mean of the logit-normal time density
+    logit_std: float = 1.0  # std of the logit-normal time density
+    flow_shift: float = 1.0  # time shift t -> s t / (1 + (s - 1) t) (SD3); 1 = none
+    flow_timestep_scale: float = 1000.0  # the denoiser sees t * scale (diffusers SD3/Flux: 1000)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if self.num_timesteps < 2:
+            raise _bad("num_timesteps", self.num_timesteps, "an int >= 2")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise _bad(name, value, "None or a float in (0, 1)")
+        if self.beta_start is not None and self.beta_end is not None and self.beta_start > self.beta_end:
+            raise _bad("beta_start", self.beta_start, f"a value <= beta_end ({self.beta_end})")
+        if self.min_snr_gamma <= 0.0:
+            raise _bad("min_snr_gamma", self.min_snr_gamma, "a float > 0")
+        if self.offset_noise < 0.0:
+            raise _bad("offset_noise", self.offset_noise, "a float >= 0 (0 disables offset noise)")
+        if self.channel_dim < 1:
+            raise _bad("channel_dim", self.channel_dim, "an int >= 1 (dim 0 is the batch)")
+        if self.logit_std <= 0.0:
+            raise _bad("logit_std", self.logit_std, "a float > 0")
+        if self.flow_shift <= 0.0:
+            raise _bad("flow_shift", self.flow_shift, "a float > 0 (1.0 = no shift)")
+        if self.flow_timestep_scale <= 0.0:
+            raise _bad("flow_timestep_scale", self.flow_timestep_scale, "a float > 0")
+        if self.kind == "discrete" and self.zero_terminal_snr and self.prediction == "epsilon":
+            # Lin et al. 2023, section 3.2: at zero SNR an epsilon model cannot recover x0.
+            raise _bad(
+                "prediction",
+                self.prediction,
+                "'v_prediction' or 'sample' when zero_terminal_snr=True (epsilon is undefined at SNR 0)",
+            )
+        if self.kind == "flow" and self.loss_weighting != "uniform":
+            raise _bad("loss_weighting", self.loss_weighting, "'uniform' for kind='flow'")

@@ -1,0 +1,418 @@
+"""Samplers for the discrete (DDPM) process and for rectified flow.
+
+All samplers share one calling convention::
+
+    x0 = sampler(denoiser, process, noise, cond, null_cond=None, guidance=1.0,
+                 steps=..., generator=None, callback=None, ...)
+
+``noise`` is the starting point (pure noise at the first timestep), the
+denoiser is called through :func:`~training.diffusion.guidance.cfg_denoise`
+(one batched forward for classifier-free guidance), and the optional
+``callback(i, t, x, x0)`` receives the step index, the timestep, the new
+sample after the step and the current clean-data estimate.
+
+Single steps are public too (``ddpm_step``, ``ddim_step``, ``euler_flow_step``)
+so that they can be tested and reused in isolation; unlike the samplers, which
+run under ``torch.no_grad()``, they are differentiable.
+
+x0 clipping (``clip_x0=r``) clamps the clean-data estimate to ``[-r, r]`` and
+then re-derives the noise estimate from the clamped x0 before the update, so
+that the pair (x0, eps) stays consistent with ``x_t``; updating with a clamped
+x0 but the raw eps (as diffusers' DDIM does unless ``use_clipped_model_output``)
+combines two incompatible estimates.  Clipping is only meaningful when data
+live in a bounded range (pixels in [-1, 1]); latents usually should not be clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Optional, Sequence, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .guidance import Denoiser, cfg_denoise
+from .process import DiscreteDiffusion, RectifiedFlow, randn
+
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
+
+#: ``callback(step_index, timestep, x_after_step, x0_estimate)``
+Callback = Callable[[int, Any, Tensor, Tensor], None]
+
+#: Smallest alphas_cumprod used by DPM-Solver, so that log-SNR stays finite on a
+#: zero-terminal-SNR schedule (the value diffusers uses for the same purpose).
+DPM_MIN_ALPHAS_CUMPROD = 2.0**-24
+
+
+# ----------------------------------------------------------------------------- timesteps
+def _check_steps(steps: int, num_train_timesteps: int) -> None:
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps: got {steps!r}; expected an int in [1, {num_train_timesteps}]")
+
+
+def discrete_timesteps(
+    num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0
+) -> list[int]:
+    """Descending inference timesteps for DDPM / DDIM sampling.
+
+    Spacings follow Table 2 of Lin et al. 2023 ("Common Diffusion Noise Schedules
+    and Sample Steps are Flawed"):
+
+    * ``"leading"``: ``k * (T // steps) + steps_offset`` (DDIM's original choice;
+      never reaches the last training step);
+    * ``"trailing"``: ``round(T - k * T / steps) - 1`` (starts at ``T - 1``, the
+      recommended choice, required for zero terminal SNR);
+    * ``"linspace"``: ``round(linspace(0, T - 1, steps))``.
+
+    These are the timesteps of diffusers' ``DDPMScheduler`` / ``DDIMScheduler``.
+    """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"spacing: got {spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}")
+    _check_steps(steps, num_train_timesteps)
+    if spacing == "leading":
+        ratio = num_train_timesteps // steps
+        ts = [k * ratio + steps_offset for k in range(steps)][::-1]
+    elif spacing == "trailing":
+        ratio = num_train_timesteps / steps
+        ts = [int(np.round(num_train_timesteps - k * ratio)) - 1 for k in range(steps)]
+    else:
+        ts = np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64).tolist()
+    if ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise ValueError(f"timesteps {ts} fall outside [0, {num_train_timesteps}) (steps_offset={steps_offset})")
+    return [int(t) for t in ts]
+
+
+def dpm_solver_timesteps(
+    num_train_timesteps: int, steps: int, spacing: str = "linspace", steps_offset: int = 0
+) -> list[int]:
+    """Descending timesteps for a solver whose last step lands on sigma = 0.
+
+    The grid has ``steps + 1`` points of which the clean end is dropped (the
+    final update goes to x0 directly).  Same values as diffusers'
+    ``DPMSolverMultistepScheduler`` for each spacing.
+    """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"spacing: got {spacing!r}; expected one of {list(TIMESTEP_SPACINGS)}")
+    _check_steps(steps, num_train_timesteps)
+    if spacing == "linspace":
+        grid = np.linspace(0, num_train_timesteps - 1, steps + 1).round()[::-1][:-1]
+        ts = grid.astype(np.int64).tolist()
+    elif spacing == "leading":
+        ratio = num_train_timesteps // (steps + 1)
+        ts = [k * ratio + steps_offset for k in range(1, steps + 1)][::-1]
+    else:
+        return discrete_timesteps(num_train_timesteps, steps, "trailing")
+    return [int(t) for t in ts]
+
+
+def _resolve_timesteps(
+    process: DiscreteDiffusion,
+    steps: Optional[int],
+    default_steps: int,
+    spacing: str,
+    steps_offset: int,
+    timesteps: Optional[Sequence[int]],
+    schedule_fn: Callable[[int, int, str, int], list[int]],
+) -> list[int]:
+    T = process.num_timesteps
+    if timesteps is not None:
+        ts = [int(t) for t in timesteps]
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= T or ts[-1] < 0:
+            raise ValueError(f"timesteps must be strictly decreasing within [0, {T}), got {ts}")
+        return ts
+    return schedule_fn(T, default_steps if steps is None else steps, spacing, steps_offset)
+
+
+def _require(process: Any, cls: type, sampler: str) -> None:
+    if not isinstance(process, cls):
+        raise TypeError(f"{sampler} needs a {cls.__name__}, got {type(process).__name__}")
+
+
+def _acp(process: DiscreteDiffusion, t: int) -> float:
+    """``alphas_cumprod[t]`` as a Python float (1.0 for t < 0: the clean end of the chain)."""
+    if t < 0:
+        return 1.0
+    return float(process.schedule.alphas_cumprod[t])
+
+
+def _tvec(x: Tensor, t: int) -> Tensor:
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def _x0_and_eps(
+    process: DiscreteDiffusion, model_output: Tensor, x: Tensor, t: int, clip_x0: Optional[float]
+) -> tuple[Tensor, Tensor]:
+    tv = _tvec(x, t)
+    x0 = process.to_x0(model_output, x, tv)
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = process.eps_from_x0(x0, x, tv)  # re-derived: consistent with the clipped x0
+    else:
+        eps = process.to_eps(model_output, x, tv)
+    return x0, eps
+
+
+# ----------------------------------------------------------------------------- DDPM
+def ddpm_step(
+    process: DiscreteDiffusion,
+    model_output: Tensor,
+    x: Tensor,
+    t: int,
+    t_prev: int,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    clip_x0: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral step ``x_t -> x_{t_prev}`` of DDPM (Ho et al. 2020, eq. 6-7, Algorithm 2).
+
+    Samples the posterior ``q(x_{t_prev} | x_t, x0_hat)`` with the "fixed small"
+    variance ``(1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)`` (``a = alphas_cumprod``),
+    which also covers strided steps (``t_prev < t - 1``).  ``t_prev = -1`` means the
+    clean end (``a_prev = 1``, no noise).  Returns ``(x_prev, x0_hat)``.
+    The posterior mean is written with x0 and x_t only, so a clipped x0 needs no
+    eps re-derivation here.
+    """
+    a_t, a_prev = _acp(process, t), _acp(process, t_prev)
+    x0, _ = _x0_and_eps(process, model_output, x, t, clip_x0)
+    step_alpha = a_t / a_prev
+    step_beta = 1.0 - step_alpha
+    coef_x0 = math.sqrt(a_prev) * step_beta / (1.0 - a_t)
+    coef_xt = math.sqrt(step_alpha) * (1.0 - a_prev) / (1.0 - a_t)
+    x_prev = coef_x0 * x0 + coef_xt * x
+    if t_prev >= 0:
+        variance = (1.0 - a_prev) / (1.0 - a_t) * step_beta
+        if noise is None:
+            noise = randn(x.shape, generator, x.device, x.dtype)
+        x_prev = x_prev + math.sqrt(variance) * noise
+    return x_prev, x0
+
+
+@torch.no_grad()
+def ddpm_sample(
+    denoiser: Denoiser,
+    process: DiscreteDiffusion,
+    noise: Tensor,
+    cond: Any,
+    null_cond: Optional[Any] = None,
+    guidance: float = 1.0,
+    steps: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    timesteps: Optional[Sequence[int]] = None,
+    clip_x0: Optional[float] = None,
+    guidance_rescale: float = 0.0,
+    callback: Optional[Callback] = None,
+) -> Tensor:
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`ddpm_step`.
+
+    ``steps`` defaults to the full chain (``process.num_timesteps``); fewer steps
+    use strided posteriors over :func:`discrete_timesteps`.  ``generator`` drives
+    the per-step noise.
+    """
+    _require(process, DiscreteDiffusion, "ddpm_sample")
+    ts = _resolve_timesteps(process, steps, process.num_timesteps, spacing, steps_offset, timesteps, discrete_timesteps)
+    x = noise
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        x, x0 = ddpm_step(process, out, x, t, t_prev, generator=generator, clip_x0=clip_x0)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ----------------------------------------------------------------------------- DDIM
+def ddim_step(
+    process: DiscreteDiffusion,
+    model_output: Tensor,
+    x: Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    clip_x0: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step (Song et al. 2020, "Denoising Diffusion Implicit Models", eq. 12 and 16).
+
+    ``x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z`` with
+    ``s = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)``; ``eta = 0`` is
+    the deterministic DDIM, ``eta = 1`` matches DDPM's variance.  ``t_prev = -1``
+    is the clean end (``a_prev = 1``).  Returns ``(x_prev, x0_hat)``.
+    """
+    if eta < 0:
+        raise ValueError(f"eta: got {eta!r}; expected a float >= 0")
+    a_t, a_prev = _acp(process, t), _acp(process, t_prev)
+    x0, eps = _x0_and_eps(process, model_output, x, t, clip_x0)
+    std = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
+    direction = math.sqrt(max(1.0 - a_prev - std * std, 0.0))
+    x_prev = math.sqrt(a_prev) * x0 + direction * eps
+    if std > 0:
+        if noise is None:
+            noise = randn(x.shape, generator, x.device, x.dtype)
+        x_prev = x_prev + std * noise
+    return x_prev, x0
+
+
+@torch.no_grad()
+def ddim_sample(
+    denoiser: Denoiser,
+    process: DiscreteDiffusion,
+    noise: Tensor,
+    cond: Any,
+    null_cond: Optional[Any] = None,
+    guidance: float = 1.0,
+    steps: int = 50,
+    generator: Optional[torch.Generator] = None,
+    eta: float = 0.0,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+    timesteps: Optional[Sequence[int]] = None,
+    clip_x0: Optional[float] = None,
+    guidance_rescale: float = 0.0,
+    callback: Optional[Callback] = None,
+) -> Tensor:
+    """DDIM sampling (Song et al. 2020) over :func:`discrete_timesteps`.
+
+    Each step goes to the next timestep of the grid, and the last one to the
+    clean end (``alphas_cumprod = 1``).  Use ``spacing="trailing"`` with a
+    zero-terminal-SNR schedule (Lin et al. 2023, section 3.3).  (diffusers'
+    ``DDIMScheduler`` instead always steps to ``t - T // steps``; that is the
+    same grid point for "leading" and "trailing" but not for "linspace".)
+    """
+    _require(process, DiscreteDiffusion, "ddim_sample")
+    ts = _resolve_timesteps(process, steps, 50, spacing, steps_offset, timesteps, discrete_timesteps)
+    x = noise
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        x, x0 = ddim_step(process, out, x, t, t_prev, eta=eta, generator=generator, clip_x0=clip_x0)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++(2M)
+@torch.no_grad()
+def dpm_solver_2m_sample(
+    denoiser: Denoiser,
+    process: DiscreteDiffusion,
+    noise: Tensor,
+    cond: Any,
+    null_cond: Optional[Any] = None,
+    guidance: float = 1.0,
+    steps: int = 20,
+    generator: Optional[torch.Generator] = None,
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    timesteps: Optional[Sequence[int]] = None,
+    clip_x0: Optional[float] = None,
+    guidance_rescale: float = 0.0,
+    callback: Optional[Callback] = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
+    of Diffusion Probabilistic Models", Algorithm 2), the multistep second-order
+    solver of the diffusion ODE in data-prediction form.
+
+    With ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda_cur`` and the
+    data estimates ``D_i`` of the current and previous step::
+
+        x_next = (sigma_next / sigma_cur) x - alpha_next (exp(-h) - 1) D
+        D = D_i                                             (first step)
+        D = (1 + 1 / (2 r)) D_i - 1 / (2 r) D_{i-1},  r = h_prev / h   (later steps)
+
+    The last step goes to sigma = 0 and returns the data estimate (first order,
+    as the solver does at the final step).  ``generator`` is unused (the solver is
+    deterministic) and accepted for a uniform signature.  ``alphas_cumprod`` is
+    floored at :data:`DPM_MIN_ALPHAS_CUMPROD` so that zero-terminal-SNR schedules
+    keep a finite log-SNR.
+    """
+    del generator
+    _require(process, DiscreteDiffusion, "dpm_solver_2m_sample")
+    ts = _resolve_timesteps(process, steps, 20, spacing, steps_offset, timesteps, dpm_solver_timesteps)
+
+    def alpha_sigma(t: int) -> tuple[float, float]:
+        a = max(_acp(process, t), DPM_MIN_ALPHAS_CUMPROD)
+        return math.sqrt(a), math.sqrt(1.0 - a)
+
+    x = noise
+    prev_x0: Optional[Tensor] = None
+    prev_h = 0.0
+    for i, t in enumerate(ts):
+        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        x0 = process.to_x0(out, x, _tvec(x, t))
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        if i + 1 == len(ts):
+            x = x0  # sigma_next = 0, alpha_next = 1: the update returns the data estimate
+        else:
+            alpha_cur, sigma_cur = alpha_sigma(t)
+            alpha_next, sigma_next = alpha_sigma(ts[i + 1])
+            h = math.log(alpha_next / sigma_next) - math.log(alpha_cur / sigma_cur)
+            if prev_x0 is None:
+                d = x0
+            else:
+                half_inv_r = 0.5 * h / prev_h
+                d = (1.0 + half_inv_r) * x0 - half_inv_r * prev_x0
+            x = (sigma_next / sigma_cur) * x - (alpha_next * math.expm1(-h)) * d
+            prev_h = h
+        prev_x0 = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ----------------------------------------------------------------------------- flow: Euler
+def euler_flow_step(model_output: Tensor, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One explicit Euler step of the flow ODE ``dx/dt = v``: ``x + (t_next - t) v``."""
+    return x + (sigma_next - sigma) * model_output
+
+
+@torch.no_grad()
+def euler_flow_sample(
+    denoiser: Denoiser,
+    process: RectifiedFlow,
+    noise: Tensor,
+    cond: Any,
+    null_cond: Optional[Any] = None,
+    guidance: float = 1.0,
+    steps: int = 28,
+    generator: Optional[torch.Generator] = None,
+    sigmas: Optional[Sequence[float] | Tensor] = None,
+    shift: Optional[float] = None,
+    clip_x0: Optional[float] = None,
+    guidance_rescale: float = 0.0,
+    callback: Optional[Callback] = None,
+) -> Tensor:
+    """Euler integration of the rectified-flow ODE from t = 1 (noise) to t = 0.
+
+    The probability-flow ODE of rectified flow is ``dx/dt = v(x, t)`` (Liu et al.
+    2022); SD3 (Esser et al. 2024) samples it with Euler steps on a shifted grid.
+    ``sigmas`` (decreasing, ending at 0) defaults to
+    :meth:`RectifiedFlow.sampling_sigmas` ``(steps, shift)``.  With ``clip_x0`` the
+    velocity is re-derived from the clamped x0, ``v = (x - x0) / t``.
+    ``generator`` is unused (deterministic sampler).
+    """
+    del generator
+    _require(process, RectifiedFlow, "euler_flow_sample")
+    if sigmas is None:
+        grid = process.sampling_sigmas(steps, shift).tolist()
+    else:
+        grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+        if len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"sigmas must be strictly decreasing with >= 2 entries, got {grid}")
+    x = noise
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
+        t_vec = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+        out = cfg_denoise(denoiser, x, process.model_timesteps(t_vec), cond, null_cond, guidance, guidance_rescale)
+        x0 = process.to_x0(out, x, t_vec)
+        if clip_x0 is not None and sigma > 0:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            out = (x - x0) / sigma
+        x = euler_flow_step(out, x, sigma, sigma_next)
+        if callback is not None:
+            callback(i, sigma, x, x0)
+    return x
