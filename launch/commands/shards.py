@@ -1,0 +1,96 @@
+"""``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table, or the bundled digits demo set.
+
+    loom shards demo output_dir=data/demo
+    loom shards folder input=imgs/ output_dir=out/ max_samples_per_shard=500
+    loom shards table input=pairs.jsonl output_dir=out/ image_column=path caption_column=text
+"""
+
+from __future__ import annotations
+
+import sys
+
+from data_pipeline.sources import FolderSource, TableSource
+from data_pipeline.writer import ShardsConfig, WriteSummary, existing_shard_files, write_shards
+from launch.commands import Command
+
+
+def _format_line(cfg: ShardsConfig) -> str:
+    if cfg.source == "demo":
+        return "png (lossless)"
+    fmt = {"keep": "keep jpg/png/webp as-is, others to png", "jpg": f"jpg (quality {cfg.jpeg_quality})",
+           "png": "png"}[cfg.image_format]
+    return fmt + (f", longer side at most {cfg.max_size}px" if cfg.max_size else "")
+
+
+def plan(cfg: ShardsConfig) -> str:
+    """What ``run(cfg)`` would write (for ``--dry-run``); reads the input only to count it."""
+    lines = []
+    if cfg.source == "demo":
+        from data_pipeline.demo import split_sizes
+
+        n_train, n_val = split_sizes(cfg.seed, cfg.val_fraction)
+        prefixes = ["train", "val"] if n_val else ["train"]
+        lines.append(f"source: demo (scikit-learn digits, 1797 images as 32x32 RGB, white ink on black), "
+                     f"stratified split seed={cfg.seed} val_fraction={cfg.val_fraction}: "
+                     f"{n_train} train / {n_val} val")
+    else:
+        prefixes = [cfg.shard_prefix]
+        if cfg.source == "folder":
+            n = FolderSource(cfg.input, cfg.allow_empty_caption).size_hint()  # type: ignore[arg-type]
+            lines.append(f"source: folder {cfg.input} ({n} image files; captions from same-stem .txt"
+                         f"{', empty allowed' if cfg.allow_empty_caption else ''})")
+        else:
+            table = TableSource(cfg.input, cfg.image_column, cfg.caption_column,  # type: ignore[arg-type]
+                                cfg.allow_empty_caption)
+            lines.append(f"source: table {cfg.input} ({table.kind}, about {table.size_hint()} rows; "
+                         f"image column {cfg.image_column!r}, caption column {cfg.caption_column!r})")
+    names = ", ".join(f"{p}-NNNNNN.tar + {p}.shardindex.json" for p in prefixes)
+    lines.append(f"output: {cfg.output_dir}/ {names}")
+    lines.append(f"shard size: at most {cfg.max_samples_per_shard} samples per tar")
+    lines.append(f"image format: {_format_line(cfg)}")
+    existing = [p for prefix in prefixes for p in existing_shard_files(cfg.output_dir, prefix)]
+    if existing:
+        action = "will be replaced (overwrite=true)" if cfg.overwrite else "exist: the run will refuse them " \
+            "(set overwrite=true)"
+        lines.append(f"existing: {len(existing)} file(s) of these shard sets {action}")
+    return "\n".join(lines)
+
+
+def run(cfg: ShardsConfig) -> int:
+    """Write the shards; print a summary. Exit code 0, or 1 when nothing could be written or files exist."""
+    try:
+        summaries: list[WriteSummary]
+        if cfg.source == "demo":
+            from data_pipeline.demo import build_demo_set
+
+            summaries = list(build_demo_set(cfg.output_dir, cfg.seed, cfg.val_fraction, cfg.max_samples_per_shard,
+                                            cfg.overwrite, cfg.progress).values())
+        else:
+            if cfg.source == "folder":
+                source = FolderSource(cfg.input, cfg.allow_empty_caption)  # type: ignore[arg-type]
+            else:
+                source = TableSource(cfg.input, cfg.image_column, cfg.caption_column,  # type: ignore[arg-type]
+                                     cfg.allow_empty_caption)
+            summaries = [write_shards(source, cfg.output_dir, cfg.shard_prefix,
+                                      max_samples_per_shard=cfg.max_samples_per_shard, image_format=cfg.image_format,
+                                      jpeg_quality=cfg.jpeg_quality, max_size=cfg.max_size, overwrite=cfg.overwrite,
+                                      progress=cfg.progress)]
+    except (FileExistsError, ValueError) as e:
+        print(f"loom shards: {e}", file=sys.stderr)
+        return 1
+    for s in summaries:
+        print(s.format())
+    if not any(s.samples for s in summaries):
+        print("loom shards: no samples were written (see the skip reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMAND = Command(
+    name="shards",
+    help="write WebDataset shards from a folder, a JSONL/CSV table, or the demo set",
+    config_cls=ShardsConfig,
+    run=run,
+    plan=plan,
+    positional="source",
+)
