@@ -58,3 +58,18 @@ class Conditioning:
         for name, t in self.tensors().items():
             moved[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
         return dataclasses.replace(self, **moved)
+
+    def trim_context(self) -> "Conditioning":
+        """Drop trailing token positions that no sample may attend to (exact: masked keys add nothing).
+
+        CLIP pads every prompt to 77 tokens; a batch of short captions needs only the first few, which makes
+        cross-attention several times cheaper. Without a mask nothing is trimmed.
+        """
+        if self.context is None or self.context_mask is None:
+            return self
+        valid = self.context_mask.any(dim=0).nonzero()
+        length = int(valid.max()) + 1 if valid.numel() else 1
+        if length == self.context.shape[1]:
+            return self
+        return dataclasses.replace(self, context=self.context[:, :length], context_mask=self.context_mask[:, :length])
+

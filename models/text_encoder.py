@@ -1,0 +1,405 @@
+"""Frozen OpenCLIP text encoder (Radford et al. 2021; Cherti et al. 2023) turned into a :class:`Conditioning`.
+
+Only open_clip's text tower is kept (token embedding, positional embedding, causal transformer, ``ln_final``,
+``text_projection``); the image tower is never built. Weights come from one of:
+
+(a) an open_clip model name and pretrained tag (``ViT-H-14`` / ``laion2b_s32b_b79k``, Stable Diffusion 2.x's
+    encoder), downloaded by open_clip; where the machine cannot download, :class:`TextEncoderLoadError` says so;
+(b) a local checkpoint (``.safetensors``, or an open_clip ``.pt``/``.bin`` read with ``weights_only=True``): a
+    full CLIP checkpoint, a ``CustomTextCLIP`` one (``text.`` prefix), or one written by
+    :meth:`TextEncoder.save_checkpoint`; only the text weights are read;
+(c) random initialisation from a model config: an open_clip model name, a JSON file in open_clip's model-config
+    format (``{"embed_dim", "text_cfg", ["quick_gelu"]}``), or a config bundled in ``models/configs/`` such as
+    ``openclip-tiny-text`` (for tests; it uses open_clip's bundled BPE vocabulary, which needs no download).
+
+What :meth:`TextEncoder.encode` returns, checked against the Stability AI references:
+
+* ``context``: per-token states of the last block (``layer="last"``) or of the block before it
+  (``layer="penultimate"``, Stable Diffusion 2.x). Stable Diffusion 2.x's ``FrozenOpenCLIPEmbedder`` stops the
+  transformer early and applies ``ln_final`` to the penultimate states too; that is ``hidden_ln_final=True``
+  (default). SDXL's ``FrozenOpenCLIPEmbedder2(legacy=False)`` returns the penultimate states *without*
+  ``ln_final``; that is ``hidden_ln_final=False``.
+* ``pooled``: always from the *last* block: ``ln_final``, the state at the end-of-text token (open_clip's
+  ``argmax`` pooling), then ``text_projection``: open_clip's ``encode_text`` without normalisation, which is also
+  SDXL's pooled embedding.
+* ``context_mask``: True for the start token, the caption and the end-of-text token; False for the padding after
+  it. (CLIP's causal mask means padding never changes the earlier states; the mask is for the denoiser's
+  cross-attention. Stable Diffusion itself attends to the padding; pass ``context_mask=None`` to do that.)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import open_clip
+import torch
+from torch import Tensor, nn
+
+from models.conditioning import Conditioning
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Top-level names of the text tower's weights in an open_clip CLIP state dict.
+TEXT_KEYS: tuple[str, ...] = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TextEncoderLoadError(RuntimeError):
+    """Text-encoder weights could not be obtained (no network, missing file, incompatible checkpoint)."""
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which OpenCLIP text tower to build and what to read out of it."""
+
+    model: str = "ViT-H-14"
+    """open_clip model name, a JSON model-config path, or the stem of a config in ``models/configs/``."""
+    pretrained: Optional[str] = None
+    """open_clip pretrained tag to download (e.g. ``laion2b_s32b_b79k``); exclusive with ``checkpoint``."""
+    checkpoint: Optional[str] = None
+    """Local weights file (``.safetensors``, ``.pt``, ``.bin``); exclusive with ``pretrained``."""
+    layer: Literal["last", "penultimate"] = "penultimate"
+    """Which block's per-token states form ``context`` (Stable Diffusion 2.x: penultimate)."""
+    hidden_ln_final: bool = True
+    """Apply ``ln_final`` to ``context`` (SD 2.x: True, also for penultimate; SDXL's OpenCLIP-G: False)."""
+    freeze: bool = True
+    """Freeze the weights (requires_grad False) and keep the module in eval mode."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Parameter dtype after loading."""
+    cache_dir: Optional[str] = None
+    """Where open_clip caches downloads (None: its default)."""
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ValueError(
+                f"TextEncoderConfig: pretrained={self.pretrained!r} and checkpoint={self.checkpoint!r} are both set; "
+                "give one source of weights"
+            )
+        if self.layer not in ("last", "penultimate"):
+            raise ValueError(f"TextEncoderConfig.layer={self.layer!r}: choose 'last' or 'penultimate'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TextEncoderConfig.dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+        if not self.model:
+            raise ValueError("TextEncoderConfig.model is empty: give an open_clip model name or a JSON config path")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs, weights, tokenizers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_config(model: str) -> tuple[dict[str, Any], bool]:
+    """open_clip-format model config for ``model`` and whether it is an open_clip built-in name."""
+    path = Path(model)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"text-encoder model config {model!r} does not exist")
+        return json.loads(path.read_text()), False
+    bundled = CONFIG_DIR / f"{model}.json"
+    if bundled.is_file():
+        return json.loads(bundled.read_text()), False
+    config = open_clip.get_model_config(model)
+    if config is None:
+        local = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise ValueError(
+            f"unknown text-encoder model {model!r}: not a JSON file, not in models/configs ({local}) and not an "
+            "open_clip model (open_clip.list_models())"
+        )
+    return config, True
+
+
+def build_text_tower(model_config: dict[str, Any]) -> nn.Module:
+    """open_clip's ``TextTransformer`` for an open_clip model config (text part only, random init)."""
+    text_cfg = dict(model_config.get("text_cfg", {}))
+    if text_cfg.get("hf_model_name"):
+        raise ValueError(
+            f"text towers from Hugging Face ({text_cfg['hf_model_name']!r}) are not supported; use an open_clip "
+            "CLIP text transformer (e.g. ViT-H-14, ViT-bigG-14)"
+        )
+    if text_cfg.get("embed_cls"):
+        raise ValueError("text towers with an appended CLS token (CoCa) are not supported")
+    # open_clip's own text-tower builder: the same module open_clip.create_model would put in a CLIP.
+    from open_clip.model import _build_text_tower
+
+    return _build_text_tower(
+        model_config["embed_dim"], text_cfg, quick_gelu=bool(model_config.get("quick_gelu", False))
+    )
+
+
+def load_checkpoint_file(path: Union[str, Path]) -> dict[str, Tensor]:
+    """Read a weights file: safetensors, or a torch pickle with ``weights_only=True`` (no code is run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextEncoderLoadError(f"text-encoder checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a TorchScript archive (OpenAI's original files) or arbitrary pickles
+            raise TextEncoderLoadError(
+                f"could not read {str(path)!r} as a weights-only torch checkpoint ({type(err).__name__}: {err}); "
+                "convert it to safetensors or an open_clip state dict"
+            ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TextEncoderLoadError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__})")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def extract_text_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The text tower's weights, keyed as in open_clip's ``TextTransformer``, from a CLIP / CustomTextCLIP /
+    :meth:`TextEncoder.save_checkpoint` state dict."""
+    if any(k.startswith("text.") for k in state):
+        return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] in TEXT_KEYS}
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_for(model: str, builtin: bool, context_length: int) -> Any:
+    if builtin:
+        return open_clip.get_tokenizer(model, context_length=context_length)
+    return open_clip.SimpleTokenizer(context_length=context_length)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        model_config, builtin = resolve_model_config(config.model)
+        text_cfg = model_config.get("text_cfg", {})
+        if not builtin and text_cfg.get("hf_tokenizer_name"):
+            raise ValueError(
+                f"text-encoder config {config.model!r} names a Hugging Face tokenizer; only open_clip's bundled "
+                "BPE tokenizer is supported for local configs"
+            )
+        if config.pretrained is not None:
+            if not builtin:
+                raise ValueError(
+                    f"TextEncoderConfig.pretrained={config.pretrained!r} needs an open_clip model name, but "
+                    f"model={config.model!r} is a local config; use checkpoint= for local weights"
+                )
+            model_config = dict(model_config)
+            if open_clip.get_pretrained_cfg(config.model, config.pretrained).get("quick_gelu"):
+                model_config["quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
+        weights = self._find_weights(config)
+        if weights is None:
+            logger.info("text encoder %s: random initialisation (no pretrained tag or checkpoint)", config.model)
+            self.text = build_text_tower(model_config)
+        else:
+            with torch.device("meta"):  # no random init of weights that are about to be replaced
+                self.text = build_text_tower(model_config)
+            self._load_text_weights(weights, source=config.pretrained or config.checkpoint or "")
+        self.text.to(DTYPES[config.dtype])
+
+        self.context_length = int(self.text.context_length)
+        self.tokenizer = _tokenizer_for(config.model, builtin, self.context_length)
+        self.eot_token_id: Optional[int] = getattr(self.tokenizer, "eot_token_id", None)
+        self.pool_type = str(getattr(self.text, "pool_type", text_cfg.get("pool_type", "argmax")))
+        self._null_cache: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
+        self.frozen = config.freeze
+        if config.freeze:
+            self.requires_grad_(False)
+            self.eval()
+
+    # ---- construction helpers ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, model: str, pretrained: str, **kwargs: Any) -> TextEncoder:
+        """(a) open_clip model name + pretrained tag (downloads; fails clearly where it cannot)."""
+        return cls(TextEncoderConfig(model=model, pretrained=pretrained, **kwargs))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Union[str, Path], model: str, **kwargs: Any) -> TextEncoder:
+        """(b) local weights file for architecture ``model`` (open_clip name, JSON config or bundled stem)."""
+        return cls(TextEncoderConfig(model=model, checkpoint=str(checkpoint), **kwargs))
+
+    @classmethod
+    def from_config(cls, model: str, **kwargs: Any) -> TextEncoder:
+        """(c) random initialisation of architecture ``model``."""
+        return cls(TextEncoderConfig(model=model, **kwargs))
+
+    @staticmethod
+    def _find_weights(config: TextEncoderConfig) -> Optional[dict[str, Tensor]]:
+        if config.checkpoint is not None:
+            return extract_text_weights(load_checkpoint_file(config.checkpoint))
+        if config.pretrained is None:
+            return None
+        pcfg = open_clip.get_pretrained_cfg(config.model, config.pretrained)
+        if not pcfg:
+            tags = open_clip.list_pretrained_tags_by_model(config.model)
+            raise ValueError(
+                f"open_clip has no pretrained weights {config.pretrained!r} for {config.model!r}; known tags: {tags}"
+            )
+        try:
+            path = open_clip.download_pretrained(pcfg, cache_dir=config.cache_dir)
+        except Exception as err:
+            raise TextEncoderLoadError(
+                f"could not download open_clip weights {config.model}/{config.pretrained} "
+                f"({type(err).__name__}: {err}). This machine may have no network access: fetch the checkpoint "
+                "elsewhere and set checkpoint=PATH (and keep model=) instead of pretrained= (HF_HUB_OFFLINE=1 makes "
+                "this fail at once instead of after the download retries)"
+            ) from err
+        if not path:
+            raise TextEncoderLoadError(f"open_clip returned no file for {config.model}/{config.pretrained}")
+        return extract_text_weights(load_checkpoint_file(path))
+
+    def _load_text_weights(self, weights: dict[str, Tensor], source: str) -> None:
+        expected = set(self.text.state_dict().keys())
+        missing = sorted(expected - weights.keys())
+        unexpected = sorted(weights.keys() - expected)
+        if missing or unexpected:
+            raise TextEncoderLoadError(
+                f"{source!r} does not match text tower {self.config.model!r}: missing {missing[:8]}"
+                f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
+            )
+        try:
+            self.text.load_state_dict(weights, strict=True, assign=True)
+        except RuntimeError as err:  # shape mismatches
+            raise TextEncoderLoadError(f"{source!r} does not fit text tower {self.config.model!r}: {err}") from err
+        if getattr(self.text, "attn_mask", None) is not None:  # non-persistent buffer: rebuild it off meta
+            self.text.attn_mask = self.text.build_causal_mask()
+        self.text.float()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """A frozen encoder stays in eval mode whatever the trainer asks."""
+        return super().train(mode and not self.frozen)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._null_cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save_checkpoint(self, path: Union[str, Path]) -> None:
+        """Write the text tower to ``path`` as safetensors (keys ``text.*``; loadable with ``checkpoint=``)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"model": self.config.model})
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.token_embedding.weight.dtype
+
+    @property
+    def context_dim(self) -> int:
+        """Width of ``context`` (the transformer width)."""
+        return int(self.text.width)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of ``pooled`` (the projection's output, or the width when there is none)."""
+        proj = self.text.text_projection
+        if proj is None:
+            return self.context_dim
+        return int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1])
+
+    # ---- encoding ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, captions: Union[str, list[str]]) -> Tensor:
+        """Token ids ``(B, context_length)`` int64 (start token, BPE tokens, end-of-text, zero padding)."""
+        if isinstance(captions, str):
+            captions = [captions]
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must be strings, got {[type(c).__name__ for c in captions]}")
+        return self.tokenizer(list(captions))
+
+    def token_mask(self, tokens: Tensor) -> Tensor:
+        """``(B, L)`` bool, True up to and including each row's end-of-text token."""
+        if self.eot_token_id is not None:
+            is_eot = tokens == self.eot_token_id  # (B, L)
+            eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.argmax(dim=1))  # (B,)
+        else:  # CLIP's convention: the end-of-text id is the largest id
+            eot = tokens.argmax(dim=1)  # (B,)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (L,)
+        return positions[None, :] <= eot[:, None]  # (B, L)
+
+    def _pool(self, x: Tensor, tokens: Tensor) -> Tensor:
+        """open_clip's text pooling of ``x`` ``(B, L, W)`` → ``(B, W)``."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        if self.pool_type == "first":
+            return x[:, 0]
+        if self.pool_type == "last":
+            return x[:, -1]
+        if self.pool_type == "eos":
+            return x[rows, (tokens == self.text.eos_id).int().argmax(dim=-1)]
+        if self.pool_type == "argmax":
+            return x[rows, tokens.argmax(dim=-1)]
+        raise ValueError(f"unsupported open_clip pool_type {self.pool_type!r}")
+
+    def encode_tokens(self, tokens: Tensor) -> Conditioning:
+        """Token ids ``(B, L)`` → ``Conditioning(context (B, L, W), context_mask (B, L), pooled (B, P))``."""
+        text = self.text
+        tokens = tokens.to(self.device)
+        length = tokens.shape[1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            x = text.token_embedding(tokens)  # (B, L, W)
+            x = x + text.positional_embedding[:length].to(x.dtype)  # (B, L, W)
+            attn_mask = getattr(text, "attn_mask", None)
+            if attn_mask is not None:
+                attn_mask = attn_mask[:length, :length].to(x.dtype)  # (L, L) additive causal mask
+            batch_first = getattr(text.transformer, "batch_first", True)
+            if not batch_first:
+                x = x.transpose(0, 1)  # (L, B, W): older open_clip blocks are sequence-first
+            blocks = text.transformer.resblocks
+            hidden_at = len(blocks) - 1 if self.config.layer == "penultimate" else len(blocks)
+            hidden = x
+            for i, block in enumerate(blocks):
+                if i == hidden_at:
+                    hidden = x  # input of the last block = output of the penultimate one
+                x = block(x, attn_mask=attn_mask)  # (B, L, W)
+            if hidden_at == len(blocks):
+                hidden = x
+            if not batch_first:
+                x, hidden = x.transpose(0, 1), hidden.transpose(0, 1)  # (B, L, W)
+            final = text.ln_final(x)  # (B, L, W)
+            context = text.ln_final(hidden) if self.config.hidden_ln_final else hidden  # (B, L, W)
+            pooled = self._pool(final, tokens)  # (B, W)
+            proj = text.text_projection
+            if isinstance(proj, nn.Linear):
+                pooled = proj(pooled)  # (B, P)
+            elif proj is not None:
+                pooled = pooled @ proj  # (B, P)
+        return Conditioning(context=context, context_mask=self.token_mask(tokens), pooled=pooled)
+
+    def encode(self, captions: Union[str, list[str]]) -> Conditioning:
+        """Captions → ``Conditioning(context, context_mask, pooled)`` on this module's device and dtype."""
+        return self.encode_tokens(self.tokenize(captions))
+
+    def forward(self, captions: Union[str, list[str]]) -> Conditioning:
+        return self.encode(captions)
+
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        """The empty-prompt encoding ``encode([""])`` repeated ``batch_size`` times (the classifier-free-guidance
+        unconditional input). Cached per device and dtype while the encoder is frozen."""
+        key = (self.device, self.dtype)
+        null = self._null_cache.get(key) if self.frozen else None
+        if null is None:
+            with torch.no_grad():
+                null = self.encode([""])
+            if self.frozen:
+                self._null_cache[key] = null
+        return Conditioning(**{name: t.repeat(batch_size, *([1] * (t.ndim - 1))) for name, t in null.tensors().items()})
