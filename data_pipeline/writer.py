@@ -372,8 +372,17 @@ class ShardWriter:
         caption = sample.caption if sample.caption is not None else ""
         meta = {k: v for k, v in sample.extra.items() if k not in RESERVED_FIELDS}
         meta.update(key=key, width=enc.width, height=enc.height, caption=caption, source=sample.source_id)
+        return self.write_members({enc.ext: enc.data, "txt": caption.encode("utf-8")}, meta)
+
+    def write_members(self, members: dict[str, bytes], meta: dict[str, Any]) -> str:
+        """Add one sample made of ready member bytes by extension (``{"latent.npy": ..., "txt": ...}``) plus its
+        json (``key`` is set here); returns the key. Used for derived shards such as cached latents."""
+        if self.index is not None:
+            raise RuntimeError(f"shard writer {self.prefix!r} is closed")
+        key = f"{self.count:09d}"
+        meta = dict(meta, key=key)
         meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=_json_default).encode("utf-8")
-        members = {enc.ext: enc.data, "json": meta_bytes, "txt": caption.encode("utf-8")}
+        members = dict(members, json=meta_bytes)
         if self._tar is None:
             self._open_shard()
         for ext in sorted(members):

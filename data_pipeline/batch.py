@@ -1,0 +1,90 @@
+"""The batch the loader yields: pixels, captions, keys, metadata, SDXL size/crop conditioning, precomputed arrays.
+
+``pixels`` is ``(B, C, H, W)`` float32 in [-1, 1]; video batches will add a frame axis, ``(B, T, C, H, W)``, so
+code that needs the image size should read ``pixels.shape[-2:]`` (or ``target_size``) rather than index 2 and 3.
+Without image members (``image_keys: []``, latents-only shards) ``pixels`` is None.
+
+Precomputed arrays come from ``.npy`` / ``.safetensors`` tar members (never pickles): the member named by
+``DataConfig.latent_key`` (default ``KEY.latent.npy``) becomes ``latents`` ``(B, ...)`` when every sample of the
+batch has one of the same shape (else None); each member in ``DataConfig.extra_keys`` (e.g. ``t5.npy``) becomes
+``extras["t5"]``, stacked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from data_pipeline.transforms import Decoded, to_float_pixels
+
+
+@dataclass
+class Batch:
+    pixels: Optional[torch.Tensor]  # (B, C, H, W) float32 in [-1, 1]; later (B, T, C, H, W) for video
+    captions: list[str]  # one caption per sample
+    keys: list[str]  # the sample keys (tar member stem)
+    metadata: list[dict]  # the sample's json member ({} when absent)
+    original_size: torch.Tensor  # (B, 2) int64 (h, w) of the stored image
+    crop_top_left: torch.Tensor  # (B, 2) int64 (top, left) of the crop in the resized image
+    target_size: torch.Tensor  # (B, 2) int64 (h, w) of pixels (the bucket size)
+    latents: Optional[torch.Tensor] = None  # (B, ...) precomputed latents read from the shards
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other precomputed arrays, (B, ...) each
+    sources: list[str] = field(default_factory=list)  # the source name each sample came from
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _map(self, fn) -> "Batch":
+        return Batch(
+            pixels=None if self.pixels is None else fn(self.pixels),
+            captions=self.captions, keys=self.keys, metadata=self.metadata,
+            original_size=fn(self.original_size), crop_top_left=fn(self.crop_top_left),
+            target_size=fn(self.target_size),
+            latents=None if self.latents is None else fn(self.latents),
+            extras={k: fn(v) for k, v in self.extras.items()}, sources=self.sources,
+        )
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device`` (lists are shared)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """A copy with every tensor in page-locked memory (DataLoader's ``pin_memory=True`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+
+def _stack_optional(arrays: Sequence[Optional[np.ndarray]]) -> Optional[torch.Tensor]:
+    if not arrays or any(a is None for a in arrays):
+        return None
+    shape = arrays[0].shape  # type: ignore[union-attr]
+    if any(a.shape != shape for a in arrays):  # type: ignore[union-attr]
+        return None
+    return torch.from_numpy(np.stack(arrays))  # type: ignore[arg-type]
+
+
+def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys: Sequence[str],
+            metadata: Sequence[dict], sources: Sequence[str] = (),
+            latents: Sequence[Optional[np.ndarray]] = (), extras: Optional[dict[str, list]] = None) -> Batch:
+    """Stack per-sample pieces into a :class:`Batch` (pixels converted to float once, for the whole batch)."""
+    n = len(keys)
+    if decoded and decoded[0] is not None:
+        pixels = to_float_pixels(np.stack([d.pixels for d in decoded]))  # (B, 3, H, W)
+        geo = lambda attr: torch.tensor([getattr(d, attr) for d in decoded], dtype=torch.int64)  # noqa: E731
+        original, crop, target = geo("original_size"), geo("crop_top_left"), geo("target_size")
+    else:
+        pixels = None
+        shapes = [tuple(a.shape[-2:]) if a is not None and a.ndim >= 2 else (0, 0) for a in latents] or [(0, 0)] * n
+        original = torch.tensor(shapes, dtype=torch.int64).reshape(n, 2)
+        crop = torch.zeros(n, 2, dtype=torch.int64)
+        target = original.clone()
+    ext = {}
+    for name, arrs in (extras or {}).items():
+        t = _stack_optional(arrs)
+        if t is not None:
+            ext[name] = t
+    return Batch(pixels=pixels, captions=list(captions), keys=list(keys), metadata=list(metadata),
+                 original_size=original, crop_top_left=crop, target_size=target,
+                 latents=_stack_optional(list(latents)), extras=ext, sources=list(sources))

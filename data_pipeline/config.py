@@ -1,0 +1,147 @@
+"""The streaming loader's configuration: :class:`DataConfig`, with nested :class:`SourceConfig`, :class:`BucketConfig`.
+
+Plain dataclasses, filled from YAML by ``training.config``; every field has a one-line comment, and
+``__post_init__`` rejects bad values with a ``ValueError`` that names the field, the value and what is allowed.
+``DataConfig()`` with no arguments is valid (no data configured yet); :func:`data_pipeline.loader.build_loader`
+then asks for ``urls`` or ``sources``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+CROPS = ("center", "random")
+
+
+def _need(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: got {value!r}; allowed: {allowed}")
+
+
+@dataclass
+class SourceConfig:
+    """One shard set to stream from; several sources are mixed per sample by ``weight``."""
+
+    urls: str = ""  # shard pattern: path, dir, brace (a-{000..009}.tar), glob, 'pipe:cmd', several joined by '::'
+    weight: float = 1.0  # relative share of samples drawn from this source when mixing (> 0)
+    name: str = ""  # label in logs, stats and errors ('' = derived from urls)
+    index: str = ""  # explicit .shardindex.json for these shards ('' = look beside local tars)
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.urls, str), "urls", self.urls, "a string pattern")
+        _need(isinstance(self.weight, (int, float)) and self.weight > 0, "weight", self.weight, "a number > 0")
+        self.weight = float(self.weight)
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        head = self.urls.split("::")[0]
+        return head if len(head) <= 60 else "..." + head[-57:]
+
+
+@dataclass
+class BucketConfig:
+    """Multi-aspect buckets (SDXL, Podell et al. 2023, sec. 2.3; NovelAI's aspect-ratio bucketing)."""
+
+    enabled: bool = False  # group samples into fixed-size aspect buckets; every batch comes from one bucket
+    step: int = 64  # bucket sides are multiples of this many pixels
+    max_aspect: float = 2.0  # widest bucket ratio (long side / short side, >= 1); wider images are cropped
+    merge_leftovers: bool = True  # at a pass/epoch end pack half-full buckets into full batches of the nearest bucket
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.step, int) and self.step >= 8 and self.step % 8 == 0, "step", self.step,
+              "an int >= 8, multiple of 8")
+        _need(isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1.0, "max_aspect", self.max_aspect,
+              "a number >= 1.0")
+        self.max_aspect = float(self.max_aspect)
+
+
+@dataclass
+class DataConfig:
+    """How the streaming WebDataset loader reads, splits, shuffles, decodes and batches image-text pairs."""
+
+    urls: str = ""  # shorthand for a single source (same pattern syntax as SourceConfig.urls)
+    sources: list[SourceConfig] = field(default_factory=list)  # weighted sources (use this or urls, not both)
+    caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption"])  # first non-empty wins
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # image member priority
+    require_caption: bool = True  # skip samples without a caption (else caption '')
+    latent_key: str = "latent.npy"  # member read into Batch.latents when every sample of a batch has it ('' = off)
+    extra_keys: list[str] = field(default_factory=list)  # .npy/.safetensors members read into Batch.extras[name]
+    resolution: int = 256  # output side (square), and the pixel budget resolution**2 of buckets
+    crop: Literal["center", "random"] = "center"  # where to crop after resizing to cover the target
+    flip: bool = False  # random horizontal flip with probability 0.5
+    jpeg_draft: bool = True  # let PIL decode JPEGs at a reduced DCT scale that still covers the target
+    batch_size: int = 32  # samples per batch on each rank
+    num_workers: int = 2  # DataLoader worker processes (0 = read in the main process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = False  # pin batches in page-locked memory (for fast GPU copies)
+    shuffle_buffer: int = 1000  # samples held per worker for shuffling (0 or 1 = no sample shuffle)
+    shard_shuffle: bool = True  # shuffle the shard order every epoch from (seed, epoch)
+    resampled: bool = False  # endless mode: draw shards with replacement (seeded); needs epoch_samples
+    epoch_samples: Optional[int] = None  # nominal samples per epoch over all ranks (None = from the shard index)
+    seed: int = 0  # data order seed, added to the run's seed (shard order, shuffle buffer, mixing, crops, flips)
+    full_pass: bool = False  # each epoch reads every sample once, source after source, last batch partial (cache/val)
+    drop_last: bool = False  # when an epoch runs until the shards end: drop each worker's final partial batch
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # multi-aspect bucketing
+    max_warnings: int = 5  # logged warnings per skip reason and worker before only counting
+    max_consecutive_bad: int = 10000  # this many unusable samples in a row is an error, not a skip
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.urls, str), "urls", self.urls, "a string pattern")
+        srcs = []
+        for i, s in enumerate(self.sources):
+            if isinstance(s, dict):
+                s = SourceConfig(**s)
+            _need(isinstance(s, SourceConfig) and bool(s.urls), f"sources[{i}]", s, "a SourceConfig with urls")
+            srcs.append(s)
+        self.sources = srcs
+        if self.urls and self.sources:
+            raise ValueError(f"urls: got {self.urls!r} together with {len(self.sources)} sources; "
+                             "allowed: either urls (one source) or sources, not both")
+        for name in ("caption_keys", "image_keys", "extra_keys"):
+            v = getattr(self, name)
+            _need(isinstance(v, list) and all(isinstance(k, str) and k for k in v), name, v,
+                  "a list of non-empty strings")
+        _need(bool(self.caption_keys) or not self.require_caption, "caption_keys", self.caption_keys,
+              "at least one key while require_caption is true")
+        for k in self.caption_keys:
+            _need(not k.startswith("json:") or len(k) > 5, "caption_keys", k, "'ext' or 'json:field'")
+        _need(isinstance(self.resolution, int) and self.resolution >= 8, "resolution", self.resolution, "an int >= 8")
+        _need(self.crop in CROPS, "crop", self.crop, ", ".join(CROPS))
+        _need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, "an int >= 1")
+        _need(isinstance(self.num_workers, int) and self.num_workers >= 0, "num_workers", self.num_workers,
+              "an int >= 0")
+        _need(isinstance(self.prefetch_factor, int) and self.prefetch_factor >= 1, "prefetch_factor",
+              self.prefetch_factor, "an int >= 1")
+        _need(isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 0, "shuffle_buffer",
+              self.shuffle_buffer, "an int >= 0")
+        _need(self.epoch_samples is None or (isinstance(self.epoch_samples, int) and self.epoch_samples >= 1),
+              "epoch_samples", self.epoch_samples, "null or an int >= 1")
+        _need(not self.resampled or self.epoch_samples is not None, "epoch_samples", self.epoch_samples,
+              "an int >= 1 when resampled is true (endless streams need a nominal epoch length)")
+        _need(not (self.full_pass and self.resampled), "full_pass", self.full_pass,
+              "false when resampled is true (an endless stream has no full pass)")
+        _need(isinstance(self.seed, int), "seed", self.seed, "an int")
+        _need(isinstance(self.max_warnings, int) and self.max_warnings >= 0, "max_warnings", self.max_warnings,
+              "an int >= 0")
+        _need(isinstance(self.max_consecutive_bad, int) and self.max_consecutive_bad >= 1, "max_consecutive_bad",
+              self.max_consecutive_bad, "an int >= 1")
+        if isinstance(self.buckets, dict):
+            self.buckets = BucketConfig(**self.buckets)
+        _need(isinstance(self.buckets, BucketConfig), "buckets", self.buckets, "a BucketConfig")
+        if self.buckets.enabled:
+            _need(bool(self.image_keys), "buckets", "enabled", "buckets only with image_keys (they bucket pixels)")
+            _need(self.buckets.step <= self.resolution, "buckets", f"step={self.buckets.step}",
+                  f"a step <= resolution ({self.resolution})")
+
+    def source_list(self) -> list[SourceConfig]:
+        """The configured sources (``urls`` becomes one source of weight 1)."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceConfig(urls=self.urls)] if self.urls else []
+
+    def replace(self, **changes) -> "DataConfig":
+        return dataclasses.replace(self, **changes)

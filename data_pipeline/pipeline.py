@@ -1,0 +1,401 @@
+"""One logical worker's pipeline: source streams → mixing → shuffle buffer → (buckets) → decode → Batch.
+
+Everything between the tar and the batch holds *undecoded* samples (:class:`~data_pipeline.stream.Raw`), and all
+randomness is counter based, so the pipeline's whole state is small (:meth:`WorkerPipeline.snapshot`):
+
+* per source stream: pass, cycle, position in the share, open shard and offset, counters (see ``stream.py``);
+* mixing and shuffle draw counters, the drain flag;
+* REFERENCES ``(source, shard url, index in shard, visit, repeat)`` to the samples sitting in the shuffle buffer, the
+  bucket queues and the packed-but-not-yet-emitted batches, never their bytes;
+* the worker's counters (samples, skips by reason, drops, buckets).
+
+:meth:`WorkerPipeline.restore` re-reads only the referenced samples (opening each of their shards once and
+stopping after the last one needed) and reopens each stream's current shard, skipping ``offset`` samples
+without decoding. Decoding is a pure function of the reference (augmentation draws are hashed from
+``(seed, url, index, visit)``), so a sample decoded after a resume is bit-identical to the uninterrupted run.
+
+Epoch modes (chosen by the main process, :mod:`data_pipeline.loader`):
+
+``aligned``  one source, sample counts known, no ``epoch_samples``: epoch ``e`` is pass ``e``; the shuffle buffer
+             drains at the end of the share; bucket leftovers are packed then; if the rank still needs batches
+             its share is read again (wrap-around, counted as ``repeated``); at the next epoch whatever is
+             left of the pass is dropped (``dropped.epoch_remainder``) so every epoch starts clean.
+``nominal``  resampled, mixed sources, or ``epoch_samples`` set: endless streams (non-resampled sources step
+             through passes by themselves), epochs are a batch count; buffers carry over epoch boundaries, where
+             bucket leftovers are packed.
+``exhaust``  ``full_pass``, or one source whose counts are unknown and no ``epoch_samples`` (then single rank
+             only): the sources are read one after the other, each sample once; the epoch ends when the share is
+             read, with a last partial batch unless ``drop_last``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from data_pipeline.batch import Batch, collate
+from data_pipeline.buckets import BucketSet, bucket_name, pack_leftovers
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
+from data_pipeline.shardlists import T_AUG, T_MIX, T_SHUFFLE, ResolvedSource, mix64, url_id
+from data_pipeline.stats import Counters, format_counts
+from data_pipeline.stream import PASS_END, Raw, SourceStream, _error_text, read_samples
+from data_pipeline.transforms import array_name, decode_image, load_array
+
+MODES = ("aligned", "nominal", "exhaust")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every worker of one rank shares (picklable; built once by the loader)."""
+
+    cfg: DataConfig
+    sources: tuple[ResolvedSource, ...]
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers of this rank (max(1, num_workers))
+    mode: str
+    buckets: Optional[BucketSet]
+
+    def slot(self, worker: int) -> int:
+        return self.rank + self.world_size * worker
+
+    @property
+    def n_slots(self) -> int:
+        return self.world_size * self.workers
+
+
+class WorkerPipeline:
+    """The resumable sample pipeline of one logical worker (see the module docstring)."""
+
+    def __init__(self, ctx: Context, worker: int):
+        self.ctx, self.cfg, self.worker = ctx, ctx.cfg, worker
+        self.slot = ctx.slot(worker)
+        multi = ctx.n_slots > 1
+        self.where = f" (rank {ctx.rank} worker {worker})" if multi else ""
+        self.counters = Counters(self.cfg.max_warnings, f"[rank {ctx.rank} worker {worker}] " if multi else "")
+        endless = ctx.mode == "nominal"
+        self.streams = [SourceStream(self.cfg, s, i, ctx.seed, self.slot, ctx.n_slots, self.counters, endless,
+                                     self.where) for i, s in enumerate(ctx.sources)]
+        weights = [s.weight for s in ctx.sources]
+        self._cum = [sum(weights[: i + 1]) / sum(weights) for i in range(len(weights))]
+        self.epoch: Optional[int] = None
+        self.finished = False  # exhaust mode: share read and leftovers emitted
+        self.mix_draws = 0
+        self.seq = 0  # exhaust mode: the source being read
+        self.buf: list[Raw] = []
+        self.buf_draws = 0
+        self.draining = False
+        self.queues: dict[int, list[Raw]] = {}
+        self.ready: list[tuple[int, list[Raw]]] = []
+        self.bad_run = 0
+
+    # ------------------------------------------------------------------------------------------------ epochs
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Prepare for loader epoch ``epoch`` (no-op when resuming inside it)."""
+        if self.epoch == epoch:
+            return
+        fresh = self.epoch is None
+        if self.ctx.mode == "nominal":
+            if not fresh and self.ctx.buckets is not None:
+                self._pack()
+        else:
+            if not fresh:
+                left = len(self.buf) + sum(map(len, self.queues.values())) + sum(len(r) for _, r in self.ready)
+                left += sum(s.remaining_known() for s in self.streams if s.cycle == 0)
+                self.counters.drop("epoch_remainder", left)
+            self.buf, self.queues, self.ready = [], {}, []
+            self.draining = self.finished = False
+            self.seq = 0
+            for s in self.streams:
+                s.begin_pass(epoch)
+        self.epoch = epoch
+
+    # --------------------------------------------------------------------------------------------- sampling
+
+    def _pull_upstream(self):
+        if self.ctx.mode == "exhaust":  # one pass: the sources one after the other
+            while True:
+                raw = self.streams[self.seq].pull()
+                if raw is not PASS_END or self.seq + 1 == len(self.streams):
+                    return raw
+                self.seq += 1
+        if len(self.streams) == 1:
+            return self.streams[0].pull()
+        u = mix64(self.ctx.seed, T_MIX, self.slot, self.mix_draws) / 2.0**64
+        self.mix_draws += 1
+        return self.streams[min(bisect.bisect_right(self._cum, u), len(self.streams) - 1)].pull()
+
+    def _pull_shuffled(self):
+        """Next sample through the shuffle buffer; :data:`PASS_END` once the buffer has drained at a pass end."""
+        size = self.cfg.shuffle_buffer
+        if size <= 1:
+            return self._pull_upstream()
+        if not self.draining:
+            while len(self.buf) < size:
+                raw = self._pull_upstream()
+                if raw is PASS_END:
+                    self.draining = True
+                    break
+                self.buf.append(raw)
+        if not self.buf:
+            self.draining = False
+            return PASS_END
+        j = mix64(self.ctx.seed, T_SHUFFLE, self.slot, self.buf_draws) % len(self.buf)
+        self.buf_draws += 1
+        raw = self.buf[j]
+        self.buf[j] = self.buf[-1]
+        self.buf.pop()
+        return raw
+
+    # -------------------------------------------------------------------------------------------- decoding
+
+    def _decode(self, raw: Raw, target: tuple[int, int]):
+        """``(Decoded or None, {ext: array})``, or None after counting the sample as skipped."""
+        cfg = self.cfg
+        dec = None
+        if raw.image is not None:
+            rand = 0
+            if cfg.flip or cfg.crop == "random":
+                rand = mix64(self.ctx.seed, T_AUG, url_id(raw.url), raw.index, raw.visit)
+            try:
+                dec = decode_image(raw.image, target, cfg.crop, cfg.flip, rand, cfg.jpeg_draft)
+            except Exception as e:  # noqa: BLE001 - truncated / damaged image data
+                return self._bad("corrupt_image", raw, _error_text(e))
+        arrays = {}
+        for ext, data in raw.arrays.items():
+            try:
+                arrays[ext] = load_array(data, ext)
+            except Exception as e:  # noqa: BLE001
+                return self._bad("bad_array", raw, f"{ext}: {str(e)[:100]}")
+        self.bad_run = 0
+        return dec, arrays
+
+    def _bad(self, reason: str, raw: Raw, detail: str) -> None:
+        if not raw.repeat:
+            self.counters.skip(reason, raw.url, raw.key, detail)
+        self.bad_run += 1
+        if self.bad_run >= self.cfg.max_consecutive_bad:
+            raise DataError(f"{self.bad_run} samples in a row could not be decoded{self.where}; skipped so far: "
+                            f"{format_counts(dict(self.counters.skipped))}")
+        return None
+
+    def _collate(self, items: list[tuple[Raw, tuple]]) -> Batch:
+        cfg = self.cfg
+        decoded = [d for _, (d, _) in items]
+        latents = [a.get(cfg.latent_key) for _, (_, a) in items] if cfg.latent_key else []
+        extras = {array_name(ext): [a.get(ext) for _, (_, a) in items] for ext in cfg.extra_keys}
+        batch = collate(decoded, [r.caption for r, _ in items], [r.key for r, _ in items],
+                        [r.meta for r, _ in items], [self.ctx.sources[r.src].name for r, _ in items],
+                        latents, extras)
+        self.counters.samples += len(items)
+        self.counters.batches += 1
+        return batch
+
+    # --------------------------------------------------------------------------------------------- batching
+
+    def next_batch(self) -> Optional[Batch]:
+        """The next batch, or None when this worker's stream is over (exhaust mode only)."""
+        if self.epoch is None:
+            raise RuntimeError("begin_epoch() first")
+        if self.ctx.buckets is not None or not self.cfg.image_keys:
+            return self._next_keyed()
+        return self._next_plain()
+
+    def _pass_end(self) -> bool:
+        """At the end of the share: wrap around (aligned; True = keep going) or finish (exhaust; False)."""
+        if self.ctx.mode == "aligned":
+            self.streams[0].next_cycle()
+            return True
+        self.finished = True
+        return False
+
+    def _next_plain(self) -> Optional[Batch]:
+        if self.finished:
+            return None
+        res = self.cfg.resolution
+        items: list[tuple[Raw, tuple]] = []
+        while len(items) < self.cfg.batch_size:
+            raw = self._pull_shuffled()
+            if raw is PASS_END:
+                if self._pass_end():
+                    continue
+                if items and not self.cfg.drop_last:
+                    return self._collate(items)
+                self.counters.drop("last_partial", len(items))
+                return None
+            d = self._decode(raw, (res, res))
+            if d is not None:
+                items.append((raw, d))
+        return self._collate(items)
+
+    def _log_ar(self, raw: Raw) -> float:
+        h, w = raw.size  # type: ignore[misc]
+        return math.log(w / h)
+
+    def _key(self, raw: Raw):
+        """The queue a sample waits in: its aspect bucket (images), or its latent shape (latents-only shards)."""
+        if self.ctx.buckets is not None:
+            return self.ctx.buckets.assign(*raw.size)  # type: ignore[misc]
+        return raw.shape
+
+    def _key_name(self, key) -> str:
+        if self.ctx.buckets is not None:
+            return bucket_name(self.ctx.buckets.sizes[key])
+        return "x".join(map(str, key)) if key is not None else "none"
+
+    def _form(self, key, raws: list[Raw], partial: bool = False) -> Optional[Batch]:
+        """Decode ``raws`` for queue ``key``; a batch if all decode (or ``partial``), else re-queue survivors."""
+        target = self.ctx.buckets.sizes[key] if self.ctx.buckets is not None else (0, 0)
+        items = []
+        for raw in raws:
+            d = self._decode(raw, target)
+            if d is not None:
+                items.append((raw, d))
+        if items and (partial or len(items) == len(raws)):
+            self.counters.buckets[self._key_name(key)] += len(items)
+            return self._collate(items)
+        if not partial:
+            self.queues[key] = [r for r, _ in items] + self.queues.get(key, [])
+        return None
+
+    def _take_full(self, key) -> Optional[Batch]:
+        q = self.queues.get(key, [])
+        while len(q) >= self.cfg.batch_size:
+            raws = q[: self.cfg.batch_size]
+            del q[: self.cfg.batch_size]
+            if not q:
+                self.queues.pop(key, None)
+            out = self._form(key, raws)
+            if out is not None:
+                return out
+            q = self.queues.get(key, [])
+        return None
+
+    def _pack(self) -> None:
+        buckets = self.ctx.buckets
+        if buckets is None or not self.cfg.buckets.merge_leftovers or not self.queues:
+            return  # latent shapes cannot be merged: their leftovers wait
+        batches, rest = pack_leftovers(self.queues, self._log_ar, self.cfg.batch_size, buckets)
+        for b, raws in batches:
+            self.counters.merged += sum(buckets.assign(*r.size) != b for r in raws)  # type: ignore[misc]
+        self.ready.extend(batches)
+        self.queues = rest
+
+    def _flush_partial(self) -> Optional[Batch]:
+        """Exhaust mode, stream over: the leftovers as a final partial batch (image buckets: merged into the
+        bucket nearest their mean aspect; latent shapes: one partial batch per shape)."""
+        if self.ctx.buckets is not None:
+            left = [r for k in sorted(self.queues) for r in self.queues[k]]
+            self.queues = {}
+            key = self.ctx.buckets.nearest_log(sum(map(self._log_ar, left)) / len(left))
+        else:
+            key = min(self.queues, key=str)
+            left = self.queues.pop(key)
+        if self.cfg.drop_last:
+            self.counters.drop("last_partial", len(left))
+            return None
+        return self._form(key, left, partial=True)
+
+    def _next_keyed(self) -> Optional[Batch]:
+        while True:
+            while self.ready:
+                b, raws = self.ready.pop(0)
+                out = self._form(b, raws)
+                if out is not None:
+                    return out
+                out = self._take_full(b)
+                if out is not None:
+                    return out
+            if self.finished:
+                if not self.queues:
+                    return None
+                out = self._flush_partial()
+                if out is not None:
+                    return out
+                continue
+            raw = self._pull_shuffled()
+            if raw is PASS_END:
+                self._pack()
+                self._pass_end()
+                continue
+            key = self._key(raw)
+            self.queues.setdefault(key, []).append(raw)
+            out = self._take_full(key)
+            if out is not None:
+                return out
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def snapshot(self) -> dict:
+        """This worker's position, JSON-serialisable (see the module docstring)."""
+        urls: dict[str, int] = {}
+
+        def ref(r: Raw) -> list:
+            return [r.src, urls.setdefault(r.url, len(urls)), r.index, r.visit, int(r.repeat)]
+
+        return {
+            "epoch": self.epoch, "finished": self.finished, "mix_draws": self.mix_draws, "seq": self.seq,
+            "buf_draws": self.buf_draws, "draining": self.draining, "bad_run": self.bad_run,
+            "buf": [ref(r) for r in self.buf],
+            "queues": [[list(k) if isinstance(k, tuple) else k, [ref(r) for r in q]]
+                       for k, q in sorted(self.queues.items(), key=lambda kq: str(kq[0]))],
+            "ready": [[b, [ref(r) for r in raws]] for b, raws in self.ready],
+            "streams": [s.snapshot() for s in self.streams],
+            "stats": self.counters.to_dict(),
+            "urls": list(urls),
+        }
+
+    def restore(self, d: dict, epoch: Optional[int] = None) -> None:
+        """Continue from a :meth:`snapshot`: re-read the referenced samples, reopen shards at their offsets.
+
+        ``epoch``: the epoch about to begin; when it starts a new pass of an epoch-aligned stream, whatever the
+        snapshot still buffered is dropped anyway (:meth:`begin_epoch`), so it is counted, not re-read."""
+        self.epoch = d["epoch"]
+        self.finished, self.draining, self.seq = bool(d["finished"]), bool(d["draining"]), int(d["seq"])
+        self.mix_draws, self.buf_draws, self.bad_run = int(d["mix_draws"]), int(d["buf_draws"]), int(d["bad_run"])
+        self.counters.load(d["stats"])
+        if len(d["streams"]) != len(self.streams):
+            raise DataError(f"saved worker state has {len(d['streams'])} source streams, this loader "
+                            f"{len(self.streams)}")
+        for s, sd in zip(self.streams, d["streams"]):
+            s.restore(sd)
+        table = d["urls"]
+        refs = list(d["buf"]) + [r for _, q in d["queues"] for r in q] + [r for _, rs in d["ready"] for r in rs]
+        if self.ctx.mode != "nominal" and epoch is not None and self.epoch is not None and epoch > self.epoch:
+            self.counters.drop("epoch_remainder", len(refs))
+            self.buf, self.queues, self.ready = [], {}, []
+            return
+        wanted: dict[str, dict[int, list[tuple[int, int, bool]]]] = {}
+        for src, ui, index, visit, repeat in refs:
+            wanted.setdefault(table[ui], {}).setdefault(index, []).append((src, visit, bool(repeat)))
+        found: dict[tuple[str, int, int], Raw] = {}
+        for url, want in wanted.items():
+            for (g, visit), raw in read_samples(self.cfg, url, want, self.counters).items():
+                found[(url, g, visit)] = raw
+
+        def load(rs: list) -> list[Raw]:
+            out = []
+            for _src, ui, index, visit, _repeat in rs:
+                raw = found.get((table[ui], index, visit))
+                if raw is not None:
+                    out.append(raw)
+            return out
+
+        self.buf = load(d["buf"])
+        self.queues = {}
+        for k, rs in d["queues"]:
+            q = load(rs)
+            if q:
+                self.queues[tuple(k) if isinstance(k, list) else k] = q
+        self.ready = []
+        for b, rs in d["ready"]:
+            raws = load(rs)
+            if len(raws) == self.cfg.batch_size:
+                self.ready.append((int(b), raws))
+            elif raws:  # some referenced samples vanished: let the bucket queue refill the batch
+                self.queues.setdefault(int(b), []).extend(raws)
