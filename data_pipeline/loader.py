@@ -266,8 +266,12 @@ class StreamingLoader:
             source = self._iter_local(epoch, owed)
         else:
             ds = _EpochDataset(self.ctx, epoch, list(self._states), owed, self._due)
+            # A DataLoader draws its workers' base seed from the given generator; without one it would draw from
+            # the global torch RNG and so shift every random number the training step draws after a resume.
+            # Our workers' randomness comes from (seed, counters) alone, so a fixed generator is enough.
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
-                                     pin_memory=self.cfg.pin_memory, prefetch_factor=self.cfg.prefetch_factor))
+                                     pin_memory=self.cfg.pin_memory, prefetch_factor=self.cfg.prefetch_factor,
+                                     generator=torch.Generator().manual_seed(self.seed)))
         for d in source:
             batch = self._record(d)
             if batch is not None:

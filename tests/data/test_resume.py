@@ -153,3 +153,16 @@ def test_ranks_resume_independently(data):
     for rank in range(2):
         ref = check_resume(cfg, 12, [5], rank=rank, world_size=2)
         assert len(ref) == 12
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_the_global_rng_alone(data, workers):
+    """The training step's noise comes from the global torch RNG, which a checkpoint restores; a loader that drew
+    from it (a DataLoader does, for its workers' seeds) would shift every random number after a resume."""
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    take(build_loader(base(data, num_workers=workers), 0, 1), 13)  # across an epoch boundary: a new iterator
+    assert torch.equal(torch.rand(4), expected)
