@@ -1,11 +1,17 @@
-"""The root config of a run: the sections every command reads (later issues add model and training sections)."""
+"""The root config of a run: where it writes, what it reads, which stages it chains, and each stage's settings."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal, Optional
 
 from data_pipeline.config import DataConfig
+from training.stages.autoencoder import AutoencoderStageConfig
+from training.stages.cache import CacheConfig
+from training.stages.diffusion import DiffusionStageConfig
+
+StageName = Literal["autoencoder", "cache", "diffusion"]
 
 
 @dataclasses.dataclass
@@ -14,7 +20,7 @@ class RunSection:
 
     name: str = "run"  # run name; the run directory is output_dir/name
     output_dir: str = "runs"  # parent folder of run directories
-    seed: int = 0  # global seed (data order, initialisation, noise)
+    seed: int = 0  # global seed (initialisation, noise, dropout; the data order has data.seed)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -26,14 +32,39 @@ class RunSection:
 
 
 @dataclasses.dataclass
+class ReportConfig:
+    """The end-of-run report (markdown + PNG grids)."""
+
+    enabled: bool = False  # write report.md after the last stage
+    digits_check: bool = False  # the demo learning check: a digit classifier reads samples for each digit
+    samples_per_digit: int = 10  # samples per digit prompt for the check
+    guidance_scales: list[float] = dataclasses.field(default_factory=lambda: [0.0, 3.0])  # 0 = unconditional
+
+
+@dataclasses.dataclass
 class RunConfig:
-    """The root config of a run: where it writes, what it reads (later issues add model and training sections)."""
+    """A run: data, the chain of stages (``pipeline``), each stage's config, and the report."""
 
     run: RunSection = dataclasses.field(default_factory=RunSection)  # run name, folder, seed
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # the streaming loader
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # training images (image–text shards)
+    val_data: DataConfig = dataclasses.field(default_factory=DataConfig)  # validation shards (urls '' = none)
+    pipeline: list[StageName] = dataclasses.field(default_factory=lambda: ["diffusion"])  # stages, in order
+    autoencoder: AutoencoderStageConfig = dataclasses.field(default_factory=AutoencoderStageConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)  # latent + text-embedding shards
+    diffusion: DiffusionStageConfig = dataclasses.field(default_factory=DiffusionStageConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     preview_batches: int = 4  # batches `loom data` streams and shows
+    device: Optional[Literal["cpu", "cuda"]] = None  # for jobs outside the trainer (cache, report); null: auto
 
     def __post_init__(self) -> None:
         if self.preview_batches < 1:
             raise ValueError(f"preview_batches: {self.preview_batches} must be >= 1")
-
+        if not self.pipeline:
+            raise ValueError("pipeline: empty; list the stages to run, e.g. [autoencoder, cache, diffusion]")
+        if len(set(self.pipeline)) != len(self.pipeline):
+            raise ValueError(f"pipeline: {self.pipeline} names a stage twice")
+        order = {"autoencoder": 0, "cache": 1, "diffusion": 2}
+        if [order[s] for s in self.pipeline] != sorted(order[s] for s in self.pipeline):
+            raise ValueError(f"pipeline: {self.pipeline} is out of order; stages run autoencoder → cache → diffusion")
+        if "cache" in self.pipeline and self.diffusion.latents != "cache" and "diffusion" in self.pipeline:
+            raise ValueError("pipeline: has 'cache' but diffusion.latents is not 'cache'; the cache would go unused")

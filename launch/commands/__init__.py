@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-COMMAND_MODULES: tuple[str, ...] = ("shards", "data")
+COMMAND_MODULES: tuple[str, ...] = ("shards", "data", "train", "sample")
 
 
 @dataclass

@@ -1,0 +1,118 @@
+"""``loom sample``: images from a trained run and prompts, into a PNG grid (one row per prompt).
+
+    loom sample run_dir=runs/quickstart prompts='["a handwritten digit seven", "a handwritten digit two"]'
+    loom sample run_dir=runs/quickstart prompts='[...]' sampling.guidance=5 sampling.steps=100 sampling.seed=3
+    loom sample run_dir=runs/quickstart weights=latest sampling.negative_prompt="a handwritten digit one"
+
+The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
+EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launch.commands import Command
+from training.sampling import SamplingConfig
+
+
+@dataclass
+class SampleCommandConfig:
+    """What to draw, from which run."""
+
+    run_dir: str = "runs/quickstart"  # a training run directory (holds config.yaml and the diffusion stage)
+    weights: str = "export"  # export (EMA export of the finished stage) | latest (EMA of the last checkpoint) | path
+    prompts: list[str] = field(default_factory=lambda: ["a handwritten digit seven"])  # one grid row each
+    num_per_prompt: int = 4  # images per prompt (grid columns)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # sampler, steps, guidance, seed, negative prompt
+    height: Optional[int] = None  # image height in pixels (null: the run's data.resolution)
+    width: Optional[int] = None  # image width in pixels (null: the run's data.resolution)
+    output: str = "samples.png"  # the PNG grid (relative paths are inside run_dir)
+    device: Optional[str] = None  # cpu | cuda (null: cuda when available)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts: empty; give at least one prompt")
+        if self.num_per_prompt < 1:
+            raise ValueError(f"num_per_prompt: {self.num_per_prompt} must be >= 1")
+
+
+def _run_config(cfg: SampleCommandConfig):
+    from training.config import load_config
+    from training.run_config import RunConfig
+
+    path = Path(cfg.run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir={cfg.run_dir!r}: no config.yaml there (is it a `loom train` run?)")
+    run_cfg = load_config(RunConfig, [path])
+    return dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, output_dir=str(Path(cfg.run_dir).parent),
+                                                                name=Path(cfg.run_dir).name))
+
+
+def _weights_path(cfg: SampleCommandConfig) -> tuple[Path, bool]:
+    """(file, is_ema_checkpoint)."""
+    from training.checkpoint import latest_checkpoint
+
+    stage_dir = Path(cfg.run_dir) / "diffusion"
+    if cfg.weights == "export":
+        return stage_dir / "export" / "model.safetensors", False
+    if cfg.weights == "latest":
+        ckpt = latest_checkpoint(stage_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"weights=latest: no checkpoint under {stage_dir / 'checkpoints'}")
+        return ckpt / "ema.safetensors", True
+    return Path(cfg.weights), False
+
+
+def plan(cfg: SampleCommandConfig) -> str:
+    path, _ = _weights_path(cfg)
+    s = cfg.sampling
+    return (f"weights: {path}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} images\n"
+            f"sampler: {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed}, "
+            f"negative prompt {s.negative_prompt!r}\noutput: {Path(cfg.run_dir) / cfg.output}")
+
+
+def run(cfg: SampleCommandConfig) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from training.evaluation import save_grid
+    from training.pipeline import diffusion_stage
+
+    run_cfg = _run_config(cfg)
+    run_cfg = dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion, sampling=cfg.sampling))
+    stage, _ = diffusion_stage(run_cfg, Path(cfg.run_dir), with_validation_data=False)
+    path, is_ema = _weights_path(cfg)
+    if not path.exists():
+        print(f"loom sample: weights file {path} does not exist", file=sys.stderr)
+        return 1
+    state = load_file(str(path))
+    if is_ema:
+        state = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
+    stage.model.load_state_dict(state, strict=True)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    stage.model.to(device).eval()
+    stage.text_encoder.to(device)
+    if stage.autoencoder is not None:
+        stage.autoencoder.to(device)
+    c, h, w = stage.latent_shape
+    f = 1 if stage.autoencoder is None else stage.autoencoder.config.downsample_factor
+    if cfg.height or cfg.width:
+        height, width = cfg.height or h * f, cfg.width or w * f
+        if height % f or width % f:
+            print(f"loom sample: height/width must be multiples of the autoencoder factor {f}", file=sys.stderr)
+            return 2
+        stage.latent_shape = (c, height // f, width // f)
+    prompts = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
+    images = stage.samples(stage.model, prompts)
+    out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)
+    print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")
+    return 0
+
+
+COMMAND = Command(name="sample", help="draw images from a trained run for prompts into a PNG grid",
+                  config_cls=SampleCommandConfig, run=run, plan=plan)

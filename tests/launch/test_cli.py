@@ -1,0 +1,53 @@
+"""The `loom` command line: every command registered, presets resolve, bad configs stop before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch import cli
+from launch.commands import load_commands
+
+
+def test_every_command_is_registered():
+    assert set(load_commands()) >= {"shards", "data", "train", "sample"}
+
+
+def test_quickstart_preset_resolves_with_plan(capsys):
+    assert cli.main(["train", "--config", "quickstart", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config" in out and "# plan" in out
+    assert "stages: autoencoder -> cache -> diffusion" in out
+    assert "report: runs/quickstart/report.md with the digit-classifier learning check" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("diffusion.train.max_stesp=3", "diffusion.train.max_stesp: unknown key; did you mean 'max_steps'?"),
+        ("diffusion.process.prediction=velocity", "diffusion.process.prediction: got 'velocity'"),
+        ("data.batch_size=big", "data.batch_size: got 'big' (str); expected int"),
+        ("pipeline=[diffusion, autoencoder]", "pipeline: ['diffusion', 'autoencoder'] is out of order"),
+        ("diffusion.cond_dropout=1.5", "diffusion.cond_dropout: 1.5 must be in [0, 1]"),
+        ("diffusion.sampling.sampler=euler", "sampler: 'euler' is for the flow process"),
+    ],
+)
+def test_bad_config_is_reported_with_key_and_exit_code_2(override, message, capsys, tmp_path):
+    code = cli.main(["train", "--config", "quickstart", override, f"run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert not any(tmp_path.iterdir())  # nothing was written: the config was refused before any work
+
+
+def test_unknown_preset_names_the_presets(capsys):
+    assert cli.main(["train", "--config", "quickstrat", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'quickstart'?" in err
+
+
+def test_positional_override_and_layered_configs(tmp_path, capsys):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("run:\n  name: layered\ndiffusion:\n  train:\n    max_steps: 7\n")
+    assert cli.main(["train", "-c", "quickstart", "-c", str(extra), "diffusion.train.optim.lr=0.5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "name: layered" in out and "max_steps: 7" in out and "lr: 0.5" in out

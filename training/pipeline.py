@@ -1,0 +1,206 @@
+"""Runs a chain of stages (``pipeline: [autoencoder, cache, diffusion]``) in one run directory.
+
+Each stage's output is the next one's input: the autoencoder stage exports ``autoencoder/export/model.safetensors``
+(+ its config), the cache stage encodes the data with it into ``cache/``, the diffusion stage streams the cache and
+keeps the autoencoder (frozen) for decoding samples. A stage that already finished resumes at its last checkpoint,
+so re-running the same command continues where it stopped.
+
+Layout of a run directory::
+
+    config.yaml                  the resolved config
+    text_encoder.safetensors     the frozen text tower when it was randomly initialised (shared by every stage)
+    autoencoder/ diffusion/      per trained stage: checkpoints/, logs/ (TensorBoard), validation/, export/
+    cache/                       cached latent + text-embedding shards (train-*, val-*)
+    report.md, report/           the end-of-run report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_loader
+from models.autoencoder import AutoencoderConfig, AutoencoderKL
+from models.text_encoder import TextEncoder, TextEncoderConfig
+from training.config import from_dict, to_yaml
+from training.run_config import RunConfig
+from training.stages.autoencoder import AutoencoderStage
+from training.stages.cache import cache_data_config, cache_dir, cache_shards
+from training.stages.diffusion import DiffusionStage
+from training.trainer import Trainer
+from training.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(choice: Optional[str]) -> torch.device:
+    if choice is not None:
+        return torch.device(choice)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def distributed_position() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them (1 process when not launched by torchrun/accelerate)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def build_text_encoder(cfg: TextEncoderConfig, run_dir: Path, seed: int) -> TextEncoder:
+    """The frozen text encoder; a randomly initialised one is saved once in the run and reloaded by later stages,
+    so every stage (and ``loom sample``) sees the same weights."""
+    if cfg.pretrained is None and cfg.checkpoint is None:
+        path = run_dir / "text_encoder.safetensors"
+        if not path.exists():
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                encoder = TextEncoder(cfg)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            encoder.save_checkpoint(path)
+        cfg = dataclasses.replace(cfg, checkpoint=str(path))
+    return TextEncoder(cfg)
+
+
+def exported_autoencoder_path(run_dir: Path) -> Path:
+    return run_dir / "autoencoder" / "export" / "model.safetensors"
+
+
+def load_autoencoder(weights: str | Path) -> AutoencoderKL:
+    """An exported autoencoder: ``model.safetensors`` with its config ``model.json`` beside it."""
+    weights = Path(weights)
+    config_file = weights.with_suffix(".json")
+    if not config_file.exists():
+        raise FileNotFoundError(f"autoencoder weights {weights}: its config {config_file.name} is missing beside it")
+    config = from_dict(AutoencoderConfig, json.loads(config_file.read_text()))
+    model = AutoencoderKL(config)
+    load_weights(model, weights, kind="autoencoder")
+    return model.eval().requires_grad_(False)
+
+
+def first_batches(data: DataConfig, n_samples: int, batch_size: int) -> list[Any]:
+    """The first ``n_samples`` samples of ``data`` in a fixed order (validation), as batches."""
+    fixed = dataclasses.replace(data, shuffle_buffer=0, shard_shuffle=False, resampled=False, epoch_samples=None,
+                                crop="center", flip=False, num_workers=0, batch_size=batch_size, full_pass=True)
+    out, seen = [], 0
+    for batch in build_loader(fixed, rank=0, world_size=1):
+        out.append(batch)
+        seen += len(batch)
+        if seen >= n_samples:
+            break
+    return out
+
+
+def _with_batch(data: DataConfig, batch_size: Optional[int]) -> DataConfig:
+    return data if batch_size is None else dataclasses.replace(data, batch_size=batch_size)
+
+
+def run_autoencoder(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Path:
+    st = cfg.autoencoder
+    rank, world = distributed_position()
+    val_pixels = None
+    if cfg.val_data.source_list():
+        val_pixels = torch.cat([b.pixels for b in first_batches(cfg.val_data, 256, 64)])[:256]
+    torch.manual_seed(cfg.run.seed)
+    stage = AutoencoderStage(st, val_pixels)
+    loader = build_loader(_with_batch(cfg.data, st.batch_size), rank=rank, world_size=world)
+    result = Trainer(st.train, stage, loader, run_dir / "autoencoder", seed=cfg.run.seed,
+                     config_yaml=config_yaml).fit()
+    log.info("autoencoder: %s", {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")})
+    return exported_autoencoder_path(run_dir)
+
+
+def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL]:
+    if cfg.diffusion.latents == "pixels":
+        return None
+    weights = cfg.diffusion.autoencoder_weights
+    path = exported_autoencoder_path(run_dir) if weights == "auto" else Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"diffusion.autoencoder_weights={weights!r}: {path} does not exist; run the autoencoder stage first "
+            "(pipeline: [autoencoder, cache, diffusion]) or point autoencoder_weights at an exported autoencoder"
+        )
+    return load_autoencoder(path)
+
+
+def run_cache(cfg: RunConfig, run_dir: Path) -> Path:
+    out = cache_dir(run_dir, cfg.cache)
+    rank, _ = distributed_position()
+    if rank == 0:
+        device = pick_device(cfg.device)
+        ae = resolve_autoencoder(cfg, run_dir)
+        if ae is None:
+            raise ValueError("pipeline has 'cache' but diffusion.latents=pixels: there is nothing to encode")
+        te = build_text_encoder(cfg.diffusion.text_encoder, run_dir, cfg.run.seed).to(device)
+        ae.to(device)
+        cache_shards(cfg.data, "train", out, ae, te, cfg.cache, device)
+        if cfg.val_data.source_list():
+            cache_shards(cfg.val_data, "val", out, ae, te, cfg.cache, device)
+    _barrier()
+    return out
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[DiffusionStage, Any]:
+    """The diffusion stage as configured (frozen parts loaded) and its training data config."""
+    st = cfg.diffusion
+    te = build_text_encoder(st.text_encoder, run_dir, cfg.run.seed)
+    ae = resolve_autoencoder(cfg, run_dir)
+    res = cfg.data.resolution
+    if ae is None:
+        latent_shape = (st.model_config.in_channels, res, res)
+    else:
+        f = ae.config.downsample_factor
+        latent_shape = (ae.config.latent_channels, res // f, res // f)
+    if st.latents == "cache":
+        train_data = cache_data_config(cache_dir(run_dir, cfg.cache), "train", cfg.data)
+        val_data = cache_data_config(cache_dir(run_dir, cfg.cache), "val", cfg.val_data)
+        has_val = (cache_dir(run_dir, cfg.cache) / "val.shardindex.json").exists()
+    else:
+        train_data, val_data, has_val = cfg.data, cfg.val_data, bool(cfg.val_data.source_list())
+    val_batches = []
+    if with_validation_data and has_val:
+        val_batches = first_batches(val_data, st.validation_loss_batches * 64, 64)
+    torch.manual_seed(cfg.run.seed)
+    stage = DiffusionStage(st, te, ae, latent_shape, val_batches)
+    return stage, _with_batch(train_data, st.batch_size)
+
+
+def run_diffusion(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
+    rank, world = distributed_position()
+    stage, data = diffusion_stage(cfg, run_dir)
+    loader = build_loader(data, rank=rank, world_size=world)
+    return Trainer(cfg.diffusion.train, stage, loader, run_dir / "diffusion", seed=cfg.run.seed,
+                   config_yaml=config_yaml).fit()
+
+
+def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
+    """Run every stage of ``cfg.pipeline`` in order, then the report; returns what each produced."""
+    run_dir = cfg.run.directory
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = to_yaml(cfg)
+    produced: dict[str, Any] = {}
+    for name in cfg.pipeline:
+        log.info("=== stage %s ===", name)
+        if name == "autoencoder":
+            produced[name] = run_autoencoder(cfg, run_dir, config_yaml)
+        elif name == "cache":
+            produced[name] = run_cache(cfg, run_dir)
+        elif name == "diffusion":
+            produced[name] = run_diffusion(cfg, run_dir, config_yaml)
+    if cfg.report.enabled and distributed_position()[0] == 0:
+        from training.report import write_report
+
+        produced["report"] = write_report(cfg, run_dir)
+    return produced

@@ -1,0 +1,136 @@
+"""The ``cache`` stage: encode image–text shards once into latent + text-embedding shards.
+
+Pre-training then streams these instead of running the frozen autoencoder and text encoder every step. Each cached
+sample keeps its caption and json and adds, as ``.npy`` members (never pickles):
+
+* ``latent.npy`` — the autoencoder posterior's moments, mean ‖ log-variance along channels ``(2C, h, w)``, so the
+  diffusion stage draws a fresh latent sample every time it sees the image (as training on pixels would);
+* ``context.npy`` ``(L, D)``, ``context_mask.npy`` ``(L,)`` and ``pooled.npy`` ``(P,)`` — the text encoding.
+
+Shards go to ``<run>/cache/<prefix>-NNNNNN.tar`` with a shard index, written by the same atomic writer as
+``loom shards``; every input sample is encoded exactly once (one full pass, no shuffling, centre crops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_loader
+from data_pipeline.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+CACHE_EXTRA_KEYS = ["context.npy", "context_mask.npy", "pooled.npy"]
+
+
+@dataclass
+class CacheConfig:
+    """Where and how latents and text embeddings are cached."""
+
+    output: str = "cache"  # folder for the cached shards (relative paths are inside the run directory)
+    batch_size: int = 64  # images encoded at once
+    dtype: Literal["float16", "float32"] = "float32"  # storage precision of the cached arrays
+    max_samples_per_shard: int = 1000  # samples per cached tar
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+        if self.max_samples_per_shard < 1:
+            raise ValueError(f"max_samples_per_shard: {self.max_samples_per_shard} must be >= 1")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def cache_data_config(cache_dir: Path, prefix: str, base: DataConfig) -> DataConfig:
+    """The data config that streams cached shards ``prefix`` (latents + text, no images)."""
+    return dataclasses.replace(
+        base, urls=str(cache_dir / f"{prefix}-*.tar"), sources=[], image_keys=[], latent_key="latent.npy",
+        extra_keys=list(CACHE_EXTRA_KEYS), buckets=dataclasses.replace(base.buckets, enabled=False),
+    )
+
+
+@torch.no_grad()
+def cache_shards(
+    data: DataConfig,
+    prefix: str,
+    out_dir: Path,
+    autoencoder: nn.Module,
+    text_encoder: nn.Module,
+    cfg: CacheConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> int:
+    """Encode every sample of ``data`` into ``out_dir/<prefix>-*.tar``; returns the number of samples written."""
+    one_pass = dataclasses.replace(
+        data, batch_size=cfg.batch_size, shuffle_buffer=0, shard_shuffle=False, resampled=False, epoch_samples=None,
+        crop="center", flip=False, full_pass=True,
+    )
+    loader = build_loader(one_pass, rank=0, world_size=1)
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    ae_dtype = next(autoencoder.parameters()).dtype
+    written = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"cache {prefix}", unit="img", dynamic_ncols=True)
+    with ShardWriter(out_dir, prefix, cfg.max_samples_per_shard, overwrite=True) as writer:
+        for batch in loader:
+            pixels = batch.pixels.to(device, ae_dtype)  # (B, C, H, W)
+            posterior = autoencoder.encode(pixels)
+            moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()  # (B, 2C, h, w)
+            cond = text_encoder.encode(list(batch.captions))
+            context = cond.context.float().cpu().numpy()  # (B, L, D)
+            mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
+            pooled = cond.pooled.float().cpu().numpy() if cond.pooled is not None else None  # (B, P)
+            for i in range(len(batch)):
+                members = {
+                    "latent.npy": _npy(moments[i].astype(np_dtype)),
+                    "context.npy": _npy(context[i].astype(np_dtype)),
+                    "context_mask.npy": _npy(mask[i]),
+                    "txt": batch.captions[i].encode("utf-8"),
+                }
+                if pooled is not None:
+                    members["pooled.npy"] = _npy(pooled[i].astype(np_dtype))
+                meta = dict(batch.metadata[i])
+                meta.update(source_key=batch.keys[i], original_size=batch.original_size[i].tolist(),
+                            crop_top_left=batch.crop_top_left[i].tolist(), target_size=batch.target_size[i].tolist())
+                writer.write_members(members, meta)
+                written += 1
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    stats = loader.stats()
+    log.info("cached %d samples of %r into %s (skipped: %s)", written, prefix, out_dir, stats.get("skipped"))
+    return written
+
+
+def _resolve(run_dir: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else run_dir / p
+
+
+def cache_dir(run_dir: Path, cfg: CacheConfig) -> Path:
+    return _resolve(run_dir, cfg.output)
+
+
+def cached_prefix_exists(directory: Path, prefix: str) -> bool:
+    return any(directory.glob(f"{prefix}-*.tar")) and (directory / f"{prefix}.shardindex.json").exists()
+
+
+__all__ = ["CacheConfig", "cache_shards", "cache_data_config", "cache_dir", "cached_prefix_exists", "CACHE_EXTRA_KEYS"]

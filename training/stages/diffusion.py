@@ -1,0 +1,203 @@
+"""The ``diffusion`` stage: train a latent U-Net or DiT on text-conditioned latents, with conditioning dropout.
+
+Per batch: latents (read from cached shards, or encoded by the frozen autoencoder, or the pixels themselves for a
+pixel-space model) and the text conditioning (cached, or from the frozen text encoder) → with probability
+``cond_dropout`` per sample the text conditioning is replaced by the null (empty-prompt) conditioning, exactly the
+one sampling uses for the unconditional branch (Ho & Salimans 2022) → the diffusion process draws t and noise →
+``denoiser(x_t, t, cond)`` → the process's weighted MSE. U-Net and DiT, image and video, share this code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from models.conditioning import Conditioning
+from models.dit import DiT, DiTConfig
+from models.embeddings import fourier_features
+from models.text_encoder import TextEncoderConfig
+from models.unet import UNet, UNetConfig
+from training.diffusion import DiffusionConfig, build_process, drop_conditioning
+from training.evaluation import save_grid
+from training.sampling import SamplingConfig, check_sampler, generate, trim_together
+from training.stages.autoencoder import export_module
+from training.stages.base import Stage
+from training.trainer import TrainConfig
+from training.weights import load_weights
+
+TEXT_FIELDS = ("context", "context_mask", "pooled")  # what conditioning dropout replaces
+MICRO_FOURIER_DIM = 256  # SDXL: 256 Fourier features per micro-conditioning number
+
+
+@dataclass
+class DiffusionStageConfig:
+    """Train the latent denoiser."""
+
+    denoiser: Literal["dit", "unet"] = "dit"  # which architecture trains
+    dit: DiTConfig = field(default_factory=DiTConfig)  # DiT architecture (denoiser=dit)
+    unet: UNetConfig = field(default_factory=UNetConfig)  # U-Net architecture (denoiser=unet)
+    weights: Optional[str] = None  # initial denoiser weights (.safetensors; ours, diffusers' or LDM names)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # frozen OpenCLIP text tower
+    process: DiffusionConfig = field(default_factory=DiffusionConfig)  # noise schedule, target, loss weighting
+    cond_dropout: float = 0.1  # per-sample probability of the null text conditioning (for CFG)
+    latents: Literal["cache", "encode", "pixels"] = "cache"  # cached shards · frozen autoencoder · pixel space
+    autoencoder_weights: str = "auto"  # frozen autoencoder (.safetensors + .json beside); auto: this run's export
+    micro_conditioning: bool = False  # SDXL size/crop conditioning as Fourier features in cond.vector
+    batch_size: Optional[int] = None  # per-rank batch size for this stage (null: data.batch_size)
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, optimizer, EMA, checkpoints
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # validation and `loom sample` defaults
+    validation_prompts: list[str] = field(default_factory=list)  # prompts drawn at each validation
+    validation_loss_batches: int = 2  # validation batches for the fixed-noise validation loss
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout: {self.cond_dropout} must be in [0, 1]")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1 or null")
+        if self.denoiser == "dit" and self.dit.learn_sigma:
+            raise ValueError("dit: learn_sigma=true predicts a variance the training loss does not use yet; "
+                             "set dit.learn_sigma=false")
+        check_sampler(build_process(self.process), self.sampling.sampler)
+
+    @property
+    def model_config(self) -> Any:
+        return self.dit if self.denoiser == "dit" else self.unet
+
+
+def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
+    model = DiT(cfg.dit) if cfg.denoiser == "dit" else UNet(cfg.unet)
+    if cfg.weights:
+        load_weights(model, cfg.weights, kind=cfg.denoiser)
+    return model
+
+
+def micro_vector(batch: Any) -> Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size."""
+    values = torch.cat([batch.original_size, batch.crop_top_left, batch.target_size], dim=1).float()  # (B, 6)
+    return fourier_features(values, MICRO_FOURIER_DIM)  # (B, 6*256)
+
+
+class DiffusionStage(Stage):
+    name = "diffusion"
+
+    def __init__(
+        self,
+        cfg: DiffusionStageConfig,
+        text_encoder: nn.Module,
+        autoencoder: Optional[nn.Module],
+        latent_shape: tuple[int, ...],
+        val_batches: Optional[list[Any]] = None,
+    ):
+        self.cfg = cfg
+        self.model = build_denoiser(cfg)
+        self.text_encoder = text_encoder
+        self.autoencoder = autoencoder
+        self.process = build_process(cfg.process)
+        self.latent_shape = tuple(latent_shape)
+        self.val_batches = val_batches or []
+        self.device = torch.device("cpu")
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        frozen = {"text_encoder": self.text_encoder}
+        if self.autoencoder is not None:
+            frozen["autoencoder"] = self.autoencoder
+        return frozen
+
+    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().setup(device, dtype)
+        self.device = device
+
+    # ------------------------------------------------------------------------------------------- batch → inputs
+
+    @torch.no_grad()
+    def latents_of(self, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The clean latents ``x0`` of a batch, normalised for the denoiser."""
+        if self.cfg.latents == "pixels":
+            return batch.pixels
+        if self.cfg.latents == "cache":
+            if batch.latents is None:
+                raise ValueError("diffusion.latents=cache but the batch has no latents: point the stage at the "
+                                 "cache stage's shards (they hold KEY.latent.npy)")
+            mean, logvar = batch.latents.float().chunk(2, dim=1)  # cached posterior moments (B, C, h, w) each
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device if generator is None else "cpu")
+            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)  # (B, C, h, w)
+            return self.autoencoder_scale(z)
+        ae = self.autoencoder
+        dtype = next(ae.parameters()).dtype
+        return ae.latents_from_pixels(batch.pixels.to(dtype), generator=generator).float()
+
+    def autoencoder_scale(self, z: Tensor) -> Tensor:
+        if self.autoencoder is None:
+            raise ValueError("cached latents need the autoencoder's scaling_factor: autoencoder_weights is missing")
+        return self.autoencoder.scale_latents(z)
+
+    @torch.no_grad()
+    def conditioning_of(self, batch: Any, trim: bool = True) -> Conditioning:
+        if self.cfg.latents == "cache" and "context" in batch.extras:
+            ex = batch.extras
+            cond = Conditioning(context=ex["context"].float(), context_mask=ex["context_mask"].bool(),
+                                pooled=ex["pooled"].float() if "pooled" in ex else None)
+        else:
+            cond = self.text_encoder.encode(list(batch.captions)).to(self.device, torch.float32)
+        if self.cfg.micro_conditioning:
+            cond.vector = micro_vector(batch).to(self.device)
+        return cond.trim_context() if trim else cond
+
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        return self.text_encoder.null_conditioning(batch_size).to(self.device, torch.float32)
+
+    # --------------------------------------------------------------------------------------------------- loss
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        x0 = self.latents_of(batch)  # (B, C, h, w)
+        cond, null = trim_together(self.conditioning_of(batch, trim=False), self.null_conditioning(1))
+        cond, dropped = drop_conditioning(cond, null, self.cfg.cond_dropout, fields=TEXT_FIELDS)
+        terms = self.process.training_loss_terms(x0)
+        out = model(terms.x_t, terms.timesteps, cond)  # (B, C, h, w)
+        loss = self.process.loss(out, terms)
+        return loss, {"dropped_fraction": float(dropped.float().mean())}
+
+    # ------------------------------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module) -> Optional[float]:
+        """Loss on the validation batches at fixed noise and timesteps (comparable across steps and runs)."""
+        if not self.val_batches:
+            return None
+        g = torch.Generator().manual_seed(1234)
+        total, n = 0.0, 0
+        for batch in self.val_batches[: self.cfg.validation_loss_batches]:
+            batch = batch.to(self.device)
+            x0 = self.latents_of(batch, generator=g)
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            t = self.process.sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
+            terms = self.process.training_loss_terms(x0, noise=noise, t=t)
+            out = model(terms.x_t, terms.timesteps, self.conditioning_of(batch))
+            total += float(self.process.loss(out, terms)) * len(batch)
+            n += len(batch)
+        return total / n
+
+    @torch.no_grad()
+    def samples(self, model: nn.Module, prompts: list[str], guidance: Optional[float] = None) -> Tensor:
+        return generate(model, self.process, self.text_encoder, self.autoencoder if self.cfg.latents != "pixels"
+                        else None, prompts, self.latent_shape, self.cfg.sampling, guidance=guidance)
+
+    def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
+        metrics = {}
+        val = self.validation_loss(model)
+        if val is not None:
+            metrics["loss"] = val
+        if self.cfg.validation_prompts:
+            images = self.samples(model, list(self.cfg.validation_prompts))
+            save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
+        return metrics
+
+    def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
+        return export_module(model, self.cfg.model_config, out_dir)

@@ -1,0 +1,67 @@
+"""Loading weights into our modules from safetensors files in our naming, diffusers' or the original LDM's.
+
+Only safetensors (or ``torch.load(weights_only=True)`` for ``.pt``/``.bin``/``.ckpt``) are read: nothing loaded can
+run code. A file that matches none of the known namings fails with the first missing and unexpected names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path}: expected a mapping of tensors, got {type(state).__name__}")
+    return state
+
+
+def _converters(module: nn.Module, kind: str) -> list[tuple[str, Callable[[dict], dict]]]:
+    from models import convert
+
+    config = getattr(module, "config", None)
+    if kind == "autoencoder":
+        return [("diffusers", lambda sd: convert.from_diffusers_vae_state_dict(sd, config)),
+                ("ldm", lambda sd: convert.from_ldm_vae_state_dict(sd, config))]
+    if kind == "unet":
+        return [("diffusers", lambda sd: convert.from_diffusers_unet_state_dict(sd, config)),
+                ("ldm", lambda sd: convert.from_ldm_unet_state_dict(sd, config))]
+    return []
+
+
+def load_weights(module: nn.Module, path: str | Path, kind: Optional[str] = None) -> str:
+    """Load ``path`` into ``module`` strictly; returns the naming it matched (``ours``, ``diffusers``, ``ldm``)."""
+    state = read_state_dict(path)
+    own = set(module.state_dict())
+    if set(state) == own:
+        module.load_state_dict(state, strict=True)
+        return "ours"
+    errors = []
+    for naming, convert in _converters(module, kind or ""):
+        try:
+            converted = convert(state)
+        except (KeyError, ValueError, RuntimeError) as e:
+            errors.append(f"{naming}: {e}")
+            continue
+        if set(converted) == own:
+            module.load_state_dict(converted, strict=True)
+            return naming
+        errors.append(f"{naming}: names still differ after conversion")
+    missing = sorted(own - set(state))[:3]
+    unexpected = sorted(set(state) - own)[:3]
+    raise ValueError(
+        f"weights file {path}: its parameter names match none of the known namings for this {kind or 'module'} "
+        f"(missing e.g. {missing}, unexpected e.g. {unexpected}; {'; '.join(errors) or 'no converter'})"
+    )
