@@ -15,7 +15,7 @@ install: $(STAMP)
 
 quickstart: install
 	$(LOOM) shards demo output_dir=data/demo overwrite=true
-	$(LOOM) data --config quickstart
+	$(LOOM) train --config quickstart
 
 test: install
 	$(PYTEST) -q -m "not slow and not gpu"
@@ -31,6 +31,7 @@ lint: install
 
 bench: install
 	$(PYTHON) benchmarks/data_throughput.py
+	$(PYTHON) benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(STAMP) runs data *.egg-info

@@ -35,6 +35,10 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", action="append", default=[], metavar="PRESET",
                        help="a preset name from configs/ or a YAML file; repeat to layer several")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+        if cmd.resume_keys:
+            p.add_argument("--resume", metavar="WHERE",
+                           help="auto (latest checkpoint if any; the default), latest (must exist), none, or a "
+                                f"checkpoint folder; sets {', '.join(cmd.resume_keys)}")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=64")
     return parser
 
@@ -56,7 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = commands[args.command]
     try:
-        cfg = build_config(cmd, getattr(args, "positional", None), args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "resume", None):
+            overrides += [f"{key}={args.resume}" for key in cmd.resume_keys]
+        cfg = build_config(cmd, getattr(args, "positional", None), args.config, overrides)
     except ConfigError as e:
         print(f"loom {cmd.name}: config error: {e}", file=sys.stderr)
         return 2

@@ -368,6 +368,8 @@ class Trainer:
             self._validate(model, ema, step, result)
             if acc.is_main_process:
                 result.export_path = stage.export(self.eval_model(model, ema), self.run_dir / "export")
+                if result.export_path is not None and self.config_yaml is not None:
+                    (self.run_dir / "export" / "run_config.yaml").write_text(self.config_yaml)
         acc.wait_for_everyone()
         acc.end_training()
         return result

@@ -24,6 +24,7 @@ class Command:
     positional: Optional[str] = None  # a config field the first bare argument sets (e.g. `loom shards demo`)
     default_presets: tuple[str, ...] = ()  # presets applied before the user's --config files
     run_dir: Optional[Callable[[Any], Any]] = None  # where the resolved config is written (None: not written)
+    resume_keys: tuple[str, ...] = ()  # config keys that `--resume X` sets (each trained stage's train.resume)
 
 
 def load_commands() -> dict[str, Command]:

@@ -4,7 +4,8 @@
     loom train --config quickstart diffusion.train.max_steps=500 run.name=longer
     torchrun --nproc_per_node 8 -m launch train --config my_run.yaml      # one process per GPU
 
-Re-running the same command resumes every stage from its latest checkpoint (``train.resume: auto``).
+Re-running the same command resumes every stage from its latest checkpoint (``train.resume: auto``);
+``--resume latest`` insists on one, ``--resume none`` starts over, ``--resume PATH`` takes a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -50,4 +51,5 @@ def run(cfg: RunConfig) -> int:
 
 
 COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion) and report",
-                  config_cls=RunConfig, run=run, plan=plan, run_dir=lambda cfg: cfg.run.directory)
+                  config_cls=RunConfig, run=run, plan=plan, run_dir=lambda cfg: cfg.run.directory,
+                  resume_keys=("autoencoder.train.resume", "diffusion.train.resume"))

@@ -51,3 +51,9 @@ def test_positional_override_and_layered_configs(tmp_path, capsys):
     assert cli.main(["train", "-c", "quickstart", "-c", str(extra), "diffusion.train.optim.lr=0.5", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "name: layered" in out and "max_steps: 7" in out and "lr: 0.5" in out
+
+
+def test_resume_flag_sets_every_stage(capsys):
+    assert cli.main(["train", "--config", "quickstart", "--resume", "latest", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("resume: latest") == 2  # autoencoder.train and diffusion.train
