@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -129,7 +129,7 @@ def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL
     return load_autoencoder(path)
 
 
-def run_cache(cfg: RunConfig, run_dir: Path) -> Path:
+def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
     out = cache_dir(run_dir, cfg.cache)
     rank, _ = distributed_position()
     if rank == 0:
@@ -185,6 +185,14 @@ def run_diffusion(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
                    config_yaml=config_yaml).fit()
 
 
+# How each stage named in ``pipeline`` runs: ``runner(cfg, run_dir, config_yaml) -> what it produced``.
+STAGE_RUNNERS: dict[str, Callable[[RunConfig, Path, str], Any]] = {
+    "autoencoder": run_autoencoder,
+    "cache": run_cache,
+    "diffusion": run_diffusion,
+}
+
+
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage of ``cfg.pipeline`` in order, then the report; returns what each produced."""
     run_dir = cfg.run.directory
@@ -193,12 +201,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     produced: dict[str, Any] = {}
     for name in cfg.pipeline:
         log.info("=== stage %s ===", name)
-        if name == "autoencoder":
-            produced[name] = run_autoencoder(cfg, run_dir, config_yaml)
-        elif name == "cache":
-            produced[name] = run_cache(cfg, run_dir)
-        elif name == "diffusion":
-            produced[name] = run_diffusion(cfg, run_dir, config_yaml)
+        produced[name] = STAGE_RUNNERS[name](cfg, run_dir, config_yaml)
     if cfg.report.enabled and distributed_position()[0] == 0:
         from training.report import write_report
 

@@ -3,7 +3,8 @@
 Loss per image, summed over pixels and averaged over the batch as in LDM: reconstruction (L1 or L2) plus
 ``kl_weight`` × KL(q(z|x) ‖ N(0, I)) summed over latent elements (LDM: 1e-6, so the latent stays close to the image
 while its scale stays bounded). A perceptual (LPIPS) term needs its pretrained weights, which cannot be fetched
-here; asking for it without a weights file is a config error, not a silent no-op.
+here: it is loaded from a local file (:mod:`training.perceptual`), and asking for it without one is a config
+error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from models.autoencoder import AutoencoderConfig, AutoencoderKL
 from training.config import to_dict
 from training.evaluation import psnr, save_grid
+from training.perceptual import LPIPS
 from training.stages.base import Stage
 from training.trainer import TrainConfig
 from training.weights import load_weights
@@ -34,8 +36,8 @@ class AutoencoderStageConfig:
     weights: Optional[str] = None  # start from these weights (.safetensors, our names or diffusers'); null: random
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel reconstruction loss (LDM: l1)
     kl_weight: float = 1e-6  # weight of the KL term (LDM: 1e-6)
-    perceptual_weight: float = 0.0  # LPIPS weight; needs lpips_weights (pretrained, not downloadable here)
-    lpips_weights: Optional[str] = None  # local LPIPS weights file for the perceptual term
+    perceptual_weight: float = 0.0  # LPIPS weight (LDM: 1.0); needs lpips_weights (pretrained, not downloadable here)
+    lpips_weights: Optional[str] = None  # LPIPS .safetensors (training/perceptual.py converts the published files)
     batch_size: Optional[int] = None  # per-rank batch size for this stage (null: data.batch_size)
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, optimizer, EMA, checkpoints
     validation_images: int = 16  # validation images reconstructed for PSNR and the grid
@@ -51,8 +53,6 @@ class AutoencoderStageConfig:
                 f"perceptual_weight: {self.perceptual_weight} needs lpips_weights (a local LPIPS weights file); "
                 "pretrained LPIPS weights cannot be downloaded at run time. Set perceptual_weight=0 or give the file"
             )
-        if self.perceptual_weight > 0:
-            raise ValueError("perceptual_weight: the LPIPS term is not implemented yet; set perceptual_weight=0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1 or null")
 
@@ -76,6 +76,10 @@ class AutoencoderStage(Stage):
         if cfg.weights:
             load_weights(self.model, cfg.weights, kind="autoencoder")
         self.val_pixels = val_pixels
+        self.lpips = LPIPS.from_file(cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"lpips": self.lpips} if self.lpips is not None else {}
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -85,10 +89,17 @@ class AutoencoderStage(Stage):
         recon, posterior = model(x)  # (B, C, H, W)
         err = recon.float() - x.float()
         diff = err.abs() if self.cfg.reconstruction == "l1" else err**2
-        rec = diff.flatten(1).sum(1).mean()  # per image sum, batch mean
+        rec = diff.flatten(1).sum(1)  # (B,) per-image sum
+        logs = {}
+        if self.lpips is not None:
+            # LDM adds the per-image LPIPS distance to every pixel's error before summing, i.e. weight × C·H·W
+            p = self.lpips(recon.to(next(self.lpips.parameters()).dtype), x.to(next(self.lpips.parameters()).dtype))
+            rec = rec + self.cfg.perceptual_weight * p.float() * x[0].numel()
+            logs["lpips"] = float(p.detach().mean())
+        rec = rec.mean()
         kl = posterior.kl().mean()  # (B,) summed over latent elements → mean
         loss = rec + self.cfg.kl_weight * kl
-        return loss, {"reconstruction": float(rec.detach()) / x[0].numel(), "kl": float(kl.detach())}
+        return loss, {"reconstruction": float(rec.detach()) / x[0].numel(), "kl": float(kl.detach()), **logs}
 
     @torch.no_grad()
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
