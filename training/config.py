@@ -162,6 +162,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: {msg}") from e
 
 
+def check_field_types(obj: Any) -> None:
+    """Type-check every field of dataclass ``obj`` against its hints (converting as :func:`from_dict` does, e.g.
+    int → float), for dataclasses that may also be built directly in Python. Call it from ``__post_init__``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            converted = _convert(value, hints[f.name], f.name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        object.__setattr__(obj, f.name, converted)
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass (tree) as plain YAML-able Python: dicts, lists, scalars."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

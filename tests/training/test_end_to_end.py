@@ -56,6 +56,19 @@ def test_pixel_space_dit_learns_the_digits(demo, tmp_path):
     losses = [e.value for e in events.Scalars("loss")]
     assert len(losses) >= 10 and losses[-1] < 0.6 * losses[0], losses
 
+    # `loom sample` draws from the finished run (exported EMA weights, and the last checkpoint's EMA)
+    from PIL import Image
+
+    from launch import cli
+
+    for weights in ("export", "latest"):
+        code = cli.main(["sample", f"run_dir={tmp_path / 'pixels'}", f"weights={weights}",
+                         "prompts=[a handwritten digit four, a handwritten digit seven]", "num_per_prompt=3",
+                         "sampling.steps=20", f"output=sample_{weights}.png"])
+        assert code == 0
+        grid = Image.open(tmp_path / "pixels" / f"sample_{weights}.png")
+        assert grid.size == (2 * (2 + 3 * (8 + 2)), 2 * (2 + 2 * (8 + 2)))  # 3 columns, 2 rows of 8 px, ×2
+
 
 def test_latent_chain_resume_equals_uninterrupted(demo, tmp_path):
     """autoencoder → cache → diffusion; stopping the diffusion stage after 3 steps and re-running the same command

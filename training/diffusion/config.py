@@ -8,11 +8,10 @@ and raises ``ValueError`` naming the field, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
+
+from training.config import check_field_types
 
 from .schedules import ScheduleName
 
@@ -24,69 +23,6 @@ FlowTimestepSampling = Literal["uniform", "logit_normal"]
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{name}: got {value!r}; expected {allowed}")
-
-
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a (simple) type hint; return it, possibly coerced (int -> float)."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise _bad(name, value, f"one of {list(allowed)}")
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _bad(name, value, f"a value of type {hint}")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(name, value, arg)
-            except ValueError as err:
-                errors.append(err)
-        raise errors[0] if len(errors) == 1 else _bad(name, value, f"a value of type {hint}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _bad(name, value, "a bool (True/False)")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad(name, value, "an int")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad(name, value, "a float")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _bad(name, value, "a str")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list)):
-            raise _bad(name, value, f"a {origin.__name__}")
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        if args and len(set(args)) == 1:
-            value = [_check_type(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
-        return origin(value)
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return hint(**value)
-        if not isinstance(value, hint):
-            raise _bad(name, value, f"a {hint.__name__}")
-        return value
-    return value
-
-
-def validate_fields(obj: Any) -> None:
-    """Type-check (and coerce int -> float) every field of dataclass ``obj`` from its type hints."""
-    hints = typing.get_type_hints(type(obj))
-    for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
-        object.__setattr__(obj, field.name, _check_type(field.name, value, hints[field.name]))
 
 
 @dataclass
@@ -124,7 +60,7 @@ class DiffusionConfig:
     flow_timestep_scale: float = 1000.0  # the denoiser sees t * scale (diffusers SD3/Flux: 1000)
 
     def __post_init__(self) -> None:
-        validate_fields(self)
+        check_field_types(self)
         if self.num_timesteps < 2:
             raise _bad("num_timesteps", self.num_timesteps, "an int >= 2")
         for name in ("beta_start", "beta_end"):
