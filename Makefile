@@ -23,6 +23,9 @@ test: install
 test-slow: install
 	$(PYTEST) -q -m "slow and not gpu"
 
+test-distributed: install
+	$(PYTEST) -q -m "distributed and not gpu"
+
 test-all: install
 	$(PYTEST) -q -m "not gpu"
 

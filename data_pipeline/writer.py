@@ -43,7 +43,8 @@ from data_pipeline.sources import TABLE_SUFFIXES, ImageLike, Sample, SkipLog, de
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("demo", "folder", "table")
+SOURCES = ("demo", "folder", "table", "pairs")
+PAIR_TABLE_SUFFIXES = {**TABLE_SUFFIXES, ".parquet": "parquet"}  # source=pairs (data_pipeline.preference)
 IMAGE_FORMATS = ("keep", "jpg", "png")
 KEEPABLE = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> shard extension
 RESERVED_FIELDS = ("key", "width", "height", "caption", "source")  # json fields the writer sets itself
@@ -56,10 +57,10 @@ _EXIF_ORIENTATION = 0x0112
 class ShardsConfig:
     """What ``loom shards`` writes: the source, where the shards go, and how images are stored."""
 
-    source: Literal["demo", "folder", "table"] = "demo"  # demo digits, a folder of images+captions, or a table
-    input: Optional[str] = None  # the folder (source=folder) or the .jsonl/.csv file (source=table); unused for demo
+    source: Literal["demo", "folder", "table", "pairs"] = "demo"  # demo digits, folder, table, or preference pairs
+    input: Optional[str] = None  # the folder (folder), .jsonl/.csv (table) or .jsonl/.csv/.parquet (pairs); demo: none
     output_dir: str = "data/shards"  # where the tars and their .shardindex.json go (created if missing)
-    prefix: Optional[str] = None  # shard names {prefix}-000000.tar; None: "shard" (demo: always train/val)
+    prefix: Optional[str] = None  # shard names {prefix}-000000.tar; None: "shard" (pairs: "pairs"; demo: train/val)
     max_samples_per_shard: int = 1000  # at most this many samples in one tar
     image_format: Literal["keep", "jpg", "png"] = "keep"  # keep the source's jpg/png/webp bytes, or re-encode
     jpeg_quality: int = 95  # JPEG quality (1..100) when encoding jpg
@@ -106,18 +107,25 @@ class ShardsConfig:
     @property
     def shard_prefix(self) -> str:
         """The prefix folder/table shards are written under."""
-        return self.prefix if self.prefix is not None else DEFAULT_PREFIX
+        if self.prefix is not None:
+            return self.prefix
+        return "pairs" if self.source == "pairs" else DEFAULT_PREFIX
 
 
 def _check_input(source: str, value: Optional[str]) -> None:
     if not value:
-        what = "a folder of images" if source == "folder" else "a .jsonl or .csv table"
+        what = {"folder": "a folder of images", "pairs": "a .jsonl, .csv or .parquet table of pairs"}.get(
+            source, "a .jsonl or .csv table")
         raise ValueError(f"input: got {value!r}; source={source} needs input=<{what}>")
     path = Path(value)
     if not path.exists():
         raise ValueError(f"input: got {value!r}; no such file or folder")
     if source == "folder" and not path.is_dir():
         raise ValueError(f"input: got {value!r}; source=folder needs a folder, this is a file")
+    if source == "pairs":
+        if not path.is_file() or path.suffix.lower() not in PAIR_TABLE_SUFFIXES:
+            raise ValueError(f"input: got {value!r}; source=pairs needs a file with suffix "
+                             f"{', '.join(sorted(PAIR_TABLE_SUFFIXES))} (columns caption, jpg_0, jpg_1, label_0)")
     if source == "table":
         if not path.is_file():
             raise ValueError(f"input: got {value!r}; source=table needs a .jsonl or .csv file, this is a folder")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from typing import Optional, Sequence
 
@@ -73,11 +75,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("# plan")
         print(cmd.plan(cfg))
         return 0
-    if cmd.run_dir is not None:
+    if cmd.run_dir is not None and os.environ.get("RANK", "0") == "0":  # one writer when a launcher starts several
         path = save_config(cfg, cmd.run_dir(cfg) / "config.yaml")
         logging.getLogger("loom").info("resolved config written to %s", path)
-    code = cmd.run(cfg)
+    try:
+        code = cmd.run(cfg)
+    except Exception as exc:
+        report_rank_failure(exc)
+        raise
     return int(code or 0)
+
+
+def process_label() -> str:
+    """``rank R/W (local L on HOST)`` from the launcher's environment (torchrun, accelerate, SLURM), or ``process``
+    when nothing launched several."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    if rank is None:
+        return "process"
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "?"))
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "?"))
+    return f"rank {rank}/{world} (local {local} on {socket.gethostname()})"
+
+
+def report_rank_failure(exc: BaseException) -> None:
+    """Name the failing rank in one log line before the traceback, and hand the exception to torchelastic's error
+    file (``TORCHELASTIC_ERROR_FILE``, set by torchrun) so the launcher's failure summary shows its message and
+    traceback, not only an exit code. The other ranks then fail at their next collective (or at the collective
+    timeout, ``train.collective_timeout_s``) and torchrun stops the job."""
+    logging.getLogger("loom").error("%s failed: %s: %s", process_label(), type(exc).__name__, exc)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        try:
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(exc)
+        except Exception:  # never mask the original failure
+            pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,6 +25,12 @@ BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
 # Module-name suffixes that LoRA adapts: the attention projections, and optionally the feed-forward layers.
 LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out")
 LORA_FEEDFORWARD_TARGETS: tuple[str, ...] = ("ff.proj_in", "ff.proj_out")
+# Optional "projection" targets: the U-Net spatial transformer's proj_in/proj_out (1×1 conv or Linear) and the DiT's
+# patch embedding, caption projection and output projection. A target matches a module whose dotted name ends with
+# it; a module already matched by the feed-forward targets (``ff.proj_in``) is not a projection.
+LORA_PROJECTION_TARGETS: tuple[str, ...] = (
+    "proj_in", "proj_out", "x_embedder", "context_embedder.0", "context_embedder.2", "final_layer.linear",
+)
 
 
 class AttentionBackendError(RuntimeError):

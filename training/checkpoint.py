@@ -2,11 +2,20 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step_00001000/`` holding
 
-* Accelerate's state (model as safetensors, optimizer, LR scheduler, RNG states — all loaded back with
-  ``torch.load(weights_only=True)``, so nothing in them can run code),
-* ``ema.safetensors`` (the EMA shadow weights),
-* ``trainer_state.json`` (step, counters) and ``loader_rank{r}.json`` (each rank's data-loader position),
+* Accelerate's state: the model and optimizer, RNG states per rank. Single-process and DDP runs write the model as
+  safetensors and the rest as tensors loaded back with ``torch.load(weights_only=True)``, so nothing in them can
+  run code. Sharded strategies keep their engine's own sharded format, one piece per rank: DeepSpeed writes
+  ``pytorch_model/`` (each rank's ZeRO partition of the optimizer, and of the weights under ZeRO-3; DeepSpeed
+  loads these pickles with ``weights_only=False``), FSDP2 a ``torch.distributed.checkpoint`` folder (pickled
+  metadata) — resume those only from checkpoints you wrote;
+* ``ema.safetensors`` (the EMA shadow weights, always consolidated to whole tensors, whatever the strategy),
+* ``trainer_state.json`` (step, counters, strategy, world size) and ``loader_rank{r}.json`` (each rank's
+  data-loader position),
 * ``config.yaml`` (the resolved run config).
+
+A sharded checkpoint resumes only under the strategy family and the world size that wrote it
+(:func:`check_resumable` says so before Accelerate fails on missing files); the consolidated export and EMA are
+portable.
 
 It is written under a temporary name (``.tmp-step_...``) and renamed when complete, so a crash mid-save leaves the
 previous checkpoint as the latest one; leftovers of an interrupted save are removed by the next save.
@@ -24,6 +33,8 @@ from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from training.sharding import strategy_name
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +108,8 @@ def save_checkpoint(
             save_file(ema_state, str(tmp / "ema.safetensors"))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-        state = dict(trainer_state, step=step, world_size=accelerator.num_processes)
+        state = dict(trainer_state, step=step, world_size=accelerator.num_processes,
+                     strategy=strategy_name(accelerator))
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -111,13 +123,35 @@ def save_checkpoint(
     return final
 
 
+def _family(strategy: str) -> str:
+    """Which strategies share a checkpoint format: whole weights (single/DDP), ZeRO-1/2, ZeRO-3, FSDP1, FSDP2."""
+    return {"single": "whole", "ddp": "whole", "zero1": "zero12", "zero2": "zero12"}.get(strategy, strategy)
+
+
+def check_resumable(saved: dict[str, Any], strategy: str, world_size: int, path: Path) -> None:
+    """Raise ``ValueError`` when a checkpoint cannot be resumed under ``strategy`` with ``world_size`` processes."""
+    old = saved.get("strategy")
+    old_world = int(saved.get("world_size", world_size))
+    if old is None:  # written before strategies were recorded: single-process or DDP
+        old = "ddp" if old_world > 1 else "single"
+    hint = ("resume with the same strategy and number of processes, or start a new run from the consolidated "
+            "weights (export/model.safetensors or the checkpoint's ema.safetensors)")
+    if _family(old) != _family(strategy):
+        raise ValueError(f"checkpoint {path} was written under {old} and cannot be resumed under {strategy}: {hint}")
+    if _family(old) != "whole" and old_world != world_size:
+        raise ValueError(f"checkpoint {path} holds {old} shards of {old_world} processes, this run has {world_size}: "
+                         f"{hint}")
+    if old_world != world_size:
+        log.warning("checkpoint %s was written by %d processes, resuming with %d: the data order changes",
+                    path, old_world, world_size)
+
+
 def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
-    """Restore Accelerate's state from ``path``; return trainer state, this rank's loader state and the EMA."""
+    """Restore Accelerate's state from ``path``; return trainer state, this rank's loader state and the EMA
+    (consolidated: whole tensors, to be split by :meth:`training.ema.EMA.load_full_state_dict`)."""
     path = Path(path)
     state = json.loads((path / TRAINER_STATE).read_text())
-    if state.get("world_size", accelerator.num_processes) != accelerator.num_processes:
-        log.warning("checkpoint %s was written by %d processes, resuming with %d: the data order changes",
-                    path, state["world_size"], accelerator.num_processes)
+    check_resumable(state, strategy_name(accelerator), accelerator.num_processes, path)
     accelerator.load_state(str(path))
     loader_file = path / f"loader_rank{accelerator.process_index}.json"
     ema_file = path / "ema.safetensors"

@@ -1,4 +1,12 @@
-"""Exponential moving average of the trained weights (Polyak averaging; used by DDPM, LDM, DiT, EDM)."""
+"""Exponential moving average of the trained weights (Polyak averaging; used by DDPM, LDM, DiT, EDM).
+
+Under sharding (DeepSpeed ZeRO-3, FSDP2) each rank averages only the part of each parameter it owns
+(:func:`training.sharding.local_shard`): no communication per step and the EMA's memory is divided like the
+model's, instead of gathering every parameter every step to average it whole on one rank (a full all-gather per
+step, and a full fp32 copy per rank). The averages are consolidated only when they are written or used:
+:meth:`EMA.full_state_dict` gathers them (a checkpoint's ``ema.safetensors`` and the exported weights therefore hold
+whole tensors, whatever the strategy or world size), :meth:`EMA.load_full_state_dict` gives each rank its part back.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from training.sharding import gather_full, local_shard, shard_of
+
 
 class EMA:
-    """An fp32 shadow copy of a module's trainable parameters.
+    """An fp32 shadow copy of a module's trainable parameters (of this rank's shard of each, when sharded).
 
     ``decay`` is the target rate; with ``warmup`` the effective rate ramps as ``min(decay, (1 + n) / (10 + n))``
     after ``n`` updates (the schedule of Ho et al.'s and diffusers' EMA), so early averages are not dominated by the
@@ -22,7 +32,7 @@ class EMA:
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self.shadow: dict[str, Tensor] = {
-            name: p.detach().float().clone() for name, p in parameters if p.requires_grad
+            name: local_shard(p).detach().float().clone() for name, p in parameters if p.requires_grad
         }
 
     def current_decay(self) -> float:
@@ -34,7 +44,7 @@ class EMA:
     @torch.no_grad()
     def update(self, parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
         d = self.current_decay()
-        named = [(self.shadow[name], p) for name, p in parameters if name in self.shadow]
+        named = [(self.shadow[name], local_shard(p)) for name, p in parameters if name in self.shadow]
         if named:
             shadows = [s for s, _ in named]
             params = [p.detach().to(device=s.device, dtype=s.dtype) for s, p in named]
@@ -62,11 +72,58 @@ class EMA:
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        shadow = self._shadow_entries(state)
+        for k, v in shadow.items():
+            self.shadow[k].copy_(v)
+        self.num_updates = int(state["num_updates"])
+
+    def _shadow_entries(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         shadow = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
         if set(shadow) != set(self.shadow):
             extra, missing = set(shadow) - set(self.shadow), set(self.shadow) - set(shadow)
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(extra)[:5]}")
-        for k, v in shadow.items():
-            self.shadow[k].copy_(v)
+        return shadow
+
+    # ---- consolidated (whole-tensor) form, whatever the sharding
+
+    def full_state_dict(self, parameters: Iterable[tuple[str, nn.Parameter]], dst: Optional[int] = 0
+                        ) -> Optional[dict[str, Tensor]]:
+        """Like :meth:`state_dict` but with whole tensors (on CPU), gathered from every rank's shard.
+
+        Collective under sharding: call it on every rank with the module's ``named_parameters()``. Returns the
+        dict on rank ``dst`` (``None``: every rank) and None on the others.
+        """
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        keep = dst is None or rank == dst
+        out: dict[str, Tensor] = {}
+        for name, p in parameters:  # the module's order: the same on every rank
+            if name not in self.shadow:
+                continue
+            full = gather_full(p, self.shadow[name], dst=dst)
+            if keep:
+                out[f"shadow.{name}"] = full.float().contiguous()
+        if not keep:
+            return None
+        if len(out) != len(self.shadow):
+            raise KeyError(f"EMA weights with no matching parameter: {sorted(set(self.shadow) - set(out))[:5]}")
+        out["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        return out
+
+    def load_full_state_dict(self, state: dict[str, Tensor], parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
+        """Restore from :meth:`full_state_dict`'s whole tensors: each rank keeps its own part (no communication)."""
+        shadow = self._shadow_entries(state)
+        for name, p in parameters:
+            if name in self.shadow:
+                self.shadow[name].copy_(shard_of(p, shadow[name].float()))
         self.num_updates = int(state["num_updates"])
+
+    def full_weights(self, parameters: Iterable[tuple[str, nn.Parameter]], dst: Optional[int] = 0
+                     ) -> Optional[dict[str, Tensor]]:
+        """The averaged weights as a consolidated ``{name: tensor}`` (collective, like :meth:`full_state_dict`)."""
+        state = self.full_state_dict(parameters, dst=dst)
+        if state is None:
+            return None
+        return {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,6 +31,7 @@ from models.autoencoder import AutoencoderConfig, AutoencoderKL
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from training.config import from_dict, to_yaml
 from training.run_config import RunConfig
+from training.sharding import wait_for_main_process
 from training.stages.autoencoder import AutoencoderStage
 from training.stages.cache import cache_data_config, cache_dir, cache_shards
 from training.stages.diffusion import DiffusionStage
@@ -46,10 +48,15 @@ def pick_device(choice: Optional[str]) -> torch.device:
 
 
 def distributed_position() -> tuple[int, int]:
-    """(rank, world size) as the launcher set them (1 process when not launched by torchrun/accelerate)."""
+    """(rank, world size) as the launcher set them (1 process when not launched by torchrun/accelerate).
+
+    This usually creates Accelerate's process state, before any Trainer does. Without a GPU it must ask for the CPU
+    (gloo): ``PartialState()`` alone treats torchrun's workers on a CPU-only machine as separate single processes,
+    each "rank 0 of 1", all writing the same run directory.
+    """
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes
 
 
@@ -63,7 +70,9 @@ def build_text_encoder(cfg: TextEncoderConfig, run_dir: Path, seed: int) -> Text
                 torch.manual_seed(seed)
                 encoder = TextEncoder(cfg)
             run_dir.mkdir(parents=True, exist_ok=True)
-            encoder.save_checkpoint(path)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # every rank writes the same bytes: rename
+            encoder.save_checkpoint(tmp)
+            os.replace(tmp, path)
         cfg = dataclasses.replace(cfg, checkpoint=str(path))
     return TextEncoder(cfg)
 
@@ -131,8 +140,9 @@ def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL
 
 def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
     out = cache_dir(run_dir, cfg.cache)
-    rank, _ = distributed_position()
-    if rank == 0:
+    distributed_position()  # the process group exists before the wait below
+
+    def encode() -> None:
         device = pick_device(cfg.device)
         ae = resolve_autoencoder(cfg, run_dir)
         if ae is None:
@@ -142,7 +152,9 @@ def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
         cache_shards(cfg.data, "train", out, ae, te, cfg.cache, device)
         if cfg.val_data.source_list():
             cache_shards(cfg.val_data, "val", out, ae, te, cfg.cache, device)
-    _barrier()
+
+    # rank 0 encodes; the others wait however long that takes (a plain barrier would hit the collective timeout)
+    wait_for_main_process(encode)
     return out
 
 
@@ -185,11 +197,132 @@ def run_diffusion(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
                    config_yaml=config_yaml).fit()
 
 
+def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
+    """The denoiser weights the ``lora`` / ``dpo`` stages start from: this run's diffusion export when the run
+    trains the denoiser (or already holds an export and ``diffusion.weights`` is unset), else ``diffusion.weights``."""
+    export = run_dir / "diffusion" / "export" / "model.safetensors"
+    if "diffusion" in cfg.pipeline or (not cfg.diffusion.weights and export.exists()):
+        if not export.exists():
+            raise FileNotFoundError(f"fine-tuning needs the diffusion stage's export {export}; it is missing")
+        return str(export)
+    if not cfg.diffusion.weights:
+        raise FileNotFoundError("fine-tuning (lora/dpo) needs base denoiser weights: set diffusion.weights to an "
+                                "exported model.safetensors (e.g. runs/quickstart/diffusion/export/model.safetensors)")
+    if not Path(cfg.diffusion.weights).exists():
+        raise FileNotFoundError(f"diffusion.weights={cfg.diffusion.weights!r} does not exist")
+    return cfg.diffusion.weights
+
+
+def finetune_parts(cfg: RunConfig, run_dir: Path, res: int
+                   ) -> tuple[TextEncoder, Optional[AutoencoderKL], tuple[int, ...]]:
+    """The frozen text encoder and autoencoder a fine-tuning stage uses, and the latent shape of a ``res``² image."""
+    st = cfg.diffusion
+    te = build_text_encoder(st.text_encoder, run_dir, cfg.run.seed)
+    ae = resolve_autoencoder(cfg, run_dir)
+    if ae is None:
+        return te, None, (st.model_config.in_channels, res, res)
+    f = ae.config.downsample_factor
+    return te, ae, (ae.config.latent_channels, res // f, res // f)
+
+
+def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
+    """The ``lora`` stage as configured (base weights loaded, adapter attached) and its training data config."""
+    from training.stages.lora import LoraStage, finetune_diffusion_config
+
+    st = cfg.diffusion
+    weights = finetune_base_weights(cfg, run_dir)
+    te, ae, latent_shape = finetune_parts(cfg, run_dir, cfg.data.resolution)
+    if st.latents == "cache":
+        train_data = cache_data_config(cache_dir(run_dir, cfg.cache), "train", cfg.data)
+        val_data = cache_data_config(cache_dir(run_dir, cfg.cache), "val", cfg.val_data)
+        has_val = (cache_dir(run_dir, cfg.cache) / "val.shardindex.json").exists()
+    else:
+        train_data, val_data, has_val = cfg.data, cfg.val_data, bool(cfg.val_data.source_list())
+    val_batches = first_batches(val_data, st.validation_loss_batches * 64, 64) if with_validation_data and has_val \
+        else []
+    torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
+    dcfg = finetune_diffusion_config(st, weights, cfg.lora.cond_dropout, cfg.lora.validation_prompts)
+    stage = LoraStage(dcfg, cfg.lora, te, ae, latent_shape, val_batches)
+    return stage, _with_batch(train_data, cfg.lora.batch_size)
+
+
+def run_lora(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
+    rank, world = distributed_position()
+    stage, data = lora_stage(cfg, run_dir)
+    loader = build_loader(data, rank=rank, world_size=world)
+    return Trainer(cfg.lora.train, stage, loader, run_dir / "lora", seed=cfg.run.seed, config_yaml=config_yaml).fit()
+
+
+def dpo_cache_dir(run_dir: Path, cfg: RunConfig) -> Path:
+    p = Path(cfg.dpo.cache)
+    return p if p.is_absolute() else run_dir / p
+
+
+def cache_dpo_pairs(cfg: RunConfig, run_dir: Path, te: TextEncoder, ae: Optional[AutoencoderKL]) -> Path:
+    """Encode the preference shards once (rank 0; the others wait): ``train`` from ``dpo.data``, ``val`` from
+    ``dpo.val_data``. A cache written from the same shards and settings is reused."""
+    from training.stages.dpo import cache_preference_pairs
+
+    st = cfg.dpo
+    out = dpo_cache_dir(run_dir, cfg)
+    if distributed_position()[0] == 0:
+        device = pick_device(cfg.device)
+        te.to(device)
+        if ae is not None:
+            ae.to(device)
+        for prefix, data in (("train", st.data), ("val", st.val_data)):
+            if not data.source_list():
+                continue
+            signature = {"sources": [dataclasses.asdict(s) for s in data.source_list()], "ties": st.ties,
+                         "resolution": data.resolution, "dtype": st.cache_dtype,
+                         "autoencoder": cfg.diffusion.autoencoder_weights,
+                         "text_encoder": dataclasses.asdict(cfg.diffusion.text_encoder)}
+            stamp = out / f"{prefix}.cache.json"
+            index = out / f"{prefix}.shardindex.json"
+            if index.exists() and stamp.exists() and json.loads(stamp.read_text()) == signature:
+                log.info("dpo: reusing the cached %s pairs in %s", prefix, out)
+                continue
+            n, skips = cache_preference_pairs(data, prefix, out, ae, te, st.ties, device, st.cache_dtype)
+            if n == 0:
+                raise ValueError(f"dpo.{'data' if prefix == 'train' else 'val_data'}: no usable preference pair "
+                                 f"in {data.urls or data.sources} (skipped: {skips.format()})")
+            stamp.write_text(json.dumps(signature, indent=1))
+    _barrier()
+    return out
+
+
+def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
+    """The ``dpo`` stage (pairs cached first) and the data config streaming the cached training pairs."""
+    from training.stages.dpo import DpoStage, pair_cache_data_config
+    from training.stages.lora import finetune_diffusion_config
+
+    st = cfg.dpo
+    weights = finetune_base_weights(cfg, run_dir)
+    te, ae, latent_shape = finetune_parts(cfg, run_dir, st.data.resolution)
+    out = cache_dpo_pairs(cfg, run_dir, te, ae)
+    val_pairs = []
+    if with_validation_data and st.validation_pairs and (out / "val.shardindex.json").exists():
+        val_pairs = first_batches(pair_cache_data_config(out, "val", st.val_data), st.validation_pairs, 64)
+    torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
+    dcfg = finetune_diffusion_config(cfg.diffusion, weights, st.cond_dropout, st.validation_prompts)
+    stage = DpoStage(dcfg, st, te, ae, latent_shape, val_pairs)
+    return stage, _with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)
+
+
+def run_dpo(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
+    rank, world = distributed_position()
+    stage, data = dpo_stage(cfg, run_dir)
+    loader = build_loader(data, rank=rank, world_size=world)
+    return Trainer(cfg.dpo.train, stage, loader, run_dir / "dpo", seed=cfg.run.seed, config_yaml=config_yaml).fit()
+
+
 # How each stage named in ``pipeline`` runs: ``runner(cfg, run_dir, config_yaml) -> what it produced``.
 STAGE_RUNNERS: dict[str, Callable[[RunConfig, Path, str], Any]] = {
     "autoencoder": run_autoencoder,
     "cache": run_cache,
     "diffusion": run_diffusion,
+    "lora": run_lora,
+    "dpo": run_dpo,
 }
 
 
@@ -202,6 +335,11 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     for name in cfg.pipeline:
         log.info("=== stage %s ===", name)
         produced[name] = STAGE_RUNNERS[name](cfg, run_dir, config_yaml)
+        stopped = getattr(produced[name], "stopped_by_signal", None)
+        if stopped is not None:  # pre-empted: the stage checkpointed; re-running the same command resumes it
+            log.warning("stage %s stopped by signal %s after its checkpoint; later stages and the report are left "
+                        "for the resumed run", name, stopped)
+            return produced
     if cfg.report.enabled and distributed_position()[0] == 0:
         from training.report import write_report
 

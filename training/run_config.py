@@ -10,8 +10,11 @@ from data_pipeline.config import DataConfig
 from training.stages.autoencoder import AutoencoderStageConfig
 from training.stages.cache import CacheConfig
 from training.stages.diffusion import DiffusionStageConfig
+from training.stages.dpo import DpoStageConfig
+from training.stages.lora import LoraStageConfig
 
-StageName = Literal["autoencoder", "cache", "diffusion"]
+StageName = Literal["autoencoder", "cache", "diffusion", "lora", "dpo"]
+STAGE_ORDER = {"autoencoder": 0, "cache": 1, "diffusion": 2, "lora": 3, "dpo": 4}  # the order stages run in
 
 
 @dataclasses.dataclass
@@ -52,6 +55,8 @@ class RunConfig:
     autoencoder: AutoencoderStageConfig = dataclasses.field(default_factory=AutoencoderStageConfig)
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)  # latent + text-embedding shards
     diffusion: DiffusionStageConfig = dataclasses.field(default_factory=DiffusionStageConfig)
+    lora: LoraStageConfig = dataclasses.field(default_factory=LoraStageConfig)  # LoRA fine-tune of the denoiser
+    dpo: DpoStageConfig = dataclasses.field(default_factory=DpoStageConfig)  # Diffusion-DPO on preference pairs
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     preview_batches: int = 4  # batches `loom data` streams and shows
     device: Optional[Literal["cpu", "cuda"]] = None  # for jobs outside the trainer (cache, report); null: auto
@@ -63,8 +68,13 @@ class RunConfig:
             raise ValueError("pipeline: empty; list the stages to run, e.g. [autoencoder, cache, diffusion]")
         if len(set(self.pipeline)) != len(self.pipeline):
             raise ValueError(f"pipeline: {self.pipeline} names a stage twice")
-        order = {"autoencoder": 0, "cache": 1, "diffusion": 2}
+        order = STAGE_ORDER
         if [order[s] for s in self.pipeline] != sorted(order[s] for s in self.pipeline):
-            raise ValueError(f"pipeline: {self.pipeline} is out of order; stages run autoencoder → cache → diffusion")
-        if "cache" in self.pipeline and self.diffusion.latents != "cache" and "diffusion" in self.pipeline:
+            raise ValueError(f"pipeline: {self.pipeline} is out of order; stages run autoencoder → cache → diffusion "
+                             "→ lora → dpo")
+        trains_on_data = "diffusion" in self.pipeline or "lora" in self.pipeline
+        if "cache" in self.pipeline and self.diffusion.latents != "cache" and trains_on_data:
             raise ValueError("pipeline: has 'cache' but diffusion.latents is not 'cache'; the cache would go unused")
+        if "dpo" in self.pipeline and not self.dpo.data.source_list():
+            raise ValueError("pipeline: has 'dpo' but dpo.data.urls is empty; point it at preference shards "
+                             "(loom shards pairs input=pairs.jsonl output_dir=...)")

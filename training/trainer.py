@@ -6,11 +6,29 @@ strategy (DDP, DeepSpeed ZeRO, FSDP) comes from the Accelerate launch configurat
 
 One step: ``grad_accum`` micro-batches → loss → (finite on every rank?) → backward → clip → optimizer and LR
 scheduler step → EMA update → logs; checkpoints, validation and export at their intervals.
+
+The same loop runs single-process, under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 (:mod:`training.sharding` holds what
+differs). Under DeepSpeed:
+
+* the JSON's ``auto`` values are filled from the run config before ``prepare`` (micro-batch from the loader,
+  ``grad_accum``, ``max_grad_norm``), so global batch = micro-batch × accumulation × world size as under DDP;
+* DeepSpeed divides the loss by its accumulation steps, clips, steps and zeroes the gradients inside
+  ``accelerator.backward`` at the accumulation boundary (``opt.step``/``zero_grad`` are no-ops there); the learning
+  rate written into ``opt.param_groups`` reaches the wrapped torch optimizer's groups;
+* a non-finite step cannot simply skip ``backward`` (DeepSpeed's accumulation buffers would keep the step's earlier
+  micro-batches and leak them into the next step): the step's remaining micro-batches back-propagate a NaN instead,
+  DeepSpeed's overflow check then drops the whole update and clears the buffers — the same skipped step as DDP's;
+* with bf16/fp16 the forward runs under ``torch.autocast`` (DeepSpeed casts the weights, not the inputs).
+
+Under ZeRO-3 and FSDP2 the EMA averages each rank's own shard; validation and export use an evaluation copy built on
+the main process from the consolidated weights (``accelerator.get_state_dict`` + the gathered EMA) into a meta-device
+skeleton of the model taken before ``prepare``. Frozen modules (text encoder, autoencoder) are never prepared; the
+trainer checks that no engine partitioned them.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import math
 import signal
@@ -24,6 +42,16 @@ from torch import nn
 
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.ema import EMA
+from training.sharding import (
+    check_strategy_honoured,
+    deepspeed_autocast_dtype,
+    deepspeed_plugin,
+    frozen_sharded_parameters,
+    materialize,
+    meta_skeleton,
+    prepare_deepspeed_config,
+    strategy_name,
+)
 from training.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -70,6 +98,7 @@ class TrainConfig:
     validate_every: int = 0  # steps between validations; 0: only at the end
     resume: str = "auto"  # auto (latest if any), latest (must exist), none, or a checkpoint folder
     cpu: bool = False  # force the CPU even where a GPU is present
+    collective_timeout_s: Optional[float] = None  # seconds a collective waits on a stuck rank; null: NCCL 10m, gloo 30m
     progress: bool = True  # console progress bar
 
     def __post_init__(self) -> None:
@@ -82,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"validate_every: {self.validate_every} must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: {self.ema_decay} must be in [0, 1) or null")
+        if self.collective_timeout_s is not None and self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s: {self.collective_timeout_s} must be > 0 (seconds) or null")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,6 +165,31 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def _process_group_kwargs(timeout_s: Optional[float]) -> list[Any]:
+    """Accelerate's handler that sets the collective timeout when the Accelerator creates the process group."""
+    if timeout_s is None:
+        return []
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+
+
+def _apply_collective_timeout(timeout_s: Optional[float]) -> None:
+    """Set the timeout on a process group that already existed (created by an earlier stage or by the pipeline's
+    ``PartialState()``): Accelerate ignores ``InitProcessGroupKwargs`` then, so without this the backend default
+    would hold and a stuck rank would hang the others for up to 30 minutes."""
+    import torch.distributed as dist
+
+    if timeout_s is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.7
+    set_timeout(timedelta(seconds=timeout_s))
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -147,6 +203,8 @@ class Trainer:
 
     ``loader`` is an iterable of batches with ``state_dict()`` / ``load_state_dict()`` (its position, saved in every
     checkpoint) and optionally ``stats()`` (bad-sample counts, logged). Each ``iter(loader)`` is one epoch.
+    ``micro_batch_size`` is the per-rank batch the loader yields (read from ``loader.batch_size`` or
+    ``loader.cfg.batch_size`` when not given); DeepSpeed needs it, and the start-up log states the global batch.
     """
 
     def __init__(
@@ -158,8 +216,11 @@ class Trainer:
         seed: int = 0,
         config_yaml: Optional[str] = None,
         accelerator: Any = None,
+        micro_batch_size: Optional[int] = None,
     ):
         self.cfg, self.stage, self.loader = cfg, stage, loader
+        self.micro_batch_size = micro_batch_size
+        self._skeleton: Optional[nn.Module] = None
         self.run_dir = Path(run_dir)
         self.seed = seed
         self.config_yaml = config_yaml
@@ -176,13 +237,44 @@ class Trainer:
                 project_config=ProjectConfiguration(
                     project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
                 ),
+                kwargs_handlers=_process_group_kwargs(cfg.collective_timeout_s),
             )
+            _apply_collective_timeout(cfg.collective_timeout_s)
         self.accelerator = accelerator
 
     # ---------------------------------------------------------------------------------------------- helpers
 
     def _weight_dtype(self) -> torch.dtype:
+        """The dtype of the frozen modules: the training precision (under DeepSpeed, its bf16/fp16 section)."""
+        ds_dtype = deepspeed_autocast_dtype(self.accelerator)
+        if ds_dtype is not None:
+            return ds_dtype
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
+
+    def _forward_context(self) -> Any:
+        """``torch.autocast`` under DeepSpeed half precision (see the module docstring), else nothing."""
+        dtype = deepspeed_autocast_dtype(self.accelerator)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
+
+    def _micro_batch(self) -> Optional[int]:
+        if self.micro_batch_size is not None:
+            return int(self.micro_batch_size)
+        for holder in (self.loader, getattr(self.loader, "cfg", None)):
+            size = getattr(holder, "batch_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+        return None
+
+    def _check_accumulation(self) -> None:
+        acc_steps = self.accelerator.gradient_accumulation_steps
+        if acc_steps != self.cfg.grad_accum:
+            raise ValueError(
+                f"grad_accum: the launcher set gradient accumulation to {acc_steps} (accelerate launch "
+                f"--gradient_accumulation_steps / ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the DeepSpeed JSON) but "
+                f"train.grad_accum is {self.cfg.grad_accum}: set it in the run config only"
+            )
 
     def _any_rank_true(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -198,13 +290,41 @@ class Trainer:
         t = self.accelerator.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist()))
 
-    def eval_model(self, model: nn.Module, ema: Optional[EMA]) -> nn.Module:
-        """A copy of the trained module carrying the EMA weights (or the live weights without EMA), in eval mode."""
-        unwrapped = self.accelerator.unwrap_model(model)
-        eval_model = copy.deepcopy(unwrapped)
+    def consolidated_weights(self, model: nn.Module, ema: Optional[EMA]) -> Optional[dict[str, torch.Tensor]]:
+        """The trained module's state dict with whole tensors, on the main process (None on the others).
+
+        The live weights come from ``accelerator.get_state_dict`` (which gathers ZeRO-3 partitions and FSDP shards);
+        the EMA's averages, gathered from every rank's shards, replace the trained parameters. Collective: every rank
+        must call it.
+        """
+        acc = self.accelerator
+        state: Optional[dict[str, torch.Tensor]] = None
+        if strategy_name(acc) in ("zero3", "fsdp1", "fsdp2"):
+            state = acc.get_state_dict(model)  # collective
+        elif acc.is_main_process:  # whole weights already here: references, copied once by the evaluation copy
+            state = acc.unwrap_model(model).state_dict()
+        averaged = None
         if ema is not None:
-            ema.copy_to(eval_model)
-        return eval_model.eval()
+            averaged = ema.full_weights(acc.unwrap_model(model).named_parameters(), dst=0)
+        if not acc.is_main_process:
+            return None
+        state = {k: v.detach() for k, v in state.items()}
+        if averaged is not None:
+            unknown = set(averaged) - set(state)
+            if unknown:
+                raise KeyError(f"EMA weights missing from the model's state dict: {sorted(unknown)[:5]}")
+            state.update(averaged)
+        return state
+
+    def eval_model(self, model: nn.Module, ema: Optional[EMA]) -> Optional[nn.Module]:
+        """A copy of the trained module carrying the EMA weights (or the live weights without EMA), in eval mode, on
+        the main process; None on the other ranks. Collective (see :meth:`consolidated_weights`)."""
+        if self._skeleton is None:  # called before fit(): the module must not be sharded yet
+            self._skeleton = meta_skeleton(self.accelerator.unwrap_model(model))
+        state = self.consolidated_weights(model, ema)
+        if state is None:
+            return None
+        return materialize(self._skeleton, state, self.accelerator.device)
 
     # -------------------------------------------------------------------------------------------------- fit
 
@@ -217,11 +337,24 @@ class Trainer:
         params = list(stage.parameters_to_optimize(model))
         if not params:
             raise ValueError(f"stage {stage.name!r}: nothing to train (no parameter requires grad)")
+        n_trainable = sum(p.numel() for p in params)  # before prepare: ZeRO-3 leaves shape (0,) placeholders
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                 weight_decay=cfg.optim.weight_decay)
         lr_at = lr_lambda(cfg.optim, cfg.max_steps)  # the LR is a function of the step: nothing to checkpoint
-        model, opt = acc.prepare(model, opt)
+        self._skeleton = meta_skeleton(model)  # for evaluation copies, before any engine wraps or partitions it
+        world, micro = acc.num_processes, self._micro_batch()
+        check_strategy_honoured(acc)
+        self._check_accumulation()
+        use_deepspeed = deepspeed_plugin(acc) is not None
+        if use_deepspeed:
+            prepare_deepspeed_config(acc, micro, cfg.grad_accum, cfg.optim.max_grad_norm)
+        model, opt = acc.prepare(model, opt)  # only the trained module: frozen ones stay whole, out of the optimizer
+        self._check_accumulation()
         stage.setup(acc.device, self._weight_dtype())
+        partitioned = frozen_sharded_parameters(stage.frozen_modules())
+        if partitioned:
+            raise RuntimeError(f"stage {stage.name!r}: frozen parameters were sharded by the engine (they must stay "
+                               f"whole and out of the optimizer): {partitioned[:5]}")
 
         ema = None
         if cfg.ema_decay is not None:
@@ -236,21 +369,26 @@ class Trainer:
             if restored["loader"] is not None and hasattr(self.loader, "load_state_dict"):
                 self.loader.load_state_dict(restored["loader"])
             if ema is not None and restored["ema"] is not None:
-                ema.load_state_dict(restored["ema"])
-            log.info("resumed from %s at step %d", resume_from, step)
+                ema.load_full_state_dict(restored["ema"], acc.unwrap_model(model).named_parameters())
+            if acc.is_main_process:
+                log.info("resumed from %s at step %d", resume_from, step)
 
         if acc.is_main_process:
             acc.init_trackers(stage.name)
-        world = acc.num_processes
-        log.info("stage %s: %d trainable parameters; global batch = micro-batch × %d accumulation × %d processes",
-                 stage.name, sum(p.numel() for p in params), cfg.grad_accum, world)
+            global_batch = "?" if micro is None else str(micro * cfg.grad_accum * world)
+            log.info("stage %s under %s: %d trainable parameters; global batch %s = micro-batch %s × %d accumulation "
+                     "× %d processes", stage.name, strategy_name(acc), n_trainable, global_batch,
+                     "?" if micro is None else micro, cfg.grad_accum, world)
 
         def save(step_: int) -> None:
+            ema_state = None
+            if ema is not None:  # collective under sharding: every rank takes part, rank 0 writes it
+                ema_state = ema.full_state_dict(acc.unwrap_model(model).named_parameters(), dst=0)
             save_checkpoint(
                 acc, self.run_dir, step_,
                 {"nonfinite_total": nonfinite_total, "stage": stage.name},
                 self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-                ema.state_dict() if ema is not None else None,
+                ema_state,
                 self.config_yaml, cfg.keep_checkpoints,
             )
 
@@ -295,10 +433,13 @@ class Trainer:
                         batch = batch.to(acc.device)
                     window_samples += len(batch) if hasattr(batch, "__len__") else 0
                     with acc.accumulate(model):
-                        loss, logs = stage.loss(model, batch)
+                        with self._forward_context():
+                            loss, logs = stage.loss(model, batch)
                         if self._any_rank_true(not bool(torch.isfinite(loss.detach()).all())):
                             bad = True  # every rank skips backward together: no collective is left waiting
-                        if not bad:
+                        if bad and use_deepspeed:
+                            acc.backward(loss * float("nan"))  # DeepSpeed's overflow check drops the whole step
+                        elif not bad:
                             acc.backward(loss)
                             if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
                                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -312,8 +453,9 @@ class Trainer:
                 if bad:
                     nonfinite_total += 1
                     consecutive_bad += 1
-                    log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row, %d in all)",
-                                step, consecutive_bad, nonfinite_total)
+                    if acc.is_main_process:
+                        log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row, %d in all)",
+                                    step, consecutive_bad, nonfinite_total)
                     if consecutive_bad >= cfg.max_nonfinite_steps:
                         raise NonFiniteLossError(
                             f"{consecutive_bad} non-finite losses in a row (limit train.max_nonfinite_steps="
@@ -358,7 +500,8 @@ class Trainer:
                 if (cfg.validate_every and step % cfg.validate_every == 0 and step != cfg.max_steps) and not stopping:
                     self._validate(model, ema, step, result)
                 if stopping:
-                    log.warning("received signal %s: checkpoint saved at step %d, exiting", stop.signal, step)
+                    if acc.is_main_process:
+                        log.warning("received signal %s: checkpoint saved at step %d, exiting", stop.signal, step)
                     result.stopped_by_signal = stop.signal or -1
                     break
         if pbar is not None:
@@ -366,19 +509,24 @@ class Trainer:
         result.step = step
         if result.stopped_by_signal is None:
             self._validate(model, ema, step, result)
-            if acc.is_main_process:
-                result.export_path = stage.export(self.eval_model(model, ema), self.run_dir / "export")
+            final = self.eval_model(model, ema)  # collective; the consolidated weights on the main process
+            if final is not None:
+                result.export_path = stage.export(final, self.run_dir / "export")
                 if result.export_path is not None and self.config_yaml is not None:
                     (self.run_dir / "export" / "run_config.yaml").write_text(self.config_yaml)
+            del final
         acc.wait_for_everyone()
-        acc.end_training()
+        for tracker in acc.trackers:  # not acc.end_training(): it destroys the process group, which the next stage
+            tracker.finish()          # of a pipeline (and the caller's collectives) still need
         return result
 
     def _validate(self, model: nn.Module, ema: Optional[EMA], step: int, result: TrainResult) -> None:
         acc = self.accelerator
-        if acc.is_main_process:
+        eval_model = self.eval_model(model, ema)  # collective: ZeRO-3 / FSDP gather here, on every rank
+        if eval_model is not None:
             with torch.no_grad():
-                metrics = self.stage.validate(self.eval_model(model, ema), step, self.run_dir / "validation")
+                metrics = self.stage.validate(eval_model, step, self.run_dir / "validation")
+            del eval_model
             if metrics:
                 acc.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
                 result.metrics.update({f"val/{k}": v for k, v in metrics.items()})

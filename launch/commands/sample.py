@@ -3,9 +3,14 @@
     loom sample run_dir=runs/quickstart prompts='["a handwritten digit seven", "a handwritten digit two"]'
     loom sample run_dir=runs/quickstart prompts='[...]' sampling.guidance=5 sampling.steps=100 sampling.seed=3
     loom sample run_dir=runs/quickstart weights=latest sampling.negative_prompt="a handwritten digit one"
+    loom sample run_dir=runs/quickstart lora='["runs/lora-mirrored/lora/export/adapter.safetensors:0.8"]'
+    loom sample run_dir=runs/quickstart lora='["a.safetensors:0.8", "b.safetensors:0.5"]'   # combined adapters
 
 The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
-EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file.
+EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file. ``lora`` attaches
+LoRA adapters written by the ``lora`` / ``dpo`` stages (``path:scale``; scale 1 when omitted) on top of those weights:
+several adapters add up, each scaled; ``lora_merge`` folds them into the weights before sampling (same images,
+plain-Linear speed).
 """
 
 from __future__ import annotations
@@ -33,8 +38,18 @@ class SampleCommandConfig:
     width: Optional[int] = None  # image width in pixels (null: the run's data.resolution)
     output: str = "samples.png"  # the PNG grid (relative paths are inside run_dir)
     device: Optional[str] = None  # cpu | cuda (null: cuda when available)
+    lora: list[str] = field(default_factory=list)  # LoRA adapters "path.safetensors:scale" (scale 1 if omitted)
+    lora_merge: bool = True  # merge the adapters into the weights before sampling (else run them unmerged)
 
     def __post_init__(self) -> None:
+        import math
+
+        from training.finetune import AdapterSpec
+
+        for entry in self.lora:
+            spec = AdapterSpec.parse(entry)
+            if not spec.path or not math.isfinite(spec.scale):
+                raise ValueError(f"lora: {entry!r}; expected 'path.safetensors' or 'path.safetensors:scale'")
         if not self.prompts:
             raise ValueError("prompts: empty; give at least one prompt")
         if self.num_per_prompt < 1:
@@ -68,10 +83,19 @@ def _weights_path(cfg: SampleCommandConfig) -> tuple[Path, bool]:
     return Path(cfg.weights), False
 
 
+def _adapter_specs(cfg: SampleCommandConfig) -> list:
+    from training.finetune import AdapterSpec
+
+    return [AdapterSpec.parse(entry) for entry in cfg.lora]
+
+
 def plan(cfg: SampleCommandConfig) -> str:
     path, _ = _weights_path(cfg)
     s = cfg.sampling
-    return (f"weights: {path}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} images\n"
+    adapters = "".join(f"\nLoRA adapter: {a.path} x {a.scale:g}" for a in _adapter_specs(cfg))
+    if adapters:
+        adapters += "\nadapters " + ("merged into the weights" if cfg.lora_merge else "applied unmerged")
+    return (f"weights: {path}{adapters}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} images\n"
             f"sampler: {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed}, "
             f"negative prompt {s.negative_prompt!r}\noutput: {Path(cfg.run_dir) / cfg.output}")
 
@@ -94,6 +118,19 @@ def run(cfg: SampleCommandConfig) -> int:
     if is_ema:
         state = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
     stage.model.load_state_dict(state, strict=True)
+    if cfg.lora:
+        from training.finetune import attach_adapters, load_adapter, merge_adapters
+
+        try:
+            adapters = [(load_adapter(spec.path), spec.scale) for spec in _adapter_specs(cfg)]
+            stage.model = attach_adapters(stage.model, adapters)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"loom sample: {e}", file=sys.stderr)
+            return 1
+        if cfg.lora_merge:
+            merge_adapters(stage.model)
+        print("LoRA: " + ", ".join(f"{a.path} x {s:g}" for a, s in adapters)
+              + (" (merged)" if cfg.lora_merge else " (unmerged)"))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stage.model.to(device).eval()
     stage.text_encoder.to(device)

@@ -1,16 +1,19 @@
-"""``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table, or the bundled digits demo set.
+"""``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table, the bundled digits demo set, or a table
+of preference pairs.
 
     loom shards demo output_dir=data/demo
     loom shards folder input=imgs/ output_dir=out/ max_samples_per_shard=500
     loom shards table input=pairs.jsonl output_dir=out/ image_column=path caption_column=text
+    loom shards pairs input=prefs.parquet output_dir=data/prefs      # Pick-a-Pic layout: caption, jpg_0, jpg_1, label_0
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from data_pipeline.sources import FolderSource, TableSource
-from data_pipeline.writer import ShardsConfig, WriteSummary, existing_shard_files, write_shards
+from data_pipeline.writer import ShardsConfig, existing_shard_files, write_shards
 from launch.commands import Command
 
 
@@ -39,6 +42,13 @@ def plan(cfg: ShardsConfig) -> str:
             n = FolderSource(cfg.input, cfg.allow_empty_caption).size_hint()  # type: ignore[arg-type]
             lines.append(f"source: folder {cfg.input} ({n} image files; captions from same-stem .txt"
                          f"{', empty allowed' if cfg.allow_empty_caption else ''})")
+        elif cfg.source == "pairs":
+            from data_pipeline.preference import PairTableSource
+
+            pairs = PairTableSource(cfg.input, cfg.caption_column, cfg.allow_empty_caption)  # type: ignore[arg-type]
+            lines.append(f"source: preference pairs {cfg.input} ({pairs.kind}, about {pairs.size_hint()} rows; "
+                         f"columns {cfg.caption_column!r}, 'jpg_0', 'jpg_1', 'label_0'), written in the Pick-a-Pic "
+                         "layout (KEY.jpg_0, KEY.jpg_1, KEY.txt, KEY.json with label_0/label_1)")
         else:
             table = TableSource(cfg.input, cfg.image_column, cfg.caption_column,  # type: ignore[arg-type]
                                 cfg.allow_empty_caption)
@@ -59,8 +69,16 @@ def plan(cfg: ShardsConfig) -> str:
 def run(cfg: ShardsConfig) -> int:
     """Write the shards; print a summary. Exit code 0, or 1 when nothing could be written or files exist."""
     try:
-        summaries: list[WriteSummary]
-        if cfg.source == "demo":
+        summaries: list[Any]
+        if cfg.source == "pairs":
+            from data_pipeline.preference import PairTableSource, write_preference_shards
+
+            pairs = PairTableSource(cfg.input, cfg.caption_column, cfg.allow_empty_caption)  # type: ignore[arg-type]
+            summaries = [write_preference_shards(
+                pairs, cfg.output_dir, cfg.shard_prefix, max_samples_per_shard=cfg.max_samples_per_shard,
+                image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, max_size=cfg.max_size,
+                overwrite=cfg.overwrite, progress=cfg.progress)]
+        elif cfg.source == "demo":
             from data_pipeline.demo import build_demo_set
 
             summaries = list(build_demo_set(cfg.output_dir, cfg.seed, cfg.val_fraction, cfg.max_samples_per_shard,
@@ -88,7 +106,7 @@ def run(cfg: ShardsConfig) -> int:
 
 COMMAND = Command(
     name="shards",
-    help="write WebDataset shards from a folder, a JSONL/CSV table, or the demo set",
+    help="write WebDataset shards from a folder, a JSONL/CSV table, the demo set, or preference pairs",
     config_cls=ShardsConfig,
     run=run,
     plan=plan,

@@ -1,0 +1,222 @@
+"""Step time and peak memory of one distribution strategy, through the real Trainer, on one device.
+
+One process is a world of one (as ``torchrun --nproc_per_node 1`` would start it): ``ddp`` wraps the model in
+DistributedDataParallel, ``zero2`` / ``zero3`` hand it to DeepSpeed through Accelerate (the JSONs in
+``launch/deepspeed/`` with their "auto" values filled by the trainer; a client torch AdamW, so no DeepSpeed op has to
+be compiled), ``fsdp2`` to PyTorch FSDP2 through Accelerate (each ``DiTBlock`` its own unit). Each strategy needs a
+fresh process (Accelerate's state is per process): ``launch/gpu_check.sh`` runs them one after the other.
+
+The model is DiT-B/2 (Peebles & Xie 2023: width 768, depth 12, 12 heads, patch 2; ~130M parameters) on 32×32×4
+latents (256 tokens) with cross-attention to the small OpenCLIP text tower's states, trained by the diffusion stage
+on synthetic in-memory cached latents (no data loading), bf16, AdamW, clipping, EMA. A step's time is the median gap
+between consecutive ``loss`` calls after the warm-up (forward, backward, optimizer, EMA, logging: all of a step); the
+peak is ``torch.cuda.max_memory_allocated`` over the measured steps. The run then writes its checkpoint and the
+consolidated export (timed separately, and checked: finite weights of the full shapes), and a second trainer resumes
+from that checkpoint for one more step (``resume_ok``).
+
+    python benchmarks/strategies.py --strategy zero3 [--steps 20 --warmup 5 --batch 32] [--json out.json]
+    python benchmarks/strategies.py --strategy zero3 --cpu --steps 2   # the same code on a tiny DiT, CPU (tests)
+
+Prints one ``RESULT`` line; exits 2 when the strategy Accelerate actually set up is not the one asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2")
+FALLBACK_DEEPSPEED = {  # used when launch/deepspeed/<name>.json is absent
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 2},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(strategy: str, cpu: bool, tmp: Path) -> dict[str, str]:
+    """What ``accelerate launch`` with the strategy's config file would export for a one-process world."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    if cpu:
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    if strategy in ("zero2", "zero3"):
+        path = REPO / "launch" / "deepspeed" / f"{strategy}.json"
+        if not path.exists():
+            cfg = json.loads(json.dumps(FALLBACK_DEEPSPEED))
+            cfg["zero_optimization"]["stage"] = int(strategy[-1])
+            path = tmp / f"{strategy}.json"
+            path.write_text(json.dumps(cfg))
+        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(path))
+    elif strategy == "fsdp2":
+        env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+                   FSDP_TRANSFORMER_CLS_TO_WRAP="DiTBlock", FSDP_RESHARD_AFTER_FORWARD="true",
+                   FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT", FSDP_OFFLOAD_PARAMS="false",
+                   FSDP_CPU_RAM_EFFICIENT_LOADING="false", FSDP_SYNC_MODULE_STATES="false")
+    return env
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--strategy", required=True, choices=STRATEGIES)
+    parser.add_argument("--cpu", action="store_true", help="tiny DiT on the CPU, fp32 (to test this script)")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before measuring")
+    parser.add_argument("--batch", type=int, default=32, help="micro-batch (the process's batch)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--no-resume", action="store_true", help="skip the resume check")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix=f"strategy_{args.strategy}_"))
+    os.environ.update(launcher_env(args.strategy, args.cpu, tmp))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    result = run(args, tmp)
+    line = " ".join(f"{k}={v}" for k, v in result.items())
+    print(f"RESULT {line}", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0 if result["strategy_used"] == args.strategy else 2
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from data_pipeline.batch import Batch
+    from models.autoencoder import AutoencoderKL, tiny_vae_config
+    from models.dit import DiTConfig
+    from models.text_encoder import TextEncoder, TextEncoderConfig
+    from training.diffusion import DiffusionConfig
+    from training.pipeline import distributed_position
+    from training.sharding import strategy_name
+    from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
+    from training.trainer import OptimConfig, TrainConfig, Trainer
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    distributed_position()  # the process group, created as `loom train` creates it (gloo where there is no GPU)
+    if args.cpu:
+        torch.set_num_threads(1)
+        dit = DiTConfig(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                        context_dim=64, pooled_dim=32)
+    else:  # DiT-B/2
+        dit = DiTConfig(sample_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
+                        context_dim=64, pooled_dim=32)
+    side, batch = dit.sample_size, args.batch
+    text = TextEncoder(TextEncoderConfig(model="openclip-tiny-text", layer="last"))
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(4):  # cached-latent batches: posterior moments (mean ‖ log-variance) and text states
+        cond = text.encode([f"a synthetic caption number {j}" for j in range(batch)])
+        moments = torch.cat([torch.randn(batch, 4, side, side, generator=g),
+                             torch.full((batch, 4, side, side), -4.0)], dim=1)  # (B, 8, h, w)
+        zeros = torch.zeros(batch, 2, dtype=torch.long)
+        batches.append(Batch(pixels=None, captions=[""] * batch, keys=[str(i)] * batch, metadata=[{}] * batch,
+                             original_size=zeros, crop_top_left=zeros, target_size=zeros, latents=moments,
+                             extras={"context": cond.context, "context_mask": cond.context_mask.to(torch.uint8),
+                                     "pooled": cond.pooled}))
+
+    class Loader:
+        """The batches, cycled, with a position (checkpointed) and a batch size (read by the trainer)."""
+
+        batch_size = batch
+
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def __iter__(self):
+            while True:
+                self.pos += 1
+                yield batches[(self.pos - 1) % len(batches)]
+
+        def state_dict(self) -> dict:
+            return {"pos": self.pos}
+
+        def load_state_dict(self, sd: dict) -> None:
+            self.pos = sd["pos"]
+
+    marks: list[float] = []
+    peak = [0]
+
+    class Timed(DiffusionStage):
+        """The diffusion stage, noting the time (and the memory peak so far) at every loss call."""
+
+        def loss(self, model, batch_):
+            if cuda:
+                torch.cuda.synchronize()
+                if len(marks) == args.warmup:
+                    torch.cuda.reset_peak_memory_stats()
+                peak[0] = torch.cuda.max_memory_allocated()
+            marks.append(time.perf_counter())
+            return super().loss(model, batch_)
+
+    steps = args.warmup + args.steps + 1  # the last loss call closes the last measured step
+    cfg = DiffusionStageConfig(
+        dit=dit, text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
+        process=DiffusionConfig(schedule="cosine", prediction="v_prediction"), latents="cache",
+        # cpu=False even with --cpu: Accelerate turns DeepSpeed off when asked for the CPU (the GPUs are hidden)
+        train=TrainConfig(max_steps=steps, cpu=False, mixed_precision="no" if args.cpu else "bf16",
+                          optim=OptimConfig(lr=1e-4, max_grad_norm=1.0), ema_decay=0.9999, progress=False,
+                          log_every=10, checkpoint_every=steps, resume="none"),
+    )
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(tiny_vae_config())  # frozen; only its latent scaling is used
+    stage = Timed(cfg, text, autoencoder, (4, side, side))
+    n_params = sum(p.numel() for p in stage.model.parameters())
+    trainer = Trainer(cfg.train, stage, Loader(), tmp / "run", seed=0)
+    started = time.perf_counter()
+    result = trainer.fit()
+    finished = time.perf_counter()
+    acc = trainer.accelerator
+    gaps = sorted(b - a for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:]))
+    step_s = gaps[len(gaps) // 2] if gaps else float("nan")
+
+    from safetensors.torch import load_file
+
+    exported = load_file(str(result.export_path)) if result.export_path else {}
+    shapes = {n: tuple(p.shape) for n, p in trainer._skeleton.named_parameters()}
+    export_ok = bool(exported) and all(
+        k in exported and tuple(exported[k].shape) == s and bool(torch.isfinite(exported[k]).all())
+        for k, s in shapes.items())
+
+    resume_ok, resume_s = None, float("nan")
+    if not args.no_resume:  # a second trainer loads the sharded checkpoint and takes one more step
+        torch.manual_seed(0)
+        again = DiffusionStage(cfg, text, autoencoder, (4, side, side))
+        resumed_cfg = dataclasses.replace(cfg.train, max_steps=steps + 1, resume="latest")
+        t0 = time.perf_counter()
+        resumed = Trainer(resumed_cfg, again, Loader(), tmp / "run", seed=0).fit()
+        resume_s = time.perf_counter() - t0
+        resume_ok = resumed.step == steps + 1 and math.isfinite(resumed.metrics.get("loss", math.nan))
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    return {
+        "strategy": args.strategy, "strategy_used": strategy_name(acc), "device": device.replace(" ", "_"),
+        "params_M": round(n_params / 1e6, 1), "micro_batch": batch, "precision": cfg.train.mixed_precision,
+        "steps_measured": len(gaps), "step_ms": round(step_s * 1e3, 1),
+        "samples_per_s": round(batch / step_s, 1) if step_s > 0 else float("nan"),
+        "peak_mem_GiB": round(peak[0] / 2**30, 2) if cuda else float("nan"),
+        "final_loss": round(result.metrics.get("loss", math.nan), 4),
+        "checkpoint_and_export_s": round(max(0.0, finished - marks[-1] - step_s), 1) if marks else float("nan"),
+        "total_s": round(finished - started, 1), "export_ok": export_ok, "resume_ok": resume_ok,
+        "resume_s": round(resume_s, 1),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

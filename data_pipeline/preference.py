@@ -1,0 +1,377 @@
+"""Preference pairs in the Pick-a-Pic layout: writing them as shards, and reading them back two images at a time.
+
+The layout (Kirstain et al. 2023, "Pick-a-Pic"; the data Diffusion-DPO trains on), one sample per prompt and pair::
+
+    000000042.jpg_0   the first image (bytes as given: JPEG in Pick-a-Pic, PNG for lossless sources; readers
+    000000042.jpg_1   the second image               sniff the format, so the member name stays the layout's)
+    000000042.txt     the caption, UTF-8
+    000000042.json    {"key", "caption", "label_0", "label_1", "width_0", "height_0", "format_0", ..., extra columns}
+
+``label_0`` is the probability that ``jpg_0`` is preferred: 1 (it won), 0 (``jpg_1`` won) or 0.5 (a tie);
+``label_1 = 1 - label_0``.
+
+**Writing** (``loom shards pairs input=pairs.jsonl``): a JSONL, CSV/TSV or parquet table with columns ``caption``,
+``jpg_0``, ``jpg_1``, ``label_0`` (Pick-a-Pic's names; the caption column follows ``caption_column``). An image
+cell is a file path (relative to the table's folder), raw bytes (parquet binary, as in Pick-a-Pic's own parquet
+files) or a ``{"bytes": ..., "path": ...}`` struct (Hugging Face ``datasets`` images). Rows are skipped and
+counted by reason: ``bad_row`` (not an object, or an image cell of an unknown kind), ``missing_caption``,
+``missing_image`` (an absent cell or a path that is not there), ``corrupt_image``, ``image_too_large``,
+``bad_label`` (``label_0`` absent or outside [0, 1]). Ties are written; readers decide.
+
+**Reading** (:func:`iter_preference_pairs`): one pass over the shards in order (the streaming loader's url syntax:
+paths, braces, globs, ``pipe:``), both images decoded to ``resolution``² RGB the way the streaming loader decodes
+(resize to cover, centre crop). A pair with a missing or undecodable image, bad json, no caption or a bad label is
+skipped and counted (the reasons above, plus the shard-level ``truncated_tar`` / ``unreadable_shard`` /
+``empty_shard``); ties are dropped (counted as ``tie``) or kept, by config. The DPO stage encodes what it reads once
+into cached latent pairs and trains on those through the ordinary streaming loader (shuffle buffer, rank and worker
+split, exact resume), so the loader itself needs no two-image mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline.config import DataConfig
+from data_pipeline.index import index_path
+from data_pipeline.shardlists import resolve_sources
+from data_pipeline.sources import SkipLog, TableSource, decode_image
+from data_pipeline.stream import close_shard, iter_groups, open_shard
+from data_pipeline.transforms import decode_image as decode_to_target
+from data_pipeline.writer import (
+    PAIR_TABLE_SUFFIXES,
+    CorruptImageError,
+    ShardWriter,
+    WriteSummary,
+    encode_image,
+)
+
+PAIR_IMAGE_COLUMNS = ("jpg_0", "jpg_1")  # the table columns and tar members of the two images
+LABEL_COLUMN = "label_0"
+DEFAULT_PAIR_PREFIX = "pairs"
+IMAGE_MEMBERS = (("jpg_0", "jpeg_0", "png_0", "webp_0"), ("jpg_1", "jpeg_1", "png_1", "webp_1"))
+TIE = 0.5
+
+
+@dataclass
+class PreferenceSample:
+    """One caption with two images and the preference between them, on its way into a shard."""
+
+    image_0: Any  # encoded bytes, a PIL image or a uint8 array
+    image_1: Any
+    caption: str
+    label_0: float  # probability that image_0 is preferred: 1, 0, or 0.5 (tie)
+    extra: dict[str, Any] = field(default_factory=dict)  # more json fields
+    source_id: str = ""  # where it came from (table:line)
+    decoded_0: Optional[Image.Image] = None  # image_0 already decoded (when bytes)
+    decoded_1: Optional[Image.Image] = None
+
+
+def parse_label(value: Any) -> Optional[float]:
+    """``label_0`` as a float in [0, 1], or None when it is missing or not a number in range."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        label = float(value)
+    except (TypeError, ValueError):
+        return None
+    return label if math.isfinite(label) and 0.0 <= label <= 1.0 else None
+
+
+# --------------------------------------------------------------------------------------------- table source
+
+
+class PairTableSource:
+    """Rows of a JSONL / CSV / TSV / parquet table of preference pairs (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, caption_column: str = "caption", allow_empty_caption: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"input: {str(path)!r} is not a file (a pairs source needs a .jsonl, .csv or .parquet)")
+        suffix = self.path.suffix.lower()
+        if suffix not in PAIR_TABLE_SUFFIXES:
+            raise ValueError(f"input: {str(path)!r} has suffix {suffix!r}; allowed: "
+                             f"{', '.join(sorted(PAIR_TABLE_SUFFIXES))}")
+        self.kind = PAIR_TABLE_SUFFIXES[suffix]
+        self.caption_column = caption_column
+        self.allow_empty_caption = allow_empty_caption
+        self.skips = SkipLog()
+        self.ties = 0  # tie rows yielded
+        self._table: Optional[TableSource] = None
+        if self.kind != "parquet":  # the plain-table reader checks CSV headers and parses lines
+            self._table = TableSource(self.path, PAIR_IMAGE_COLUMNS[0], caption_column, allow_empty_caption)
+            if self.kind != "jsonl":
+                import csv
+
+                with self.path.open(newline="", encoding="utf-8-sig") as f:
+                    header = csv.DictReader(f, delimiter="\t" if self.kind == "tsv" else ",").fieldnames or []
+                missing = [c for c in (*PAIR_IMAGE_COLUMNS, LABEL_COLUMN) if c not in header]
+                if missing:
+                    raise ValueError(f"input: {self.path} has no column {', '.join(map(repr, missing))} "
+                                     f"(columns: {', '.join(header)}); a pairs table needs "
+                                     f"{caption_column}, jpg_0, jpg_1, label_0")
+
+    def size_hint(self) -> int:
+        if self._table is not None:
+            return self._table.size_hint()
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path).metadata.num_rows
+
+    def _rows(self) -> Iterator[tuple[str, Optional[dict[str, Any]]]]:
+        if self._table is not None:
+            for lineno, row in self._table._rows():
+                yield f"{self.path.name}:{lineno}", row
+            return
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ValueError("input: reading parquet needs pyarrow (pip install pyarrow)") from e
+        parquet = pq.ParquetFile(self.path)
+        n = 0
+        for batch in parquet.iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"{self.path.name}:row {n}", row
+                n += 1
+
+    def _image(self, cell: Any, where: str) -> Optional[tuple[Any, Optional[Image.Image]]]:
+        """(image, decoded) from a path / bytes / struct cell; None after counting why it is unusable."""
+        if isinstance(cell, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+            cell = cell.get("bytes") or cell.get("path")
+        if cell is None or (isinstance(cell, str) and not cell.strip()):
+            self.skips.add("missing_image", where)
+            return None
+        if isinstance(cell, (bytes, bytearray, memoryview)):
+            data = bytes(cell)
+        elif isinstance(cell, str):
+            try:
+                data = (self.path.parent / cell.strip()).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                self.skips.add("missing_image", f"{where} {cell.strip()}")
+                return None
+        else:
+            self.skips.add("bad_row", f"{where} (image cell of type {type(cell).__name__})")
+            return None
+        try:
+            return data, decode_image(data)
+        except Image.DecompressionBombError:
+            self.skips.add("image_too_large", where)
+        except Exception:  # PIL raises many kinds on broken files
+            self.skips.add("corrupt_image", where)
+        return None
+
+    def __iter__(self) -> Iterator[PreferenceSample]:
+        for where, row in self._rows():
+            if row is None:
+                self.skips.add("bad_row", where)
+                continue
+            caption = row.get(self.caption_column)
+            caption = "" if caption is None or (isinstance(caption, float) and caption != caption) \
+                else str(caption).strip()
+            if not caption and not self.allow_empty_caption:
+                self.skips.add("missing_caption", where)
+                continue
+            label = parse_label(row.get(LABEL_COLUMN))
+            if label is None:
+                self.skips.add("bad_label", f"{where} ({LABEL_COLUMN}={row.get(LABEL_COLUMN)!r})")
+                continue
+            first = self._image(row.get(PAIR_IMAGE_COLUMNS[0]), where)
+            if first is None:
+                continue
+            second = self._image(row.get(PAIR_IMAGE_COLUMNS[1]), where)
+            if second is None:
+                continue
+            extra = {k: v for k, v in row.items() if k not in (*PAIR_IMAGE_COLUMNS, self.caption_column, LABEL_COLUMN)
+                     and k and not isinstance(v, (bytes, bytearray, dict))}
+            self.ties += label == TIE
+            yield PreferenceSample(first[0], second[0], caption, label, extra, where, first[1], second[1])
+
+
+# ------------------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class PairWriteSummary:
+    """What :func:`write_preference_shards` produced: the shard summary plus how many pairs are ties."""
+
+    summary: WriteSummary
+    ties: int
+
+    @property
+    def samples(self) -> int:
+        return self.summary.samples
+
+    def format(self) -> str:
+        return self.summary.format() + f"\n{self.summary.prefix}: {self.ties} of the {self.samples} pairs are ties " \
+                                       "(label_0 = 0.5; the dpo stage drops or keeps them: dpo.ties)"
+
+
+def write_preference_shards(
+    samples: Iterable[PreferenceSample],
+    output_dir: str | os.PathLike,
+    prefix: str = DEFAULT_PAIR_PREFIX,
+    *,
+    max_samples_per_shard: int = 1000,
+    image_format: str = "keep",
+    jpeg_quality: int = 95,
+    max_size: Optional[int] = None,
+    overwrite: bool = False,
+    skips: Optional[SkipLog] = None,
+    progress: bool = False,
+) -> PairWriteSummary:
+    """Write preference pairs as Pick-a-Pic-layout shards + a shard index (skip counts land in the index)."""
+    if skips is None:
+        skips = getattr(samples, "skips", None) or SkipLog()
+    total = samples.size_hint() if hasattr(samples, "size_hint") else None  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    ties = 0
+    writer = ShardWriter(output_dir, prefix, max_samples_per_shard, image_format, jpeg_quality, max_size,
+                         overwrite, skips)
+    with writer, tqdm(total=total, desc=prefix, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for s in samples:
+            try:
+                enc = [encode_image(img, image_format, jpeg_quality, max_size, dec)
+                       for img, dec in ((s.image_0, s.decoded_0), (s.image_1, s.decoded_1))]
+            except Image.DecompressionBombError:
+                skips.add("image_too_large", s.source_id)
+                continue
+            except CorruptImageError:
+                skips.add("corrupt_image", s.source_id)
+                continue
+            meta = {k: v for k, v in s.extra.items() if k not in ("key", "caption", "label_0", "label_1", "source")}
+            meta.update(caption=s.caption, label_0=s.label_0, label_1=1.0 - s.label_0, source=s.source_id)
+            for i, e in enumerate(enc):
+                meta.update({f"width_{i}": e.width, f"height_{i}": e.height, f"format_{i}": e.ext})
+            writer.write_members({"jpg_0": enc[0].data, "jpg_1": enc[1].data, "txt": s.caption.encode("utf-8")},
+                                 meta)
+            ties += s.label_0 == TIE
+            bar.update(writer.count + skips.total - bar.n)  # inputs seen, written or skipped
+        bar.update(writer.count + skips.total - bar.n)
+    index = writer.close()
+    summary = WriteSummary(Path(output_dir), prefix, index, index_path(output_dir, prefix), skips,
+                           time.perf_counter() - start)
+    return PairWriteSummary(summary, ties)
+
+
+# ------------------------------------------------------------------------------------------------- reader
+
+
+@dataclass
+class PreferencePair:
+    """A decoded pair: both images ``(H, W, 3)`` uint8 at the target size, the caption and ``label_0``."""
+
+    key: str
+    url: str
+    caption: str
+    image_0: np.ndarray
+    image_1: np.ndarray
+    label_0: float
+    meta: dict[str, Any]
+
+    @property
+    def winner_is_0(self) -> bool:
+        return self.label_0 >= TIE
+
+    @property
+    def strength(self) -> float:
+        """Probability that the winner is preferred: 1 for a clear choice, 0.5 for a tie."""
+        return max(self.label_0, 1.0 - self.label_0)
+
+    def ordered(self) -> tuple[np.ndarray, np.ndarray]:
+        """(winner, loser); for a tie jpg_0 comes first."""
+        return (self.image_0, self.image_1) if self.winner_is_0 else (self.image_1, self.image_0)
+
+
+def _caption(cfg: DataConfig, members: dict[str, bytes], meta: dict) -> str:
+    for k in cfg.caption_keys:
+        if k.startswith("json:"):
+            v = meta.get(k[5:])
+            v = v.strip() if isinstance(v, str) else ""
+        else:
+            v = members[k].decode("utf-8", errors="replace").strip() if k in members else ""
+        if v:
+            return v
+    return ""
+
+
+def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], ties: str, skips: SkipLog
+               ) -> Optional[PreferencePair]:
+    """One tar sample → a decoded pair, or None after counting why not."""
+    where = f"{url} {key}"
+    meta: dict = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = None  # type: ignore[assignment]
+        if not isinstance(meta, dict):
+            skips.add("bad_json", where)
+            return None
+    caption = _caption(cfg, members, meta)
+    if not caption and cfg.require_caption:
+        skips.add("missing_caption", where)
+        return None
+    raw_label = meta.get(LABEL_COLUMN, members.get(LABEL_COLUMN, b"").decode("utf-8", "replace").strip() or None)
+    label = parse_label(raw_label)
+    if label is None:
+        skips.add("bad_label", where)
+        return None
+    if label == TIE and ties == "drop":
+        skips.add("tie", where)
+        return None
+    images = []
+    for names in IMAGE_MEMBERS:
+        data = next((members[n] for n in names if n in members), None)
+        if data is None:
+            skips.add("missing_image", f"{where} (no {names[0]})")
+            return None
+        try:
+            images.append(decode_to_target(data, (cfg.resolution, cfg.resolution), "center").pixels)
+        except Exception:  # truncated or garbage bytes: PIL raises many kinds
+            skips.add("corrupt_image", f"{where} ({names[0]})")
+            return None
+    return PreferencePair(key, url, caption, images[0], images[1], label, meta)
+
+
+def iter_preference_pairs(
+    cfg: DataConfig, ties: Literal["drop", "keep"] = "drop", skips: Optional[SkipLog] = None
+) -> Iterator[PreferencePair]:
+    """Every usable pair of the shards ``cfg`` names, once, in shard order (see the module docstring); bad pairs
+    and dropped ties are counted in ``skips``."""
+    if ties not in ("drop", "keep"):
+        raise ValueError(f"ties: got {ties!r}; allowed: drop, keep")
+    skips = skips if skips is not None else SkipLog()
+    for source in resolve_sources(cfg.source_list()):
+        for url in source.urls:
+            fh = None
+            try:
+                fh = open_shard(url)
+            except OSError as e:
+                skips.add("unreadable_shard", f"{url} ({e})")
+                continue
+            try:
+                for item in iter_groups(fh, lambda g: True):
+                    if item[0] == "error":
+                        skips.add(item[1], f"{url} ({item[2][:80]})")
+                        break
+                    _, _, key, members = item
+                    pair = parse_pair(cfg, key, url, members, ties, skips)
+                    if pair is not None:
+                        yield pair
+            finally:
+                close_shard(fh)
+
+
+__all__ = [
+    "DEFAULT_PAIR_PREFIX", "PairTableSource", "PairWriteSummary", "PreferencePair", "PreferenceSample",
+    "iter_preference_pairs", "parse_label", "parse_pair", "write_preference_shards",
+]

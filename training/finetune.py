@@ -1,0 +1,390 @@
+"""LoRA adapters for the fine-tuning stages (``lora``, ``dpo``) and for ``loom sample lora=[...]``.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") freezes a weight ``W`` and learns a
+low-rank update ``ΔW = s · B A`` (``A``: r × in, ``B``: out × r, ``s = alpha / r``, or ``alpha / √r`` with
+rank-stabilised LoRA, Kalajdzievski 2023). ``B`` starts at zero, so an adapted model starts exactly equal to its
+base. Adapters are injected by peft into the denoiser's attention projections (``models.attention.LORA_TARGETS``),
+optionally its feed-forward layers and input/output projections; U-Net and DiT share the attention module, so one
+code path serves both.
+
+An adapter file is one small safetensors file holding only the ``lora_A`` / ``lora_B`` tensors, named relative to
+the denoiser (``blocks.0.attn.to_q.lora_A.weight``), with everything needed to attach it again in its header
+metadata (key ``latentloom``, JSON): the adapter config, the adapted module names, the denoiser kind and a SHA-256
+fingerprint of the base weights it was trained against. ``<name>.json`` beside it repeats the metadata for people.
+
+At sampling time several adapters can be attached at once, each under its own name and with its own scale
+(``ΔW_i`` multiplied by ``scale_i``); their updates add up (``W + Σ scale_i ΔW_i``). Merging folds the active
+adapters into the base weights (plain-Linear speed); unmerging subtracts them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models.attention import LORA_FEEDFORWARD_TARGETS, LORA_PROJECTION_TARGETS, LORA_TARGETS
+from training.config import from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+TargetGroup = Literal["attention", "feedforward", "projection"]
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": LORA_TARGETS,
+    "feedforward": LORA_FEEDFORWARD_TARGETS,
+    "projection": LORA_PROJECTION_TARGETS,
+}
+ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)  # layer types peft's LoRA adapts here
+PEFT_PREFIX = "base_model.model."  # peft's prefix of the wrapped model's parameter names
+ADAPTER_FORMAT = "latentloom-lora-1"
+METADATA_KEY = "latentloom"
+
+
+@dataclass
+class LoraAdapterConfig:
+    """One LoRA adapter: where it goes and its rank, scale, dropout and initialisation."""
+
+    rank: int = 8  # r, the rank of each update B·A
+    alpha: Optional[float] = None  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora); null: rank
+    dropout: float = 0.0  # dropout on the adapter branch's input while training
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # A's initialisation (B starts at 0 either way: ΔW = 0)
+    targets: list[TargetGroup] = field(default_factory=lambda: ["attention"])  # attention, feedforward, projection
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank: {self.rank} must be >= 1")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"alpha: {self.alpha} must be > 0 or null (= rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: {self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ValueError("targets: empty; allowed: a list of attention, feedforward, projection")
+        unknown = [t for t in self.targets if t not in TARGET_GROUPS]
+        if unknown:
+            raise ValueError(f"targets: {unknown} unknown; allowed: {', '.join(TARGET_GROUPS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: {self.targets} names a group twice")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def scaling(self) -> float:
+        """The factor s in ΔW = s · B A."""
+        return self.lora_alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+# ------------------------------------------------------------------------------------------------- targets
+
+
+def _matches(name: str, suffixes: Sequence[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def lora_target_names(model: nn.Module, groups: Sequence[str]) -> list[str]:
+    """Full names of the layers of ``model`` the target groups select (Linear / Conv only), in module order."""
+    adaptable = [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+    feedforward = {n for n, _ in adaptable if _matches(n, LORA_FEEDFORWARD_TARGETS)}
+    out = []
+    for name, _ in adaptable:
+        for group in groups:
+            if group == "projection" and name in feedforward:
+                continue
+            if _matches(name, TARGET_GROUPS[group]):
+                out.append(name)
+                break
+    if not out:
+        raise ValueError(f"targets: {list(groups)} select no Linear/Conv layer of {type(model).__name__}")
+    return out
+
+
+def peft_config(cfg: LoraAdapterConfig, target_names: Sequence[str]) -> Any:
+    """The peft ``LoraConfig`` for ``cfg`` on exactly ``target_names``."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(target_names), bias="none", use_rslora=cfg.rslora,
+                      init_lora_weights=True if cfg.init == "kaiming" else "gaussian")
+
+
+def add_lora(model: nn.Module, cfg: LoraAdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Wrap ``model`` (in place) in a peft model with one trainable adapter; every base weight is frozen."""
+    from peft import get_peft_model
+
+    wrapped = get_peft_model(model, peft_config(cfg, lora_target_names(model, cfg.targets)),
+                             adapter_name=adapter_name)
+    wrong = [n for n, p in wrapped.named_parameters() if p.requires_grad and not is_adapter_name(n)]
+    if wrong:  # peft marks only adapters trainable; make sure nothing else slipped through
+        raise RuntimeError(f"LoRA: non-adapter parameters left trainable: {wrong[:5]}")
+    return wrapped
+
+
+def is_adapter_name(name: str) -> bool:
+    """True for a LoRA tensor's parameter / state-dict name (``...to_q.lora_A.default.weight``)."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+# ------------------------------------------------------------------------------------------------ handles
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DeepSpeed / compiled wrapper (Accelerate's mixed-precision forward is kept)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=True)
+
+
+def as_peft(model: nn.Module) -> Any:
+    from peft import PeftModel
+
+    inner = unwrap(model)
+    if not isinstance(inner, PeftModel):
+        raise TypeError(f"expected a denoiser with LoRA adapters (a peft model), got {type(inner).__name__}")
+    return inner
+
+
+def base_module(model: nn.Module) -> nn.Module:
+    """The denoiser itself (with its LoRA layers still in place when it has adapters)."""
+    from peft import PeftModel
+
+    inner = unwrap(model)
+    return inner.get_base_model() if isinstance(inner, PeftModel) else inner
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: the adapted model computes exactly its base model (the DPO reference, no second copy)."""
+    peft_model = as_peft(model)
+    with peft_model.disable_adapter():
+        yield peft_model
+
+
+def lora_layers(model: nn.Module) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in base_module(model).modules() if isinstance(m, LoraLayer)]
+
+
+# ----------------------------------------------------------------------------------------- weights, memory
+
+
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base weights in the denoiser's own naming (adapter tensors left out, peft's ``base_layer`` folded)."""
+    out = {}
+    for name, tensor in base_module(model).state_dict().items():
+        if is_adapter_name(name):
+            continue
+        out[name.replace(".base_layer.", ".")] = tensor
+    return out
+
+
+def weights_fingerprint(state: dict[str, Tensor]) -> str:
+    """SHA-256 over names, shapes and float32 values of a state dict (stable across devices and wrappers)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold every frozen floating parameter of ``model`` in ``dtype`` (trainable ones stay fp32); returns how many
+    were cast. Under mixed precision the frozen base then takes half the memory, as in diffusers' LoRA scripts."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def parameter_bytes(*modules: Optional[nn.Module]) -> int:
+    """Bytes held by the parameters and buffers of ``modules``, each storage counted once (shared weights, views
+    and a module listed twice do not count twice)."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for t in list(module.parameters()) + list(module.buffers()):
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The adapter's tensors (fp32, CPU), named relative to the denoiser, without the adapter name."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(as_peft(model), adapter_name=adapter_name)
+    return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v.detach().to("cpu", torch.float32)
+            .contiguous() for k, v in state.items()}
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    cfg: LoraAdapterConfig,
+    *,
+    denoiser: str,
+    base_sha256: Optional[str],
+    adapter_name: str = "default",
+    extra: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write ``path`` (.safetensors, adapter tensors + metadata) and ``path.with_suffix('.json')``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = adapter_state_dict(model, adapter_name)
+    targets = sorted({k.split(".lora_")[0] for k in state})  # peft may have shortened its own target list
+    meta = {"format": ADAPTER_FORMAT, "adapter": to_dict(cfg), "targets": targets, "denoiser": denoiser,
+            "base_sha256": base_sha256, **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+    tmp.replace(path)
+    n = sum(v.numel() for v in state.values())
+    readable = dict(meta, parameters=n, file_bytes=path.stat().st_size)
+    path.with_suffix(".json").write_text(json.dumps(readable, indent=1))
+    return path
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter file read back: its tensors, config, adapted module names and metadata."""
+
+    path: Path
+    state: dict[str, Tensor]
+    config: LoraAdapterConfig
+    targets: list[str]
+    meta: dict[str, Any]
+
+
+def load_adapter(path: str | Path) -> LoadedAdapter:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA adapter {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if METADATA_KEY not in header:
+        raise ValueError(f"LoRA adapter {path}: no '{METADATA_KEY}' metadata in its header; expected a file "
+                         "written by the lora or dpo stage (export/adapter.safetensors)")
+    meta = json.loads(header[METADATA_KEY])
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"LoRA adapter {path}: format {meta.get('format')!r}, this version reads {ADAPTER_FORMAT!r}")
+    cfg = from_dict(LoraAdapterConfig, meta["adapter"])
+    return LoadedAdapter(path, load_file(str(path)), cfg, list(meta["targets"]), meta)
+
+
+@dataclass
+class AdapterSpec:
+    """``"style.safetensors:0.8"`` → path and scale (no ``:scale``: 1.0)."""
+
+    path: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(head, float(tail))
+            except ValueError:
+                pass
+        return cls(text, 1.0)
+
+
+def attach_adapters(model: nn.Module, adapters: Sequence[tuple[LoadedAdapter, float]]) -> nn.Module:
+    """Attach each adapter under its own name (``adapter_0``, ``adapter_1``, ...) with its scale, all active, in
+    eval mode and frozen; returns the peft model (``model`` is changed in place). A base whose fingerprint differs
+    from the one an adapter was trained on is allowed (adapters transfer to fine-tuned bases) but logged."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    if not adapters:
+        raise ValueError("attach_adapters: no adapter given")
+    fingerprint = weights_fingerprint(base_state_dict(model))
+    modules = {n for n, _ in model.named_modules()}
+    wrapped, names = None, []
+    for i, (adapter, _) in enumerate(adapters):
+        name = f"adapter_{i}"
+        missing = [t for t in adapter.targets if t not in modules]
+        if missing:
+            raise ValueError(f"LoRA adapter {adapter.path}: adapts modules this denoiser does not have "
+                             f"(e.g. {missing[:3]}); it was trained for a {adapter.meta.get('denoiser')} of "
+                             "another architecture")
+        if adapter.meta.get("base_sha256") not in (None, fingerprint):
+            log.warning("LoRA adapter %s was trained on other base weights than these (fingerprints differ)",
+                        adapter.path)
+        config = peft_config(adapter.config, adapter.targets)
+        if wrapped is None:
+            wrapped = get_peft_model(model, config, adapter_name=name)
+        else:
+            wrapped.add_adapter(name, config)
+        result = set_peft_model_state_dict(wrapped, {PEFT_PREFIX + k: v for k, v in adapter.state.items()},
+                                           adapter_name=name)
+        unexpected = [k for k in result.unexpected_keys if is_adapter_name(k)]
+        absent = [k for k in result.missing_keys if is_adapter_name(k) and f".{name}." in k]
+        if unexpected or absent:
+            raise ValueError(f"LoRA adapter {adapter.path}: tensors do not fit its own targets (unexpected "
+                             f"{unexpected[:3]}, missing {absent[:3]})")
+        names.append(name)
+    assert wrapped is not None
+    wrapped.base_model.set_adapter(names)
+    set_adapter_scales(wrapped, {n: s for n, (_, s) in zip(names, adapters)})
+    wrapped.requires_grad_(False)
+    return wrapped.eval()
+
+
+def set_adapter_scales(model: nn.Module, scales: dict[str, float]) -> None:
+    """Scale adapter ``name``'s update to ``scale × (alpha / r)·BA`` (unmerged adapters only)."""
+    for layer in lora_layers(model):
+        if layer.merged:
+            raise RuntimeError("set_adapter_scales: unmerge the adapters first (merged weights keep the old scale)")
+        for name, scale in scales.items():
+            layer.set_scale(name, scale)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold the active adapters into the base weights: ``W ← W + Σ scale_i ΔW_i``."""
+    as_peft(model).base_model.merge_adapter()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Undo :func:`merge_adapters` (``W ← W − Σ scale_i ΔW_i``, exact up to float rounding)."""
+    as_peft(model).base_model.unmerge_adapter()
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base weights with the active adapters folded in, in the denoiser's own naming (fp32 copy; the model
+    itself is left unmerged)."""
+    import copy
+
+    clone = copy.deepcopy(as_peft(model)).float()
+    return {k: v.detach().cpu().contiguous() for k, v in clone.merge_and_unload().state_dict().items()}
+
+
+__all__ = [
+    "AdapterSpec", "LoadedAdapter", "LoraAdapterConfig", "TARGET_GROUPS", "adapter_state_dict", "adapters_disabled",
+    "add_lora", "as_peft", "attach_adapters", "base_module", "base_state_dict", "cast_frozen_", "is_adapter_name",
+    "load_adapter", "lora_layers", "lora_target_names", "merge_adapters", "merged_state_dict", "parameter_bytes",
+    "peft_config", "save_adapter", "set_adapter_scales", "unmerge_adapters", "unwrap", "weights_fingerprint",
+]
