@@ -322,14 +322,14 @@ def memory_comparison(results: dict) -> None:
     lora = LoraStage(dcfg, dataclasses.replace(cfg.lora, adapter=LoraAdapterConfig(rank=8)), te, ae, shape)
     dpo_lora = DpoStage(dcfg, dataclasses.replace(cfg.dpo, policy="lora"), te, ae, shape)
     dpo_full = DpoStage(dcfg, dataclasses.replace(cfg.dpo, policy="full"), te, ae, shape)
-    denoiser = parameter_bytes(lora.model) - sum(p.numel() * 4 for n, p in lora.model.named_parameters()
-                                                 if p.requires_grad)
+    adapters = sum(p.numel() * p.element_size() for p in lora.model.parameters() if p.requires_grad)
+    denoiser = parameter_bytes(lora.model) - adapters
     out = {"lora_finetune": held(lora), "lora_dpo": held(dpo_lora), "full_dpo": held(dpo_full),
-           "denoiser_base": denoiser}
-    print(f"[memory] parameter bytes held: LoRA fine-tune {out['lora_finetune']:,}; LoRA-DPO {out['lora_dpo']:,} "
+           "denoiser": denoiser, "adapters": adapters}
+    print(f"[memory] parameter bytes held (denoiser {denoiser:,}, rank-8 adapters {adapters:,}, plus the frozen text "
+          f"encoder and autoencoder): LoRA fine-tune {out['lora_finetune']:,}; LoRA-DPO {out['lora_dpo']:,} "
           f"(difference {out['lora_dpo'] - out['lora_finetune']:,}); full-weight DPO {out['full_dpo']:,} "
-          f"(= + one more denoiser copy of {out['full_dpo'] - out['lora_finetune']:,} bytes; the base denoiser is "
-          f"{denoiser:,})")
+          f"(= LoRA-DPO - adapters + a second denoiser: {out['full_dpo'] - out['lora_dpo']:+,})")
     results["memory"] = out
 
 

@@ -81,6 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (the process's batch)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-resume", action="store_true", help="skip the resume check")
+    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
+                        help="mixed precision (default: bf16 on the GPU, none with --cpu)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix=f"strategy_{args.strategy}_"))
     os.environ.update(launcher_env(args.strategy, args.cpu, tmp))
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         dit=dit, text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
         process=DiffusionConfig(schedule="cosine", prediction="v_prediction"), latents="cache",
         # cpu=False even with --cpu: Accelerate turns DeepSpeed off when asked for the CPU (the GPUs are hidden)
-        train=TrainConfig(max_steps=steps, cpu=False, mixed_precision="no" if args.cpu else "bf16",
+        train=TrainConfig(max_steps=steps, cpu=False, mixed_precision=args.precision or ("no" if args.cpu else "bf16"),
                           optim=OptimConfig(lr=1e-4, max_grad_norm=1.0), ema_decay=0.9999, progress=False,
                           log_every=10, checkpoint_every=steps, resume="none"),
     )

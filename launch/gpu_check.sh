@@ -14,7 +14,7 @@
 # On the lent GPU machine (which lacks webdataset, open_clip, deepspeed, omegaconf; see shared/device/README.md):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD && bash launch/gpu_check.sh
-# Here, to test the script itself (tiny DiT, fp32, CPU; FSDP2 is GPU-only in Accelerate and is skipped):
+# Here, to test the script itself (tiny DiT, bf16 on the CPU; FSDP2 is GPU-only in Accelerate and is skipped):
 #   bash launch/gpu_check.sh --cpu
 set -uo pipefail
 
@@ -86,7 +86,7 @@ if [[ $MODE == gpu ]]; then
   LIMIT=55
 else
   STRATS=(ddp zero2 zero3)
-  BENCH=(--cpu --steps 2 --warmup 1 --batch 4)
+  BENCH=(--cpu --precision bf16 --steps 2 --warmup 1 --batch 4)  # bf16 as on the GPU
   LIMIT=90
 fi
 for s in "${STRATS[@]}"; do

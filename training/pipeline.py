@@ -29,7 +29,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader
 from models.autoencoder import AutoencoderConfig, AutoencoderKL
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from training.config import from_dict, to_yaml
+from training.config import from_dict, save_config, to_yaml
 from training.run_config import RunConfig
 from training.sharding import wait_for_main_process
 from training.stages.autoencoder import AutoencoderStage
@@ -331,6 +331,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     run_dir = cfg.run.directory
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
+    if distributed_position()[0] == 0:  # what `loom sample` and a resumed run read back
+        save_config(cfg, run_dir / "config.yaml")
     produced: dict[str, Any] = {}
     for name in cfg.pipeline:
         log.info("=== stage %s ===", name)

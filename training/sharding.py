@@ -65,12 +65,7 @@ def deepspeed_stage(accelerator: Any) -> Optional[int]:
 
 
 def deepspeed_autocast_dtype(accelerator: Any) -> Optional[torch.dtype]:
-    """The half dtype DeepSpeed trains in (its ``bf16``/``fp16`` section), or None.
-
-    DeepSpeed casts the module's parameters to that dtype but not the inputs, and Accelerate reports
-    ``mixed_precision == "no"`` under DeepSpeed; the trainer runs the stage's forward under ``torch.autocast`` with
-    this dtype so fp32 inputs (latents, text states) meet half-precision weights.
-    """
+    """The half dtype DeepSpeed trains in (its ``bf16``/``fp16`` section), or None (see :func:`autocast_forward`)."""
     plugin = deepspeed_plugin(accelerator)
     if plugin is None:
         return None
@@ -99,6 +94,42 @@ def check_strategy_honoured(accelerator: Any) -> None:
             f"the launch asked for FSDP but Accelerate set up {kind.value}: Accelerate enables FSDP only on GPUs "
             "(and not with train.cpu: true)"
         )
+
+
+def _outputs_to_fp32(out: Any) -> Any:
+    """Floating tensors (also inside tuples, lists and dicts) in fp32; anything else as it is."""
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (list, tuple)):
+        items = [_outputs_to_fp32(o) for o in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # namedtuples too
+    if isinstance(out, dict):
+        return type(out)((k, _outputs_to_fp32(v)) for k, v in out.items())
+    return out
+
+
+def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype) -> nn.Module:
+    """Make ``module.forward`` run under ``torch.autocast(device_type, dtype)`` and return fp32 outputs.
+
+    DeepSpeed's bf16/fp16 modes cast the weights to half precision but not the inputs, and its engine switches off
+    any CUDA autocast opened around it (``deepspeed.runtime.torch_autocast.autocast_if_enabled``): fp32 latents then
+    meet bf16 weights ("Input type (float) and bias type (BFloat16) should be the same"). The autocast must open
+    inside the engine, in the module's own forward — as Accelerate does for its native AMP. The outputs come back
+    in fp32 so the loss is computed in full precision. Apply it to the unwrapped module before ``prepare`` (after
+    :func:`meta_skeleton`, which must not copy the override); applying it twice is a no-op.
+    """
+    if getattr(module, "_latentloom_autocast", None) is not None:
+        return module
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = inner(*args, **kwargs)
+        return _outputs_to_fp32(out)
+
+    module.forward = forward
+    module._latentloom_autocast = dtype
+    return module
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed config values
@@ -308,7 +339,10 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
         if is_sharded(p):
             raise ValueError("meta_skeleton: take the skeleton before the module is sharded (before prepare)")
         memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
-    return copy.deepcopy(module, memo)
+    skeleton = copy.deepcopy(module, memo)
+    if "_latentloom_autocast" in skeleton.__dict__:  # the override would call the live module's forward
+        del skeleton.__dict__["forward"], skeleton.__dict__["_latentloom_autocast"]
+    return skeleton
 
 
 def materialize(skeleton: nn.Module, state: dict[str, Tensor], device: torch.device | str) -> nn.Module:

@@ -18,7 +18,8 @@ differs). Under DeepSpeed:
 * a non-finite step cannot simply skip ``backward`` (DeepSpeed's accumulation buffers would keep the step's earlier
   micro-batches and leak them into the next step): the step's remaining micro-batches back-propagate a NaN instead,
   DeepSpeed's overflow check then drops the whole update and clears the buffers — the same skipped step as DDP's;
-* with bf16/fp16 the forward runs under ``torch.autocast`` (DeepSpeed casts the weights, not the inputs).
+* with bf16/fp16 the trained module's own forward opens ``torch.autocast`` and returns fp32 (DeepSpeed casts the
+  weights, not the inputs, and switches off an autocast opened around its engine).
 
 Under ZeRO-3 and FSDP2 the EMA averages each rank's own shard; validation and export use an evaluation copy built on
 the main process from the consolidated weights (``accelerator.get_state_dict`` + the gathered EMA) into a meta-device
@@ -28,7 +29,6 @@ trainer checks that no engine partitioned them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -43,6 +43,7 @@ from torch import nn
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.ema import EMA
 from training.sharding import (
+    autocast_forward,
     check_strategy_honoured,
     deepspeed_autocast_dtype,
     deepspeed_plugin,
@@ -251,13 +252,6 @@ class Trainer:
             return ds_dtype
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
 
-    def _forward_context(self) -> Any:
-        """``torch.autocast`` under DeepSpeed half precision (see the module docstring), else nothing."""
-        dtype = deepspeed_autocast_dtype(self.accelerator)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
-
     def _micro_batch(self) -> Optional[int]:
         if self.micro_batch_size is not None:
             return int(self.micro_batch_size)
@@ -348,6 +342,9 @@ class Trainer:
         use_deepspeed = deepspeed_plugin(acc) is not None
         if use_deepspeed:
             prepare_deepspeed_config(acc, micro, cfg.grad_accum, cfg.optim.max_grad_norm)
+            half = deepspeed_autocast_dtype(acc)
+            if half is not None:  # DeepSpeed casts the weights, not the inputs, and turns off an outer autocast
+                autocast_forward(model, acc.device.type, half)
         model, opt = acc.prepare(model, opt)  # only the trained module: frozen ones stay whole, out of the optimizer
         self._check_accumulation()
         stage.setup(acc.device, self._weight_dtype())
@@ -433,8 +430,7 @@ class Trainer:
                         batch = batch.to(acc.device)
                     window_samples += len(batch) if hasattr(batch, "__len__") else 0
                     with acc.accumulate(model):
-                        with self._forward_context():
-                            loss, logs = stage.loss(model, batch)
+                        loss, logs = stage.loss(model, batch)
                         if self._any_rank_true(not bool(torch.isfinite(loss.detach()).all())):
                             bad = True  # every rank skips backward together: no collective is left waiting
                         if bad and use_deepspeed:

@@ -250,6 +250,12 @@ def _ink(img: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One pair cache for the runs with the same data and tie policy (the stage reuses a matching cache)."""
+    return tmp_path_factory.mktemp("dpo_cache")
+
+
+@pytest.fixture(scope="module")
 def ink_pairs(tmp_path_factory) -> Path:
     """Pick-a-Pic shards of demo digit pairs (same digit), ranked by the rule "more ink wins"; val from the held-out
     split. Pairs of near-equal ink are ties."""
@@ -283,15 +289,16 @@ def _run_cfg(tmp: Path, pairs: Path, weights: str, name: str, *overrides: str) -
         f"run.output_dir={tmp}", f"run.name={name}", *overrides])
 
 
-def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weights, ink_pairs, tmp_path):
+def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weights, ink_pairs, shared_cache,
+                                                        tmp_path):
     from training.pipeline import dpo_stage as build_dpo_stage
     from training.pipeline import run_pipeline
 
-    cfg = _run_cfg(tmp_path, ink_pairs, base_weights, "lora", "dpo.train.max_steps=40", "dpo.beta=2000",
-                   "dpo.adapter.rank=8", "dpo.adapter.targets=[attention, feedforward]")
+    cfg = _run_cfg(tmp_path, ink_pairs, base_weights, "lora", "dpo.train.max_steps=30", "dpo.beta=2000",
+                   "dpo.adapter.rank=8", "dpo.adapter.targets=[attention, feedforward]", f"dpo.cache={shared_cache}")
     result = run_pipeline(cfg)["dpo"]
     run = tmp_path / "lora"
-    train_index = json.loads((run / "dpo_cache" / "train.shardindex.json").read_text())
+    train_index = json.loads((shared_cache / "train.shardindex.json").read_text())
     assert train_index["skipped"].get("tie", 0) > 0 and train_index["total_samples"] + \
         train_index["skipped"]["tie"] == 384  # ties dropped and counted
     m = result.metrics
@@ -307,7 +314,7 @@ def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weigh
     assert before["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_full_policy_and_sft_runs(text_encoder, base_weights, ink_pairs, tmp_path):
+def test_full_policy_and_sft_runs(text_encoder, base_weights, ink_pairs, shared_cache, tmp_path):
     from training.pipeline import run_pipeline
 
     cfg = _run_cfg(tmp_path, ink_pairs, base_weights, "full", "dpo.train.max_steps=3", "dpo.policy=full",
@@ -320,7 +327,8 @@ def test_full_policy_and_sft_runs(text_encoder, base_weights, ink_pairs, tmp_pat
     base = load_file(base_weights)
     assert exported.keys() == base.keys() and any(not torch.equal(exported[k], base[k]) for k in base)
 
-    sft = _run_cfg(tmp_path, ink_pairs, base_weights, "sft", "dpo.train.max_steps=3", "dpo.objective=sft")
+    sft = _run_cfg(tmp_path, ink_pairs, base_weights, "sft", "dpo.train.max_steps=3", "dpo.objective=sft",
+                   f"dpo.cache={shared_cache}")
     out = run_pipeline(sft)["dpo"]
     assert np.isfinite(out.metrics["loss"]) and (tmp_path / "sft" / "dpo" / "export" / "adapter.safetensors").exists()
     assert "implicit_acc" not in out.metrics  # the winner-only baseline has no preference terms
