@@ -1,6 +1,6 @@
 """Evidence that the ``lora`` and ``dpo`` stages work, on the digits demo, measured from samples.
 
-    python benchmarks/finetune_evidence.py                 # both experiments (~10 minutes on 2 CPU cores)
+    python benchmarks/finetune_evidence.py                 # both experiments (~20 minutes on 2 CPU cores)
     python benchmarks/finetune_evidence.py --only lora     # or --only dpo
     python benchmarks/finetune_evidence.py --build-base    # first train the quickstart base (5 minutes) if missing
 
@@ -341,12 +341,15 @@ def main() -> int:
     parser.add_argument("--skip-train", action="store_true", help="measure the existing runs again")
     parser.add_argument("--skip-data", action="store_true", help="reuse the preference shards already written")
     parser.add_argument("--build-base", action="store_true", help="train the quickstart base first if missing")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default; 1 is faster on a busy machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import os
 
     os.chdir(ROOT)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (BASE_RUN / "diffusion" / "export" / "model.safetensors").exists():
         if not args.build_base:
             print(f"no base model at {BASE_RUN}: run `make quickstart` first (or pass --build-base)", file=sys.stderr)
@@ -355,7 +358,8 @@ def main() -> int:
 
         loom(["shards", "demo", "output_dir=data/demo", "overwrite=true"])
         loom(["train", "--config", "quickstart"])
-    results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, "
+                                          f"torch {torch.__version__}", "load_average_at_start": os.getloadavg()}
     start = time.perf_counter()
     if args.only in (None, "memory"):
         memory_comparison(results)

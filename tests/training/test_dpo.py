@@ -32,6 +32,15 @@ from training.stages.lora import LoraStage, LoraStageConfig
 TE = TextEncoderConfig(model="openclip-tiny-text", layer="last")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster, and keeps a busy 2-core machine from thrashing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def dit_config() -> DiTConfig:
     return DiTConfig(sample_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                      context_dim=64, pooled_dim=32)
