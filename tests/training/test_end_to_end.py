@@ -30,6 +30,7 @@ def _config(demo, run_dir, name, *overrides):
     return load_config(RunConfig, ["quickstart"], [*base, *overrides])
 
 
+@pytest.mark.timeout(1500)  # ~1 min on a quiet 2-core machine; far longer when the cores are shared
 def test_pixel_space_dit_learns_the_digits(demo, tmp_path):
     """A small pixel-space DiT on 8×8 digits: the loss falls and guided samples are read as the digit asked for
     far above chance (10%), while the unconditional model's are not."""
