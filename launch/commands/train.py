@@ -52,4 +52,5 @@ def run(cfg: RunConfig) -> int:
 
 COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion) and report",
                   config_cls=RunConfig, run=run, plan=plan, run_dir=lambda cfg: cfg.run.directory,
-                  resume_keys=("autoencoder.train.resume", "diffusion.train.resume"))
+                  resume_keys=("autoencoder.train.resume", "diffusion.train.resume", "lora.train.resume",
+                               "dpo.train.resume"))

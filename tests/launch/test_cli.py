@@ -56,4 +56,4 @@ def test_positional_override_and_layered_configs(tmp_path, capsys):
 def test_resume_flag_sets_every_stage(capsys):
     assert cli.main(["train", "--config", "quickstart", "--resume", "latest", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("resume: latest") == 2  # autoencoder.train and diffusion.train
+    assert out.count("resume: latest") == 4  # autoencoder, diffusion, lora and dpo train sections

@@ -251,6 +251,34 @@ def test_resumed_dpo_run_equals_uninterrupted(text_encoder, base_weights, tmp_pa
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state whose precision cannot change: start and leave it fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("policy", ["lora", "full"])
+def test_bf16_mixed_precision_dpo(text_encoder, base_weights, tmp_path, policy, fresh_accelerate_state):
+    """Under bf16 autocast: the LoRA base (or the frozen reference) is held in bf16, the reference forward runs,
+    the loss is finite, and held-out scoring (outside Accelerate's autocast) works on the evaluation copy."""
+    from training.trainer import OptimConfig, TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    stage = DpoStage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, policy=policy,
+                                                                  adapter=LoraAdapterConfig(rank=2)),
+                     text_encoder, None, (3, 8, 8), val_pairs=[pair_batch()])
+    cfg = TrainConfig(max_steps=2, cpu=True, progress=False, mixed_precision="bf16", ema_decay=None,
+                      optim=OptimConfig(lr=1e-3))
+    result = Trainer(cfg, stage, PairLoader(), tmp_path, seed=0).fit()
+    assert np.isfinite(result.metrics["loss"]) and np.isfinite(result.metrics["val/dpo_loss"])
+    frozen = stage.reference if policy == "full" else stage.model
+    assert {p.dtype for n, p in frozen.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 
