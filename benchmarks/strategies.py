@@ -3,8 +3,10 @@
 One process is a world of one (as ``torchrun --nproc_per_node 1`` would start it): ``ddp`` wraps the model in
 DistributedDataParallel, ``zero2`` / ``zero3`` hand it to DeepSpeed through Accelerate (the JSONs in
 ``launch/deepspeed/`` with their "auto" values filled by the trainer; a client torch AdamW, so no DeepSpeed op has to
-be compiled), ``fsdp2`` to PyTorch FSDP2 through Accelerate (each ``DiTBlock`` its own unit). Each strategy needs a
-fresh process (Accelerate's state is per process): ``launch/gpu_check.sh`` runs them one after the other.
+be compiled), ``zero3_offload`` to ZeRO-3 with optimizer state and parameters in CPU memory (Accelerate swaps the
+AdamW for DeepSpeed's CPU Adam, compiled on first use), ``fsdp2`` to PyTorch FSDP2 through Accelerate (each
+``DiTBlock`` its own unit). Each strategy needs a fresh process (Accelerate's state is per process):
+``launch/gpu_check.sh`` runs them one after the other.
 
 The model is DiT-B/2 (Peebles & Xie 2023: width 768, depth 12, 12 heads, patch 2; ~130M parameters) on 32×32×4
 latents (256 tokens) with cross-attention to the small OpenCLIP text tower's states, trained by the diffusion stage
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2")
+STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2")
+ENGINE = {"zero3_offload": "zero3"}  # what strategy_name reports for a strategy (offload is a ZeRO-3 option)
 FALLBACK_DEEPSPEED = {  # used when launch/deepspeed/<name>.json is absent
     "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
     "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
@@ -56,11 +59,11 @@ def launcher_env(strategy: str, cpu: bool, tmp: Path) -> dict[str, str]:
            "MASTER_PORT": str(_free_port())}
     if cpu:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    if strategy in ("zero2", "zero3"):
+    if strategy.startswith("zero"):
         path = REPO / "launch" / "deepspeed" / f"{strategy}.json"
         if not path.exists():
             cfg = json.loads(json.dumps(FALLBACK_DEEPSPEED))
-            cfg["zero_optimization"]["stage"] = int(strategy[-1])
+            cfg["zero_optimization"]["stage"] = int(strategy[4])
             path = tmp / f"{strategy}.json"
             path.write_text(json.dumps(cfg))
         env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(path))
@@ -94,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
-    return 0 if result["strategy_used"] == args.strategy else 2
+    return 0 if result["strategy_used"] == ENGINE.get(args.strategy, args.strategy) else 2
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -207,8 +210,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         resume_s = time.perf_counter() - t0
         resume_ok = resumed.step == steps + 1 and math.isfinite(resumed.metrics.get("loss", math.nan))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    inner = acc._optimizers[-1]
+    while hasattr(inner, "optimizer") and inner.optimizer is not inner:  # under Accelerate's and DeepSpeed's wrappers
+        inner = inner.optimizer
+    zero = (getattr(acc, "deepspeed_config", None) or {}).get("zero_optimization", {})
     return {
         "strategy": args.strategy, "strategy_used": strategy_name(acc), "device": device.replace(" ", "_"),
+        "optimizer": type(inner).__name__,
+        "offload": "/".join(zero.get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")),
         "params_M": round(n_params / 1e6, 1), "micro_batch": batch, "precision": cfg.train.mixed_precision,
         "steps_measured": len(gaps), "step_ms": round(step_s * 1e3, 1),
         "samples_per_s": round(batch / step_s, 1) if step_s > 0 else float("nan"),

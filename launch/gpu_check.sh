@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check, on one GPU, in under 4 minutes, without network:
+# The GPU check, on one GPU, in under 7 minutes, without network:
 #   1. bf16 training steps of DiT-B/2 (32x32x4 latents, synthetic in-memory batches) through the real Trainer under
-#      DDP (one process), DeepSpeed ZeRO-2, ZeRO-3 and FSDP2: step time and peak memory, one line each
+#      DDP (one process), DeepSpeed ZeRO-2, ZeRO-3, ZeRO-3 with optimizer and parameter offload to CPU (DeepSpeed's
+#      CPU Adam, compiled on first use) and FSDP2: step time and peak memory, one line each
 #      (benchmarks/strategies.py, one process per strategy), then each run's checkpoint and consolidated export,
 #      and for ZeRO-3 and FSDP2 a second trainer resuming from that sharded checkpoint;
 #   2. a summary table of those lines;
 #   3. the distributed tests that make sense on one GPU, on CUDA/NCCL: our DeepSpeed ZeRO-2/ZeRO-3 trainer path
-#      against a run without DeepSpeed, resume, consolidated export (tests/distributed/test_sharding.py with
-#      LATENTLOOM_SHARDING_DEVICE=cuda). Extra test files: GPU_CHECK_TESTS="tests/a.py tests/b.py".
+#      against a run without DeepSpeed, resume, consolidated export (tests/distributed/test_sharding.py), and the
+#      LoRA and DPO stages under ZeRO-2 in fp32 and bf16 (tests/distributed/test_finetune_distributed.py), with
+#      LATENTLOOM_SHARDING_DEVICE=cuda. Extra test files: GPU_CHECK_TESTS="tests/a.py tests/b.py".
 # Each part has its own time limit and failures do not stop the others; the whole script stops at GPU_CHECK_BUDGET_S
-# (default 225 s). Everything goes to $OUT/gpu_check.log (OUT defaults to /tmp/gpu_check), the summary also to stdout.
+# (default 400 s). Everything goes to $OUT/gpu_check.log (OUT defaults to /tmp/gpu_check), the summary also to stdout.
 #
 # On the lent GPU machine (which lacks webdataset, open_clip, deepspeed, omegaconf; see shared/device/README.md):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -22,7 +24,7 @@ MODE=gpu
 if [[ "${1:-}" == "--cpu" ]]; then
   MODE=cpu
 fi
-BUDGET=${GPU_CHECK_BUDGET_S:-225}
+BUDGET=${GPU_CHECK_BUDGET_S:-400}
 if [[ -z "${GPU_CHECK_INNER:-}" ]]; then  # the global limit: re-run this script under timeout
   GPU_CHECK_INNER=1 exec timeout --kill-after=10 "$((BUDGET + 15))" bash "$0" "$@"
 fi
@@ -81,11 +83,11 @@ print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no
 
 # 1. strategies
 if [[ $MODE == gpu ]]; then
-  STRATS=(ddp zero2 zero3 fsdp2)
+  STRATS=(ddp zero2 zero3 zero3_offload fsdp2)
   BENCH=(--steps 20 --warmup 5 --batch 32)
   LIMIT=55
 else
-  STRATS=(ddp zero2 zero3)
+  STRATS=(ddp zero2 zero3 zero3_offload)
   BENCH=(--cpu --precision bf16 --steps 2 --warmup 1 --batch 4)  # bf16 as on the GPU
   LIMIT=90
 fi
@@ -95,7 +97,11 @@ for s in "${STRATS[@]}"; do
   if [[ $MODE == gpu && ($s == ddp || $s == zero2) ]]; then
     EXTRA=(--no-resume)  # time: the sharded formats (ZeRO-3, FSDP2) are the ones whose resume needs the GPU check
   fi
-  part "strategy $s" "$LIMIT" "$PY" benchmarks/strategies.py --strategy "$s" "${BENCH[@]}" "${EXTRA[@]}" \
+  limit=$LIMIT
+  if [[ $s == zero3_offload ]]; then
+    limit=$((LIMIT + 60))  # DeepSpeed's CPU Adam is compiled on first use
+  fi
+  part "strategy $s" "$limit" "$PY" benchmarks/strategies.py --strategy "$s" "${BENCH[@]}" "${EXTRA[@]}" \
     --json "$OUT/strategy_$s.json"
   grep -h "^RESULT strategy=$s " "$LOG" | tail -n 1
 done
@@ -105,7 +111,7 @@ SUMMARY=$("$PY" - "$OUT" "${STRATS[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, names = Path(sys.argv[1]), sys.argv[2:]
-cols = ["strategy", "strategy_used", "device", "params_M", "micro_batch", "precision", "step_ms", "samples_per_s",
+cols = ["strategy", "strategy_used", "optimizer", "offload", "device", "params_M", "micro_batch", "precision", "step_ms", "samples_per_s",
         "peak_mem_GiB", "checkpoint_and_export_s", "export_ok", "resume_ok"]
 print("| " + " | ".join(cols) + " |")
 print("|" + " --- |" * len(cols))
@@ -126,8 +132,8 @@ log ""
 if [[ $MODE == gpu ]]; then
   if "$PY" -c "import pytest" 2>/dev/null; then
     # shellcheck disable=SC2206  # word splitting of the list is intended
-    TESTS=(tests/distributed/test_sharding.py ${GPU_CHECK_TESTS:-})
-    part "distributed tests on CUDA" 150 env LATENTLOOM_SHARDING_DEVICE=cuda "$PY" -m pytest -q -x -m distributed \
+    TESTS=(tests/distributed/test_sharding.py tests/distributed/test_finetune_distributed.py ${GPU_CHECK_TESTS:-})
+    part "distributed tests on CUDA" 180 env LATENTLOOM_SHARDING_DEVICE=cuda "$PY" -m pytest -q -x -m distributed \
       -p no:cacheprovider "${TESTS[@]}"
   else
     log "== distributed tests: skipped (pytest is not installed: add pytest, pluggy, iniconfig to the wheels)"

@@ -189,12 +189,40 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def weights_fingerprint(state: dict[str, Tensor]) -> str:
     """SHA-256 over names, shapes and float32 values of a state dict (stable across devices and wrappers)."""
-    h = hashlib.sha256()
+    return weights_fingerprints(state, (torch.float32,))[torch.float32]
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def weights_fingerprints(state: dict[str, Tensor],
+                         dtypes: Sequence[torch.dtype] = (torch.float32, *HALF_DTYPES)) -> dict[torch.dtype, str]:
+    """:func:`weights_fingerprint` of ``state`` with every floating tensor first rounded to each of ``dtypes``, in
+    one pass (one tensor copy at a time): what the weights look like once an engine or ``cast_frozen_`` holds them
+    in half precision, so that "unchanged" can be checked exactly there too. The float32 entry is
+    :func:`weights_fingerprint` itself."""
+    hashers = {d: hashlib.sha256() for d in dtypes}
     for name in sorted(state):
-        t = state[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+        t = state[name].detach().to("cpu")
+        for dtype, h in hashers.items():
+            v = t.to(dtype if t.is_floating_point() else torch.float32).to(torch.float32).contiguous()
+            h.update(f"{name}{tuple(v.shape)}".encode())
+            h.update(v.numpy().tobytes())
+    return {d: h.hexdigest() for d, h in hashers.items()}
+
+
+def held_dtype(state: dict[str, Tensor]) -> Optional[torch.dtype]:
+    """The precision the floating tensors of ``state`` carry: their dtype when they share a half dtype; for float32
+    tensors the narrowest of bf16 / fp16 that holds every value exactly (an fp32 copy of weights an engine kept in
+    bf16), else float32. None when the tensors are held in different half dtypes."""
+    floats = [t for t in state.values() if t.is_floating_point()]
+    dtypes = {t.dtype for t in floats}
+    if len(dtypes) > 1 or (dtypes and dtypes != {torch.float32}):
+        return dtypes.pop() if len(dtypes) == 1 else None
+    for dtype in HALF_DTYPES:
+        if all(torch.equal(t, t.to(dtype).to(t.dtype)) for t in floats):
+            return dtype
+    return torch.float32
 
 
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
@@ -387,4 +415,5 @@ __all__ = [
     "add_lora", "as_peft", "attach_adapters", "base_module", "base_state_dict", "cast_frozen_", "is_adapter_name",
     "load_adapter", "lora_layers", "lora_target_names", "merge_adapters", "merged_state_dict", "parameter_bytes",
     "peft_config", "save_adapter", "set_adapter_scales", "unmerge_adapters", "unwrap", "weights_fingerprint",
+    "weights_fingerprints", "held_dtype",
 ]

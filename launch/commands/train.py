@@ -1,4 +1,4 @@
-"""``loom train``: run the configured chain of stages (autoencoder → cache → diffusion) and the report.
+"""``loom train``: run the configured chain of stages (autoencoder → cache → diffusion → lora / dpo) and the report.
 
     loom train --config quickstart
     loom train --config quickstart diffusion.train.max_steps=500 run.name=longer
@@ -35,6 +35,23 @@ def plan(cfg: RunConfig) -> str:
         lines.append(f"text encoder: {d.text_encoder.model} "
                      f"({d.text_encoder.pretrained or d.text_encoder.checkpoint or 'random init, saved in the run'})")
         lines.append(f"sampling: {d.sampling.sampler} {d.sampling.steps} steps, guidance {d.sampling.guidance}")
+    for name in ("lora", "dpo"):
+        if name not in cfg.pipeline:
+            continue
+        stage = getattr(cfg, name)
+        a = stage.adapter
+        base = cfg.diffusion.weights or ("the diffusion stage's export" if "diffusion" in cfg.pipeline else "(none)")
+        if name == "dpo" and stage.policy == "full":
+            policy = "every denoiser weight (reference: a frozen copy of the base)"
+        else:
+            policy = (f"LoRA rank {a.rank}, alpha {a.alpha if a.alpha is not None else a.rank}, on "
+                      f"{'+'.join(a.targets)}" + (" (reference: the base with the adapter disabled)"
+                                                  if name == "dpo" else ""))
+        lines.append(f"{name}: {policy}; base weights {base}; {stage.train.max_steps} steps, "
+                     f"lr {stage.train.optim.lr}, EMA {stage.train.ema_decay}")
+        if name == "dpo":
+            lines.append(f"dpo data: {stage.data.urls or '(none configured)'}; objective {stage.objective}, "
+                         f"beta {stage.beta}, ties {stage.ties}")
     if cfg.report.enabled:
         lines.append(f"report: {cfg.run.directory / 'report.md'}"
                      + (" with the digit-classifier learning check" if cfg.report.digits_check else ""))
@@ -50,7 +67,7 @@ def run(cfg: RunConfig) -> int:
     return 0
 
 
-COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion) and report",
+COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion, lora, dpo) and report",
                   config_cls=RunConfig, run=run, plan=plan, run_dir=lambda cfg: cfg.run.directory,
                   resume_keys=("autoencoder.train.resume", "diffusion.train.resume", "lora.train.resume",
                                "dpo.train.resume"))

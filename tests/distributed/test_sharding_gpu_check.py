@@ -51,6 +51,18 @@ def test_strategy_benchmark_zero3_bf16_on_cpu(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_strategy_benchmark_zero3_offload_on_cpu(tmp_path):
+    """ZeRO-3 with optimizer and parameter offload: Accelerate replaces the AdamW with DeepSpeed's CPU Adam (a
+    compiled op), and training, export and resume work through it."""
+    proc, out = _bench("zero3_offload", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert (r["strategy_used"], r["offload"], r["optimizer"]) == ("zero3", "cpu/cpu", "DeepSpeedCPUAdam")
+    assert r["export_ok"] is True and r["resume_ok"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_strategy_benchmark_refuses_a_strategy_accelerate_did_not_set_up(tmp_path):
     """FSDP through Accelerate needs a GPU: on the CPU the run stops with the reason instead of timing plain DDP."""
     proc, _ = _bench("fsdp2", tmp_path)
@@ -68,7 +80,7 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("ddp", "zero2", "zero3"):
-        assert f"| {name} | {name} | cpu |" in proc.stdout, proc.stdout
+    for name, used in (("ddp", "ddp"), ("zero2", "zero2"), ("zero3", "zero3"), ("zero3_offload", "zero3")):
+        assert f"| {name} | {used} | cpu |" in proc.stdout, proc.stdout
         assert json.loads((tmp_path / f"strategy_{name}.json").read_text())["resume_ok"] is True
     assert "failed parts: none" in log

@@ -27,6 +27,7 @@ from training.finetune import (
     add_lora,
     attach_adapters,
     base_state_dict,
+    held_dtype,
     is_adapter_name,
     load_adapter,
     lora_target_names,
@@ -321,7 +322,22 @@ def test_bf16_mixed_precision_holds_the_base_in_bf16(text_encoder, base_weights,
     assert {p.dtype for n, p in stage.model.named_parameters() if is_adapter_name(n)} == {torch.float32}
     assert np.isfinite(result.metrics["loss"]) and np.isfinite(result.metrics["val/loss"])
     meta = json.loads((tmp_path / "export" / "adapter.json").read_text())
-    assert meta["base_unchanged_verified"] is False  # a bf16 base cannot be checked against the fp32 fingerprint
+    assert meta["base_unchanged_verified"] is True  # checked against the base's bf16-rounded fingerprint
+    # the check compares in the precision the base is held in: bf16 here, fp32 copies of bf16 values (what an
+    # engine's consolidated 16-bit weights become in an evaluation copy), and catches a one-ulp change in bf16
+    base = {k: v for k, v in base_state_dict(stage.model).items()}
+    assert held_dtype(base) == torch.bfloat16
+    assert held_dtype({k: v.float() for k, v in base.items()}) == torch.bfloat16
+    assert held_dtype({"w": torch.tensor([1.0, 1.0 + 2**-20])}) == torch.float32
+    assert held_dtype({"a": torch.zeros(1, dtype=torch.bfloat16), "b": torch.zeros(1, dtype=torch.float16)}) is None
+    assert stage.check_base_unchanged(stage.model) is True
+    with torch.no_grad():
+        w = next(p for n, p in stage.model.named_parameters() if not is_adapter_name(n) and p.numel() > 1)
+        flat = w.view(-1)
+        i = int(flat.float().abs().argmax())
+        flat[i] = flat[i] * 1.01  # one or two bf16 steps (8 bits of mantissa)
+    with pytest.raises(RuntimeError, match="base weights changed.*bfloat16"):
+        stage.check_base_unchanged(stage.model)
 
 
 def test_resumed_lora_run_equals_uninterrupted(text_encoder, base_weights, tmp_path):

@@ -58,7 +58,7 @@ from data_pipeline.writer import ShardWriter
 from models.conditioning import Conditioning
 from training.diffusion import cat_conditioning, drop_conditioning
 from training.evaluation import save_grid
-from training.finetune import LoraAdapterConfig, adapters_disabled, add_lora, weights_fingerprint
+from training.finetune import LoraAdapterConfig, adapters_disabled, add_lora
 from training.sampling import trim_together
 from training.stages.autoencoder import export_module
 from training.stages.diffusion import TEXT_FIELDS, DiffusionStage, DiffusionStageConfig
@@ -254,7 +254,7 @@ class DpoStage(AdapterMixin, DiffusionStage):
         self.dpo = dpo
         self.val_pairs = val_pairs or []
         self.reference: Optional[nn.Module] = None
-        self.base_fingerprint = weights_fingerprint(self.model.state_dict())
+        self.fingerprint_base(self.model)
         if dpo.policy == "lora":
             self.model = add_lora(self.model, dpo.adapter)
         elif dpo.objective == "dpo":

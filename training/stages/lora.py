@@ -37,9 +37,10 @@ from training.finetune import (
     add_lora,
     base_state_dict,
     cast_frozen_,
+    held_dtype,
     merged_state_dict,
     save_adapter,
-    weights_fingerprint,
+    weights_fingerprints,
 )
 from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
 from training.trainer import OptimConfig, TrainConfig
@@ -87,14 +88,20 @@ class AdapterMixin:
 
     model: nn.Module
     compute_dtype: torch.dtype = torch.float32
-    base_fingerprint: Optional[str] = None
-    base_cast: bool = False
+    base_fingerprints: dict[torch.dtype, str] = {}  # the base weights' fingerprint at fp32, bf16 and fp16
+
+    @property
+    def base_fingerprint(self) -> Optional[str]:
+        """The fp32 fingerprint (stored in the adapter file; compared when adapters are attached to a base)."""
+        return self.base_fingerprints.get(torch.float32)
+
+    def fingerprint_base(self, model: nn.Module) -> None:
+        self.base_fingerprints = weights_fingerprints(model.state_dict())
 
     def cast_base_weights(self, dtype: torch.dtype, enabled: bool) -> None:
         self.compute_dtype = dtype
         if enabled and dtype != torch.float32:
             n = cast_frozen_(self.model, dtype)
-            self.base_cast = n > 0
             log.info("LoRA: %d frozen base tensors held in %s", n, dtype)
 
     def autocast(self, device: torch.device) -> Any:
@@ -105,14 +112,17 @@ class AdapterMixin:
         return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
     def check_base_unchanged(self, model: nn.Module) -> bool:
-        """Recompute the base fingerprint from ``model``; raise if a base weight moved. False when the base was
-        cast to a lower precision (the fp32 fingerprint cannot be compared then)."""
-        if self.base_cast or self.base_fingerprint is None:
+        """Recompute the base fingerprint from ``model`` in the precision its base is held in (fp32, or bf16/fp16
+        where ``cast_base`` or DeepSpeed's half-precision mode cast it) and raise if a base weight moved. False
+        (not checked) when the base tensors are held in a mix of precisions."""
+        state = base_state_dict(model)
+        dtype = held_dtype(state)
+        if dtype not in self.base_fingerprints:
+            log.warning("LoRA: base weights held in mixed or unknown precision; not verified unchanged")
             return False
-        now = weights_fingerprint(base_state_dict(model))
-        if now != self.base_fingerprint:
-            raise RuntimeError("LoRA: the base weights changed during training (fingerprint mismatch); only adapter "
-                               "weights may train")
+        if weights_fingerprints(state, (dtype,))[dtype] != self.base_fingerprints[dtype]:
+            raise RuntimeError(f"LoRA: the base weights changed during training (fingerprint mismatch in {dtype}); "
+                               "only adapter weights may train")
         return True
 
     def export_adapter(self, model: nn.Module, out_dir: Path, cfg: LoraAdapterConfig, denoiser: str,
@@ -121,7 +131,7 @@ class AdapterMixin:
         path = save_adapter(model, out_dir / ADAPTER_FILE, cfg, denoiser=denoiser,
                             base_sha256=self.base_fingerprint, extra=dict(extra, base_unchanged_verified=verified))
         log.info("adapter exported to %s (base weights unchanged: %s)", path,
-                 "verified" if verified else "not checked, base held in lower precision")
+                 "verified" if verified else "not checked")
         if merged:
             state = merged_state_dict(model)
             save_file(state, str(out_dir / "model.safetensors"),
@@ -149,7 +159,7 @@ class LoraStage(AdapterMixin, DiffusionStage):
             raise ValueError("lora: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
         super().__init__(cfg, text_encoder, autoencoder, latent_shape, val_batches)
         self.lora = lora
-        self.base_fingerprint = weights_fingerprint(self.model.state_dict())
+        self.fingerprint_base(self.model)
         self.model = add_lora(self.model, lora.adapter)
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
