@@ -84,6 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (the process's batch)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-resume", action="store_true", help="skip the resume check")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the training under torch.profiler and print the top operators (times inflated)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
                         help="mixed precision (default: bf16 on the GPU, none with --cpu)")
     args = parser.parse_args(argv)
@@ -186,7 +188,18 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n_params = sum(p.numel() for p in stage.model.parameters())
     trainer = Trainer(cfg.train, stage, Loader(), tmp / "run", seed=0)
     started = time.perf_counter()
-    result = trainer.fit()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            result = trainer.fit()
+        table = prof.key_averages()
+        print(f"### profile: {args.strategy}, {steps} steps (set-up, checkpoint and export included)")
+        if cuda:
+            print(table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
+    else:
+        result = trainer.fit()
     finished = time.perf_counter()
     acc = trainer.accelerator
     gaps = sorted(b - a for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:]))

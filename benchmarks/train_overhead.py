@@ -8,6 +8,8 @@ timing two runs of different lengths and dividing the step difference by the tim
 
     python benchmarks/train_overhead.py                 # CPU
     python benchmarks/train_overhead.py --device cuda   # GPU
+    python benchmarks/train_overhead.py --device cuda --model dit-b2 --batch 32 --profile 10
+        # DiT-B/2 on 32x32x4 latents (the GPU check's model), and a torch.profiler table of 10 steps of each
 
 Prints steps/s of each and the ratio trainer / bare (goal >= 0.95).
 """
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,12 +59,18 @@ class MemoryLoader:
         self.pos = sd["pos"]
 
 
-def make_batches(text: TextEncoder, n: int, batch: int, generator: torch.Generator) -> list[Batch]:
+MODELS = {  # name: (DiT config keywords, latent side)
+    "tiny": (dict(sample_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4), 8),
+    "dit-b2": (dict(sample_size=32, patch_size=2, hidden_size=768, depth=12, num_heads=12), 32),
+}
+
+
+def make_batches(text: TextEncoder, n: int, batch: int, generator: torch.Generator, side: int = 8) -> list[Batch]:
     out = []
     for i in range(n):
         cond = text.encode([f"a handwritten digit {w}" for w in ["zero", "one", "two", "three"] * (batch // 4)])
-        moments = torch.cat([torch.randn(batch, 4, 8, 8, generator=generator),
-                             torch.full((batch, 4, 8, 8), -4.0)], dim=1)
+        moments = torch.cat([torch.randn(batch, 4, side, side, generator=generator),
+                             torch.full((batch, 4, side, side), -4.0)], dim=1)
         out.append(Batch(pixels=None, captions=[""] * batch, keys=[str(i)] * batch, metadata=[{}] * batch,
                          original_size=torch.zeros(batch, 2, dtype=torch.long),
                          crop_top_left=torch.zeros(batch, 2, dtype=torch.long),
@@ -71,10 +80,9 @@ def make_batches(text: TextEncoder, n: int, batch: int, generator: torch.Generat
     return out
 
 
-def stage_config(device: str) -> DiffusionStageConfig:
+def stage_config(device: str, model: str = "tiny") -> DiffusionStageConfig:
     return DiffusionStageConfig(
-        dit=DiTConfig(sample_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=4, num_heads=4,
-                      context_dim=64, pooled_dim=32),
+        dit=DiTConfig(in_channels=4, context_dim=64, pooled_dim=32, **MODELS[model][0]),
         text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
         process=DiffusionConfig(schedule="cosine", prediction="v_prediction"),
         train=TrainConfig(cpu=device == "cpu", optim=OptimConfig(lr=1e-4, max_grad_norm=1.0), ema_decay=0.999,
@@ -85,13 +93,35 @@ def stage_config(device: str) -> DiffusionStageConfig:
 def build_stage(cfg: DiffusionStageConfig, text: TextEncoder, device: torch.device) -> DiffusionStage:
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(tiny_vae_config()).to(device).eval()  # only its latent scaling is used here
-    stage = DiffusionStage(cfg, text, autoencoder, (4, 8, 8))
+    side = cfg.dit.sample_size
+    stage = DiffusionStage(cfg, text, autoencoder, (4, side, side))
     stage.device = device
     return stage
 
 
+def profiled(enabled: bool, label: str, device: torch.device) -> Any:
+    """torch.profiler around a run when ``enabled``; prints the top operators by device and by CPU time."""
+    if not enabled:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run() -> Any:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            yield
+        table = prof.key_averages()
+        print(f"\n### profile: {label}")
+        if device.type == "cuda":
+            print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+    return run()
+
+
 def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch], steps: int,
-              device: torch.device) -> float:
+              device: torch.device, profile: bool = False) -> float:
     """steps/s of the hand-written loop."""
     stage = build_stage(cfg, text, device)
     model = stage.model.to(device).train()
@@ -100,11 +130,8 @@ def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch]
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
     it = iter(MemoryLoader(batches))
-    for i in range(steps + 5):
-        if i == 5:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step() -> None:
         batch = next(it).to(device)
         with amp:
             loss, _ = stage.loss(model, batch)
@@ -113,13 +140,22 @@ def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch]
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model.named_parameters())
+
+    for _ in range(5):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profiled(profile, f"bare loop, {steps} steps", device):
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
 
 
 def trainer_run(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch], steps: int,
-                device: torch.device) -> float:
+                device: torch.device, profile: bool = False) -> float:
     """Wall seconds of a full trainer run of ``steps`` steps (fixed costs included)."""
     stage = build_stage(cfg, text, device)
     run_cfg = copy.deepcopy(cfg.train)
@@ -127,7 +163,8 @@ def trainer_run(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batc
     run_cfg.checkpoint_every = steps
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        Trainer(run_cfg, stage, MemoryLoader(batches), Path(tmp)).fit()
+        with profiled(profile, f"trainer, {steps} steps (set-up, checkpoint and export included)", device):
+            Trainer(run_cfg, stage, MemoryLoader(batches), Path(tmp)).fit()
         return time.perf_counter() - start
 
 
@@ -137,14 +174,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps of the short run (the long run does 3x)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repetitions; the best of each is kept")
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="tiny: DiT 4x128 on 8x8x4 latents; "
+                        "dit-b2: DiT-B/2 on 32x32x4")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="afterwards, profile N steps of the bare loop and an N-step trainer run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     torch.set_num_threads(min(torch.get_num_threads(), 2) if device.type == "cpu" else torch.get_num_threads())
     text = TextEncoder(TextEncoderConfig(model="openclip-tiny-text", layer="last"))
-    batches = make_batches(text, 8, args.batch, torch.Generator().manual_seed(0))
+    batches = make_batches(text, 8, args.batch, torch.Generator().manual_seed(0), MODELS[args.model][1])
     text.to(device)
-    cfg = stage_config(args.device)
+    cfg = stage_config(args.device, args.model)
     n1, n2 = args.steps, 3 * args.steps
     bares, trainers = [], []
     for _ in range(args.repeats):  # interleaved, best of each: the machine's background load hits both alike
@@ -153,10 +194,16 @@ def main() -> None:
         t2 = trainer_run(cfg, text, batches, n2, device)
         trainers.append((n2 - n1) / (t2 - t1))
     bare, trainer = max(bares), max(trainers)
-    print(f"device {args.device}, batch {args.batch}, DiT 4x128 on 8x8x4 latents")
+    side = MODELS[args.model][1]
+    print(f"device {args.device}, batch {args.batch}, {args.model} on {side}x{side}x4 latents, "
+          f"{sum(p.numel() for p in build_stage(cfg, text, device).model.parameters()) / 1e6:.1f}M parameters")
     print(f"bare loop: {bare:.2f} steps/s")
     print(f"trainer:   {trainer:.2f} steps/s  (difference of {n1}- and {n2}-step runs; best of {args.repeats})")
     print(f"ratio trainer/bare: {trainer / bare:.3f}  (goal >= 0.95)")
+    print(f"step time: bare {1e3 / bare:.1f} ms, trainer {1e3 / trainer:.1f} ms", flush=True)
+    if args.profile:
+        bare_loop(cfg, text, batches, args.profile, device, profile=True)
+        trainer_run(cfg, text, batches, args.profile, device, profile=True)
 
 
 if __name__ == "__main__":
