@@ -11,6 +11,7 @@ overrides. A bad config stops here, before any work, with the key, the value and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -41,6 +42,9 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
             p.add_argument("--resume", metavar="WHERE",
                            help="auto (latest checkpoint if any; the default), latest (must exist), none, or a "
                                 f"checkpoint folder; sets {', '.join(cmd.resume_keys)}")
+        for flag, key, text in cmd.list_flags:
+            p.add_argument(f"--{flag}", action="append", default=[], dest=f"list_{key}", metavar=flag.upper(),
+                           help=f"{text}; repeat for several (sets {key})")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=64")
     return parser
 
@@ -58,13 +62,23 @@ def build_config(cmd: Command, positional: Optional[str], configs: Sequence[str]
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = load_commands()
-    args = _parser(commands).parse_args(argv)
+    parser = _parser(commands)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after flags (`loom sample --lora a.safetensors output=x.png`): argparse leaves those over
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = commands[args.command]
     try:
         overrides = list(args.overrides)
         if getattr(args, "resume", None):
             overrides += [f"{key}={args.resume}" for key in cmd.resume_keys]
+        for _, key, _ in cmd.list_flags:
+            values = getattr(args, f"list_{key}")
+            if values:
+                overrides.append(f"{key}={json.dumps(values)}")  # a JSON list is a YAML flow sequence
         cfg = build_config(cmd, getattr(args, "positional", None), args.config, overrides)
     except ConfigError as e:
         print(f"loom {cmd.name}: config error: {e}", file=sys.stderr)

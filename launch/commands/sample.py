@@ -3,7 +3,8 @@
     loom sample run_dir=runs/quickstart prompts='["a handwritten digit seven", "a handwritten digit two"]'
     loom sample run_dir=runs/quickstart prompts='[...]' sampling.guidance=5 sampling.steps=100 sampling.seed=3
     loom sample run_dir=runs/quickstart weights=latest sampling.negative_prompt="a handwritten digit one"
-    loom sample run_dir=runs/quickstart lora='["runs/lora-mirrored/lora/export/adapter.safetensors:0.8"]'
+    loom sample run_dir=runs/quickstart --lora runs/lora-mirrored/lora/export/adapter.safetensors:0.8
+    loom sample run_dir=runs/quickstart lora='["runs/lora-mirrored/lora/export/adapter.safetensors:0.8"]'  # the same
     loom sample run_dir=runs/quickstart lora='["a.safetensors:0.8", "b.safetensors:0.5"]'   # combined adapters
 
 The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
@@ -152,4 +153,5 @@ def run(cfg: SampleCommandConfig) -> int:
 
 
 COMMAND = Command(name="sample", help="draw images from a trained run for prompts into a PNG grid",
-                  config_cls=SampleCommandConfig, run=run, plan=plan)
+                  config_cls=SampleCommandConfig, run=run, plan=plan,
+                  list_flags=(("lora", "lora", "a LoRA adapter file written by the lora or dpo stage, PATH[:SCALE]"),))

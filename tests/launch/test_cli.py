@@ -67,3 +67,15 @@ def test_resume_flag_sets_every_stage(capsys):
     assert cli.main(["train", "--config", "quickstart", "--resume", "latest", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("resume: latest") == 4  # autoencoder, diffusion, lora and dpo train sections
+
+
+def test_flags_and_overrides_mix_in_any_order(capsys):
+    """`loom sample --lora A x=1 --lora B y=2`: both adapters and both overrides arrive; an unknown flag stops."""
+    assert cli.main(["sample", "run_dir=runs/x", "--lora", "a.safetensors:0.8", "num_per_prompt=3", "--lora",
+                     "b.safetensors", "--dry-run", "sampling.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapter: a.safetensors x 0.8" in out and "LoRA adapter: b.safetensors x 1" in out
+    assert "num_per_prompt: 3" in out and "steps: 7" in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "run_dir=runs/x", "--lorra", "a.safetensors"])
+    assert exc.value.code == 2 and "unrecognized arguments: --lorra" in capsys.readouterr().err

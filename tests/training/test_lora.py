@@ -386,11 +386,13 @@ def test_loom_sample_with_adapters(text_encoder, base_weights, tmp_path):
               "sampling.steps=4", "device=cpu"]
     style = str(tmp_path / "style.safetensors")
     runs = {"base": [], "one": [f"lora=[{style}:1.0]", "lora_merge=false"],
-            "halves": [f"lora=[{style}:0.5, {style}:0.5]", "lora_merge=true"]}
+            "halves": [f"lora=[{style}:0.5, {style}:0.5]", "lora_merge=true"],
+            "flags": ["--lora", f"{style}:0.5", "--lora", f"{style}:0.5"]}  # the same, as `loom sample --lora`
     images = {}
     for name, extra in runs.items():
         assert cli.main([*common, *extra, f"output={name}.png"]) == 0
         images[name] = np.asarray(Image.open(run / f"{name}.png")).astype(int)
     assert np.abs(images["one"] - images["halves"]).max() <= 1  # same images up to rounding
+    assert np.array_equal(images["flags"], images["halves"])
     assert np.abs(images["one"] - images["base"]).max() > 10
     assert cli.main([*common, "lora=[nowhere.safetensors]"]) == 1
