@@ -80,7 +80,9 @@ def test_gpu_check_cpu_mode_end_to_end(tmp_path):
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:]
     log = (tmp_path / "gpu_check.log").read_text()
-    for name, used in (("ddp", "ddp"), ("zero2", "zero2"), ("zero3", "zero3"), ("zero3_offload", "zero3")):
-        assert f"| {name} | {used} | cpu |" in proc.stdout, proc.stdout
+    rows = [("ddp", "ddp", "AdamW", "none/none"), ("zero2", "zero2", "AdamW", "none/none"),
+            ("zero3", "zero3", "AdamW", "none/none"), ("zero3_offload", "zero3", "DeepSpeedCPUAdam", "cpu/cpu")]
+    for name, used, optimizer, offload in rows:
+        assert f"| {name} | {used} | {optimizer} | {offload} | cpu |" in proc.stdout, proc.stdout
         assert json.loads((tmp_path / f"strategy_{name}.json").read_text())["resume_ok"] is True
     assert "failed parts: none" in log
