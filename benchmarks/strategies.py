@@ -84,6 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="micro-batch (the process's batch)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-resume", action="store_true", help="skip the resume check")
+    parser.add_argument("--width", type=int, default=None, help="DiT width (default: 768; 64 with --cpu)")
+    parser.add_argument("--depth", type=int, default=None, help="DiT depth (default: 12; 2 with --cpu)")
     parser.add_argument("--profile", action="store_true",
                         help="run the training under torch.profiler and print the top operators (times inflated)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
@@ -120,10 +122,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     distributed_position()  # the process group, created as `loom train` creates it (gloo where there is no GPU)
     if args.cpu:
         torch.set_num_threads(1)
-        dit = DiTConfig(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
-                        context_dim=64, pooled_dim=32)
+        dit = DiTConfig(sample_size=8, patch_size=2, in_channels=4, hidden_size=args.width or 64,
+                        depth=args.depth or 2, num_heads=2, context_dim=64, pooled_dim=32)
     else:  # DiT-B/2
-        dit = DiTConfig(sample_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=12, num_heads=12,
+        dit = DiTConfig(sample_size=32, patch_size=2, in_channels=4, hidden_size=args.width or 768,
+                        depth=args.depth or 12, num_heads=12 if (args.width or 768) % 12 == 0 else 8,
                         context_dim=64, pooled_dim=32)
     side, batch = dit.sample_size, args.batch
     text = TextEncoder(TextEncoderConfig(model="openclip-tiny-text", layer="last"))
