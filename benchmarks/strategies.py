@@ -114,9 +114,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from models.text_encoder import TextEncoder, TextEncoderConfig
     from training.diffusion import DiffusionConfig
     from training.pipeline import distributed_position
-    from training.sharding import strategy_name
+    from training.sharding import innermost_optimizer, strategy_name
     from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
     from training.trainer import OptimConfig, TrainConfig, Trainer
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from profiling import profiled
 
     cuda = torch.cuda.is_available() and not args.cpu
     distributed_position()  # the process group, created as `loom train` creates it (gloo where there is no GPU)
@@ -191,17 +194,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n_params = sum(p.numel() for p in stage.model.parameters())
     trainer = Trainer(cfg.train, stage, Loader(), tmp / "run", seed=0)
     started = time.perf_counter()
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            result = trainer.fit()
-        table = prof.key_averages()
-        print(f"### profile: {args.strategy}, {steps} steps (set-up, checkpoint and export included)")
-        if cuda:
-            print(table.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
-        print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60), flush=True)
-    else:
+    with profiled(args.profile, f"{args.strategy}, {steps} steps (set-up, checkpoint and export included)", cuda, 20):
         result = trainer.fit()
     finished = time.perf_counter()
     acc = trainer.accelerator
@@ -226,9 +219,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         resume_s = time.perf_counter() - t0
         resume_ok = resumed.step == steps + 1 and math.isfinite(resumed.metrics.get("loss", math.nan))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
-    inner = acc._optimizers[-1]
-    while hasattr(inner, "optimizer") and inner.optimizer is not inner:  # under Accelerate's and DeepSpeed's wrappers
-        inner = inner.optimizer
+    inner = innermost_optimizer(acc._optimizers[-1])
     zero = (getattr(acc, "deepspeed_config", None) or {}).get("zero_optimization", {})
     return {
         "strategy": args.strategy, "strategy_used": strategy_name(acc), "device": device.replace(" ", "_"),

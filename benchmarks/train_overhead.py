@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -38,6 +37,9 @@ from training.diffusion import DiffusionConfig  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.stages.diffusion import DiffusionStage, DiffusionStageConfig  # noqa: E402
 from training.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profiling import profiled  # noqa: E402
 
 
 class MemoryLoader:
@@ -99,27 +101,6 @@ def build_stage(cfg: DiffusionStageConfig, text: TextEncoder, device: torch.devi
     return stage
 
 
-def profiled(enabled: bool, label: str, device: torch.device) -> Any:
-    """torch.profiler around a run when ``enabled``; prints the top operators by device and by CPU time."""
-    if not enabled:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def run() -> Any:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            yield
-        table = prof.key_averages()
-        print(f"\n### profile: {label}")
-        if device.type == "cuda":
-            print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
-        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
-
-    return run()
-
-
 def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch], steps: int,
               device: torch.device, profile: bool = False) -> float:
     """steps/s of the hand-written loop."""
@@ -146,7 +127,7 @@ def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch]
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with profiled(profile, f"bare loop, {steps} steps", device):
+    with profiled(profile, f"bare loop, {steps} steps", device.type == "cuda"):
         for _ in range(steps):
             step()
         if device.type == "cuda":
@@ -163,7 +144,8 @@ def trainer_run(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batc
     run_cfg.checkpoint_every = steps
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        with profiled(profile, f"trainer, {steps} steps (set-up, checkpoint and export included)", device):
+        with profiled(profile, f"trainer, {steps} steps (set-up, checkpoint and export included)",
+                      device.type == "cuda"):
             Trainer(run_cfg, stage, MemoryLoader(batches), Path(tmp)).fit()
         return time.perf_counter() - start
 

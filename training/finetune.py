@@ -200,12 +200,15 @@ def weights_fingerprints(state: dict[str, Tensor],
     """:func:`weights_fingerprint` of ``state`` with every floating tensor first rounded to each of ``dtypes``, in
     one pass (one tensor copy at a time): what the weights look like once an engine or ``cast_frozen_`` holds them
     in half precision, so that "unchanged" can be checked exactly there too. The float32 entry is
-    :func:`weights_fingerprint` itself."""
+    :func:`weights_fingerprint` itself; a half dtype's entry hashes the rounded values' own 16 bits."""
     hashers = {d: hashlib.sha256() for d in dtypes}
     for name in sorted(state):
         t = state[name].detach().to("cpu")
         for dtype, h in hashers.items():
-            v = t.to(dtype if t.is_floating_point() else torch.float32).to(torch.float32).contiguous()
+            if dtype in HALF_DTYPES and t.is_floating_point():
+                v = t.to(dtype).contiguous().view(torch.int16)  # numpy has no bfloat16: hash the raw bits
+            else:
+                v = t.to(torch.float32).contiguous()
             h.update(f"{name}{tuple(v.shape)}".encode())
             h.update(v.numpy().tobytes())
     return {d: h.hexdigest() for d, h in hashers.items()}

@@ -52,6 +52,14 @@ def strategy_name(accelerator: Any) -> str:
     return "ddp"
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that steps the weights, under Accelerate's wrapper and DeepSpeed's ZeRO optimizer (e.g. the
+    client ``AdamW``, or the ``DeepSpeedCPUAdam`` Accelerate swaps in for CPU offload)."""
+    while getattr(optimizer, "optimizer", None) not in (None, optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def deepspeed_plugin(accelerator: Any) -> Any:
     """The active DeepSpeed plugin, or None when DeepSpeed is not in use."""
     return getattr(accelerator.state, "deepspeed_plugin", None)

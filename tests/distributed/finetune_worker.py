@@ -22,6 +22,7 @@ rank after DDP's all-reduce) and whether the base weights are bit-identical to t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -161,11 +162,8 @@ def global_batches(stage: str) -> list[Batch]:
 def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
     idx = list(range(rank, len(batch), world))
     pick = torch.tensor(idx)
-    return Batch(batch.pixels[pick] if batch.pixels is not None else None, [batch.captions[i] for i in idx],
-                 [batch.keys[i] for i in idx], [batch.metadata[i] for i in idx], batch.original_size[pick],
-                 batch.crop_top_left[pick], batch.target_size[pick],
-                 latents=batch.latents[pick] if batch.latents is not None else None,
-                 extras={k: v[pick] for k, v in batch.extras.items()})
+    return dataclasses.replace(batch._map(lambda t: t[pick]), captions=[batch.captions[i] for i in idx],
+                               keys=[batch.keys[i] for i in idx], metadata=[batch.metadata[i] for i in idx])
 
 
 class RankLoader:

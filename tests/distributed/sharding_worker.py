@@ -40,7 +40,7 @@ from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
 from training.diffusion import DiffusionConfig  # noqa: E402
 from training.pipeline import distributed_position, first_batches  # noqa: E402
 from training.sampling import SamplingConfig  # noqa: E402
-from training.sharding import gather_full, local_shard, strategy_name  # noqa: E402
+from training.sharding import gather_full, innermost_optimizer, local_shard, strategy_name  # noqa: E402
 from training.stages.diffusion import DiffusionStage, DiffusionStageConfig  # noqa: E402
 from training.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
 
@@ -123,17 +123,6 @@ def train_config(steps: int, cpu: bool = False) -> TrainConfig:
                        log_every=1, checkpoint_every=CHECKPOINT, keep_checkpoints=3, progress=False)
 
 
-def inner_torch_optimizer(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer under Accelerate's and DeepSpeed's wrappers."""
-    seen = opt
-    while not isinstance(seen, torch.optim.Optimizer) or hasattr(seen, "optimizer"):
-        nxt = getattr(seen, "optimizer", None)
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
-    return seen
-
-
 def optimizer_numel(opt: Any) -> int:
     """Elements of the fp32 master weights the optimizer updates on this rank (DeepSpeed's flat partitions, or
     the torch optimizer's parameters)."""
@@ -142,7 +131,7 @@ def optimizer_numel(opt: Any) -> int:
         flat = getattr(zero, attr, None)
         if flat:
             return sum(int(t.numel()) for t in flat)
-    return sum(int(p.numel()) for g in inner_torch_optimizer(opt).param_groups for p in g["params"])
+    return sum(int(p.numel()) for g in innermost_optimizer(opt).param_groups for p in g["params"])
 
 
 def layout(module: torch.nn.Module) -> dict[str, list]:
@@ -163,7 +152,7 @@ def train(shards: str | Path, run_dir: Path, steps: int, first_call: int = 1,
     result = trainer.fit()
     acc = trainer.accelerator
     model, opt = acc._models[-1], acc._optimizers[-1]
-    inner = inner_torch_optimizer(opt)
+    inner = innermost_optimizer(opt)
     report: dict[str, Any] = {
         "rank": rank, "world": world, "strategy": strategy_name(acc), "step": result.step,
         "losses": stage.losses, "nonfinite": result.metrics.get("nonfinite_steps"),
