@@ -308,12 +308,12 @@ def memory_comparison(results: dict) -> None:
     """Parameter bytes held by each fine-tuning stage (trainable module + frozen modules), from the real stages."""
     from launch.commands.sample import SampleCommandConfig, _run_config
     from training.finetune import LoraAdapterConfig, parameter_bytes
-    from training.pipeline import finetune_parts
+    from training.pipeline import frozen_parts
     from training.stages.dpo import DpoStage
     from training.stages.lora import LoraStage, finetune_diffusion_config
 
     cfg = _run_config(SampleCommandConfig(run_dir=str(BASE_RUN)))
-    te, ae, shape = finetune_parts(cfg, BASE_RUN, cfg.data.resolution)
+    te, ae, shape = frozen_parts(cfg, BASE_RUN, cfg.data.resolution)
     dcfg = finetune_diffusion_config(cfg.diffusion, str(BASE_RUN / "diffusion/export/model.safetensors"), None, [])
 
     def held(stage: Any) -> int:

@@ -40,32 +40,22 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2")
 ENGINE = {"zero3_offload": "zero3"}  # what strategy_name reports for a strategy (offload is a ZeRO-3 option)
-FALLBACK_DEEPSPEED = {  # used when launch/deepspeed/<name>.json is absent
-    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 2},
-}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launcher_env(strategy: str, cpu: bool, tmp: Path) -> dict[str, str]:
+def launcher_env(strategy: str, cpu: bool) -> dict[str, str]:
     """What ``accelerate launch`` with the strategy's config file would export for a one-process world."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
     if cpu:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
     if strategy.startswith("zero"):
-        path = REPO / "launch" / "deepspeed" / f"{strategy}.json"
+        path = REPO / "launch" / "deepspeed" / f"{strategy}.json"  # the file users launch with
         if not path.exists():
-            cfg = json.loads(json.dumps(FALLBACK_DEEPSPEED))
-            cfg["zero_optimization"]["stage"] = int(strategy[4])
-            path = tmp / f"{strategy}.json"
-            path.write_text(json.dumps(cfg))
+            raise FileNotFoundError(f"--strategy {strategy}: {path} is missing")
         env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(path))
     elif strategy == "fsdp2":
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
@@ -92,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="mixed precision (default: bf16 on the GPU, none with --cpu)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix=f"strategy_{args.strategy}_"))
-    os.environ.update(launcher_env(args.strategy, args.cpu, tmp))
+    os.environ.update(launcher_env(args.strategy, args.cpu))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result = run(args, tmp)

@@ -70,7 +70,7 @@ MODELS = {  # name: (DiT config keywords, latent side)
 def make_batches(text: TextEncoder, n: int, batch: int, generator: torch.Generator, side: int = 8) -> list[Batch]:
     out = []
     for i in range(n):
-        cond = text.encode([f"a handwritten digit {w}" for w in ["zero", "one", "two", "three"] * (batch // 4)])
+        cond = text.encode([f"a handwritten digit {['zero', 'one', 'two', 'three'][j % 4]}" for j in range(batch)])
         moments = torch.cat([torch.randn(batch, 4, side, side, generator=generator),
                              torch.full((batch, 4, side, side), -4.0)], dim=1)
         out.append(Batch(pixels=None, captions=[""] * batch, keys=[str(i)] * batch, metadata=[{}] * batch,

@@ -65,6 +65,9 @@ def _stack_optional(arrays: Sequence[Optional[np.ndarray]]) -> Optional[torch.Te
     return torch.from_numpy(np.stack(arrays))  # type: ignore[arg-type]
 
 
+GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # per-sample json keys (cache stage)
+
+
 def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys: Sequence[str],
             metadata: Sequence[dict], sources: Sequence[str] = (),
             latents: Sequence[Optional[np.ndarray]] = (), extras: Optional[dict[str, list]] = None) -> Batch:
@@ -74,6 +77,11 @@ def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys:
         pixels = to_float_pixels(np.stack([d.pixels for d in decoded]))  # (B, 3, H, W)
         geo = lambda attr: torch.tensor([getattr(d, attr) for d in decoded], dtype=torch.int64)  # noqa: E731
         original, crop, target = geo("original_size"), geo("crop_top_left"), geo("target_size")
+    elif n and all(all(k in m for k in GEOMETRY_KEYS) for m in metadata):
+        # cached latents: the geometry of the image they were encoded from, as the cache stage recorded it
+        pixels = None
+        original, crop, target = (torch.tensor([m[k] for m in metadata], dtype=torch.int64).reshape(n, 2)
+                                  for k in GEOMETRY_KEYS)
     else:
         pixels = None
         shapes = [tuple(a.shape[-2:]) if a is not None and a.ndim >= 2 else (0, 0) for a in latents] or [(0, 0)] * n

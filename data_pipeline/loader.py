@@ -372,7 +372,11 @@ class StreamingLoader:
     def stats(self) -> dict:
         """Counts over all workers of this rank since the start (carried through resumes): ``samples``,
         ``batches``, ``skipped`` and ``dropped`` by reason, ``buckets``, ``merged``, ``repeated``, ``epoch``."""
-        out = merge([self._base_stats] + [w["stats"] if w else None for w in self._worker_states()])
+        if self._live is not None and self._live.epoch is not None:  # in-process: its counters, no snapshot
+            workers = [self._live.counters.to_dict()]
+        else:
+            workers = [w["stats"] if w else None for w in self._states]
+        out = merge([self._base_stats] + workers)
         out["epoch"] = self.epoch
         out["batches_in_epoch"] = self._in_epoch
         return out

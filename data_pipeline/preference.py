@@ -335,7 +335,8 @@ def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], t
             skips.add("missing_image", f"{where} (no {names[0]})")
             return None
         try:
-            images.append(decode_to_target(data, (cfg.resolution, cfg.resolution), "center").pixels)
+            images.append(decode_to_target(data, (cfg.resolution, cfg.resolution), "center",
+                                           draft=cfg.jpeg_draft).pixels)
         except Exception:  # truncated or garbage bytes: PIL raises many kinds
             skips.add("corrupt_image", f"{where} ({names[0]})")
             return None

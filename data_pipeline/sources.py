@@ -250,17 +250,3 @@ class TableSource:
             yield Sample(image=data, caption=caption, extra=extra, source_id=image_ref, decoded=img)
 
 
-class DemoSource:
-    """One split (``"train"`` or ``"val"``) of the bundled digits demo set; see :mod:`data_pipeline.demo`."""
-
-    def __init__(self, split: str = "train", seed: int = 0, val_fraction: float = 0.1):
-        from data_pipeline import demo  # demo imports this module; import it lazily
-
-        self._samples = demo.digit_samples(split, seed=seed, val_fraction=val_fraction)
-        self.skips = SkipLog()
-
-    def size_hint(self) -> int:
-        return len(self._samples)
-
-    def __iter__(self) -> Iterator[Sample]:
-        return iter(self._samples)

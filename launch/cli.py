@@ -19,7 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from launch.commands import Command, load_commands
-from training.config import ConfigError, load_config, save_config, to_yaml
+from training.config import ConfigError, load_config, to_yaml
 
 
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
@@ -89,9 +89,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("# plan")
         print(cmd.plan(cfg))
         return 0
-    if cmd.run_dir is not None and os.environ.get("RANK", "0") == "0":  # one writer when a launcher starts several
-        path = save_config(cfg, cmd.run_dir(cfg) / "config.yaml")
-        logging.getLogger("loom").info("resolved config written to %s", path)
     try:
         code = cmd.run(cfg)
     except Exception as exc:

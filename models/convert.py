@@ -32,6 +32,16 @@ StateDict = Mapping[str, Tensor]
 # diffusers names. Rules rewrite our names into diffusers' ones, whole dotted segments at a time, in order.
 # ----------------------------------------------------------------------------------------------------------------
 
+# inside a spatial transformer: the same in diffusers and in the original LDM naming
+_TRANSFORMER_RULES: tuple[tuple[str, str], ...] = (
+    (r"blocks\.(\d+)\.", r"transformer_blocks.\1."),
+    (r"self_attn\.", "attn1."),
+    (r"cross_attn\.", "attn2."),
+    (r"to_out\.", "to_out.0."),
+    (r"ff\.proj_in\.", "ff.net.0.proj."),
+    (r"ff\.proj_out\.", "ff.net.2."),
+)
+
 _DIFFUSERS_RULES: tuple[tuple[str, str], ...] = (
     (r"time_embed\.", "time_embedding."),
     (r"class_embed\.", "class_embedding."),
@@ -48,14 +58,21 @@ _DIFFUSERS_RULES: tuple[tuple[str, str], ...] = (
     (r"upsample\.", "upsamplers.0."),
     (r"emb_proj\.", "time_emb_proj."),
     (r"skip\.", "conv_shortcut."),
-    (r"blocks\.(\d+)\.", r"transformer_blocks.\1."),
-    (r"self_attn\.", "attn1."),
-    (r"cross_attn\.", "attn2."),
-    (r"to_out\.", "to_out.0."),
-    (r"ff\.proj_in\.", "ff.net.0.proj."),
-    (r"ff\.proj_out\.", "ff.net.2."),
-)
-_DIFFUSERS_COMPILED = tuple((re.compile(r"(?:(?<=\.)|^)" + pattern), repl) for pattern, repl in _DIFFUSERS_RULES)
+) + _TRANSFORMER_RULES
+
+
+def _whole_segments(rules: tuple[tuple[str, str], ...]) -> tuple[tuple[re.Pattern, str], ...]:
+    """Compile rules so that each pattern matches only from the start of a dotted segment."""
+    return tuple((re.compile(r"(?:(?<=\.)|^)" + pattern), repl) for pattern, repl in rules)
+
+
+def _rewrite(name: str, rules: tuple[tuple[re.Pattern, str], ...]) -> str:
+    for pattern, repl in rules:
+        name = pattern.sub(repl, name, count=1)
+    return name
+
+
+_DIFFUSERS_COMPILED = _whole_segments(_DIFFUSERS_RULES)
 
 # diffusers < 0.14 saved the autoencoder's attention under other names; accept them on load.
 _DIFFUSERS_LEGACY_VAE = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
@@ -63,9 +80,7 @@ _DIFFUSERS_LEGACY_VAE = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", 
 
 def diffusers_name(name: str) -> str:
     """Our parameter name → diffusers' name (U-Net and autoencoder alike)."""
-    for pattern, repl in _DIFFUSERS_COMPILED:
-        name = pattern.sub(repl, name, count=1)
-    return name
+    return _rewrite(name, _DIFFUSERS_COMPILED)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,9 +89,7 @@ def diffusers_name(name: str) -> str:
 
 _LDM_RESBLOCK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1",
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}  # fmt: skip
-_LDM_TRANSFORMER = ((r"blocks\.(\d+)\.", r"transformer_blocks.\1."), (r"self_attn\.", "attn1."),
-                    (r"cross_attn\.", "attn2."), (r"to_out\.", "to_out.0."), (r"ff\.proj_in\.", "ff.net.0.proj."),
-                    (r"ff\.proj_out\.", "ff.net.2."))  # fmt: skip
+_LDM_TRANSFORMER = _whole_segments(_TRANSFORMER_RULES)
 _LDM_VAE_ATTN = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -142,9 +155,8 @@ def ldm_unet_name(name: str, config: UNetConfig, _table: dict[str, str] | None =
     if ".res." in name and head:  # inside a ResBlock
         first, _, tail = rest.partition(".")
         rest = f"{_LDM_RESBLOCK.get(first, first)}.{tail}"
-    elif ".attn." in name or name.startswith("mid.attn."):  # inside a spatial transformer
-        for pattern, repl in _LDM_TRANSFORMER:
-            rest = re.sub(r"(?:(?<=\.)|^)" + pattern, repl, rest, count=1)
+    elif ".attn." in name:  # inside a spatial transformer (mid.attn. included)
+        rest = _rewrite(rest, _LDM_TRANSFORMER)
     return head + rest
 
 

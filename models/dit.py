@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import BACKENDS, Attention, FeedForward
+from models.blocks import fold_frames, unfold_frames
 from models.conditioning import Conditioning
-from models.embeddings import TimestepMLP, timestep_embedding
+from models.embeddings import TimestepMLP, broadcast_timesteps, timestep_embedding
 from models.utils import checkpointed
 
 
@@ -383,8 +384,7 @@ class DiT(nn.Module):
             return x_t[:, :, None], "image"  # (B, C, 1, H, W)
         if x_t.shape[0] % frames:
             raise ValueError(f"x_t batch {x_t.shape[0]} is not a multiple of cond.num_frames={frames}")
-        bt, c, h, w = x_t.shape
-        return x_t.view(bt // frames, frames, c, h, w).transpose(1, 2), "frames"  # (B, C, T, H, W)
+        return unfold_frames(x_t, frames), "frames"  # (B, C, T, H, W)
 
     def embed_conditioning(self, timesteps: Tensor, cond: Conditioning, batch: int) -> Tensor:
         """The vector that drives adaLN: timestep MLP (+ class embedding, + pooled / vector MLPs) → ``(B, D)``."""
@@ -434,14 +434,9 @@ class DiT(nn.Module):
         x, layout = self._as_clips(x_t, cond)  # (B, C, T, H, W)
         b, c, frames, h, w = x.shape
         gh, gw = h // p, w // p
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(b)  # (B,)
-        if timesteps.shape != (b,):
-            raise ValueError(f"timesteps must be a scalar or shaped ({b},), got {tuple(timesteps.shape)}")
+        timesteps = broadcast_timesteps(timesteps, b, x.device)  # (B,)
 
-        frames_2d = x.transpose(1, 2).reshape(b * frames, c, h, w)  # (B*T, C, H, W)
-        tokens = self.x_embedder(frames_2d)  # (B*T, D, h, w)
+        tokens = self.x_embedder(fold_frames(x))  # (B*T, D, h, w)
         tokens = tokens.flatten(2).transpose(1, 2).reshape(b, frames * gh * gw, dim)  # (B, N, D), N = T*h*w
         pos = spatiotemporal_sincos(frames, gh, gw, dim, cfg.pos_embed_base_size, cfg.pos_embed_interpolation,
                                     device=x.device)  # (N, D)
@@ -467,5 +462,5 @@ class DiT(nn.Module):
         if layout == "image":
             return out[:, :, 0]  # (B, C_out, H, W)
         if layout == "frames":
-            return out.transpose(1, 2).reshape(b * frames, self.out_channels, h, w)  # (B*T, C_out, H, W)
+            return fold_frames(out)  # (B*T, C_out, H, W)
         return out  # (B, C_out, T, H, W)

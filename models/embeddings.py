@@ -33,6 +33,15 @@ def timestep_embedding(
     return emb
 
 
+def broadcast_timesteps(timesteps: Tensor | float | int, batch: int, device: torch.device) -> Tensor:
+    """A denoiser's ``timesteps`` argument as ``(B,)`` on ``device``: a scalar is repeated, a ``(B,)`` kept."""
+    t = torch.as_tensor(timesteps, device=device)
+    t = t.expand(batch) if t.ndim == 0 else t
+    if t.shape != (batch,):
+        raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got {tuple(t.shape)}")
+    return t
+
+
 def fourier_features(values: Tensor, dim: int) -> Tensor:
     """Embed each scalar of ``values`` ``(B, K)`` with :func:`timestep_embedding` → ``(B, K*dim)``.
 

@@ -277,7 +277,6 @@ class TextEncoder(nn.Module):
             raise TextEncoderLoadError(f"{source!r} does not fit text tower {self.config.model!r}: {err}") from err
         if getattr(self.text, "attn_mask", None) is not None:  # non-persistent buffer: rebuild it off meta
             self.text.attn_mask = self.text.build_causal_mask()
-        self.text.float()
 
     # ---- state ------------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from models.attention import BACKENDS, Attention, FeedForward
 from models.blocks import Downsample, ResBlock, Upsample, fold_frames, group_norm, unfold_frames
 from models.conditioning import Conditioning
-from models.embeddings import TimestepMLP, timestep_embedding
+from models.embeddings import TimestepMLP, broadcast_timesteps, timestep_embedding
 from models.presets import register_model_type, register_preset
 from models.utils import checkpointed
 
@@ -401,11 +401,7 @@ class UNet(nn.Module):
     ) -> Tensor:
         """x_t ``(B, C, H, W)`` or ``(B, C, T, H, W)``; timesteps ``(B,)`` or a scalar → output shaped like x_t."""
         cond = cond if cond is not None else Conditioning()
-        batch = x_t.shape[0]
-        t = torch.as_tensor(timesteps, device=x_t.device)
-        t = t.expand(batch) if t.ndim == 0 else t
-        if t.shape != (batch,):
-            raise ValueError(f"timesteps must be a scalar or shaped ({batch},); got {tuple(t.shape)}")
+        t = broadcast_timesteps(timesteps, x_t.shape[0], x_t.device)  # (B,)
 
         if x_t.ndim == 5:
             frames = x_t.shape[2]

@@ -55,16 +55,6 @@ class EMA:
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
         return self
 
-    @torch.no_grad()
-    def copy_to(self, module: nn.Module, prefix_map: Optional[dict[str, str]] = None) -> None:
-        """Write the averaged weights into ``module`` (matching by parameter name)."""
-        params = dict(module.named_parameters())
-        missing = [k for k in self.shadow if k not in params]
-        if missing:
-            raise KeyError(f"EMA weights with no matching parameter in the module: {missing[:5]}")
-        for name, value in self.shadow.items():
-            params[name].copy_(value.to(dtype=params[name].dtype, device=params[name].device))
-
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors only (saved as safetensors): the shadow weights plus the update count."""
         out = {f"shadow.{k}": v.contiguous() for k, v in self.shadow.items()}
@@ -78,7 +68,7 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
     def _shadow_entries(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        shadow = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
+        shadow = ema_weights(state)
         if set(shadow) != set(self.shadow):
             extra, missing = set(shadow) - set(self.shadow), set(self.shadow) - set(shadow)
             raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:5]}, "
@@ -126,4 +116,10 @@ class EMA:
         state = self.full_state_dict(parameters, dst=dst)
         if state is None:
             return None
-        return {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
+        return ema_weights(state)
+
+
+def ema_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The averaged weights ``{parameter name: tensor}`` of an EMA state dict (an ``ema.safetensors`` checkpoint
+    file, or :meth:`EMA.state_dict` / :meth:`EMA.full_state_dict`): its ``shadow.*`` entries, prefix removed."""
+    return {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}

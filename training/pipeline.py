@@ -17,6 +17,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -33,7 +34,15 @@ from training.config import from_dict, save_config, to_yaml
 from training.run_config import RunConfig
 from training.sharding import wait_for_main_process
 from training.stages.autoencoder import AutoencoderStage
-from training.stages.cache import cache_data_config, cache_dir, cache_shards
+from training.stages.cache import (
+    cache_data_config,
+    cache_dir,
+    cache_shards,
+    data_signature,
+    file_identity,
+    in_run_dir,
+    reuse_or_build,
+)
 from training.stages.diffusion import DiffusionStage
 from training.trainer import Trainer
 from training.weights import load_weights
@@ -138,44 +147,58 @@ def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL
     return load_autoencoder(path)
 
 
+def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """What identifies the frozen encoders a cache is made with (see :func:`training.stages.cache.reuse_or_build`):
+    the autoencoder file (path, size, time: a retrained one differs) and the text encoder's config and seed."""
+    ae = None
+    if cfg.diffusion.latents != "pixels":
+        weights = cfg.diffusion.autoencoder_weights
+        path = exported_autoencoder_path(run_dir) if weights == "auto" else Path(weights)
+        ae = file_identity(path) if path.exists() else str(path)
+    return {"autoencoder": ae, "text_encoder": dataclasses.asdict(cfg.diffusion.text_encoder), "seed": cfg.run.seed}
+
+
 def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
     out = cache_dir(run_dir, cfg.cache)
     distributed_position()  # the process group exists before the wait below
 
     def encode() -> None:
         device = pick_device(cfg.device)
-        ae = resolve_autoencoder(cfg, run_dir)
-        if ae is None:
-            raise ValueError("pipeline has 'cache' but diffusion.latents=pixels: there is nothing to encode")
-        te = build_text_encoder(cfg.diffusion.text_encoder, run_dir, cfg.run.seed).to(device)
-        ae.to(device)
-        cache_shards(cfg.data, "train", out, ae, te, cfg.cache, device)
-        if cfg.val_data.source_list():
-            cache_shards(cfg.val_data, "val", out, ae, te, cfg.cache, device)
+        encoders: list = []  # loaded on first need: nothing is loaded when every cache is reused
+
+        def build(data: DataConfig, prefix: str) -> None:
+            if not encoders:
+                ae = resolve_autoencoder(cfg, run_dir)
+                if ae is None:
+                    raise ValueError("pipeline has 'cache' but diffusion.latents=pixels: there is nothing to encode")
+                encoders.extend([ae.to(device), build_text_encoder(cfg.diffusion.text_encoder, run_dir,
+                                                                    cfg.run.seed).to(device)])
+            cache_shards(data, prefix, out, encoders[0], encoders[1], cfg.cache, device)
+
+        for prefix, data in (("train", cfg.data), ("val", cfg.val_data)):
+            if prefix == "train" or data.source_list():
+                signature = {"data": data_signature(data), "cache": dataclasses.asdict(cfg.cache),
+                             **encoder_signature(cfg, run_dir)}
+                reuse_or_build(out, prefix, signature, functools.partial(build, data, prefix))
 
     # rank 0 encodes; the others wait however long that takes (a plain barrier would hit the collective timeout)
     wait_for_main_process(encode)
     return out
 
 
-def _barrier() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
-
-
 def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[DiffusionStage, Any]:
     """The diffusion stage as configured (frozen parts loaded) and its training data config."""
     st = cfg.diffusion
-    te = build_text_encoder(st.text_encoder, run_dir, cfg.run.seed)
-    ae = resolve_autoencoder(cfg, run_dir)
-    res = cfg.data.resolution
-    if ae is None:
-        latent_shape = (st.model_config.in_channels, res, res)
-    else:
-        f = ae.config.downsample_factor
-        latent_shape = (ae.config.latent_channels, res // f, res // f)
-    if st.latents == "cache":
+    te, ae, latent_shape = frozen_parts(cfg, run_dir, cfg.data.resolution)
+    train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
+    torch.manual_seed(cfg.run.seed)
+    stage = DiffusionStage(st, te, ae, latent_shape, val_batches)
+    return stage, _with_batch(train_data, st.batch_size)
+
+
+def training_data(cfg: RunConfig, run_dir: Path, with_validation_data: bool) -> tuple[DataConfig, list]:
+    """The image (or cached-latent) training data of the diffusion and lora stages, and the validation batches."""
+    if cfg.diffusion.latents == "cache":
         train_data = cache_data_config(cache_dir(run_dir, cfg.cache), "train", cfg.data)
         val_data = cache_data_config(cache_dir(run_dir, cfg.cache), "val", cfg.val_data)
         has_val = (cache_dir(run_dir, cfg.cache) / "val.shardindex.json").exists()
@@ -183,18 +206,8 @@ def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = 
         train_data, val_data, has_val = cfg.data, cfg.val_data, bool(cfg.val_data.source_list())
     val_batches = []
     if with_validation_data and has_val:
-        val_batches = first_batches(val_data, st.validation_loss_batches * 64, 64)
-    torch.manual_seed(cfg.run.seed)
-    stage = DiffusionStage(st, te, ae, latent_shape, val_batches)
-    return stage, _with_batch(train_data, st.batch_size)
-
-
-def run_diffusion(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
-    rank, world = distributed_position()
-    stage, data = diffusion_stage(cfg, run_dir)
-    loader = build_loader(data, rank=rank, world_size=world)
-    return Trainer(cfg.diffusion.train, stage, loader, run_dir / "diffusion", seed=cfg.run.seed,
-                   config_yaml=config_yaml).fit()
+        val_batches = first_batches(val_data, cfg.diffusion.validation_loss_batches * 64, 64)
+    return train_data, val_batches
 
 
 def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
@@ -213,9 +226,9 @@ def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
     return cfg.diffusion.weights
 
 
-def finetune_parts(cfg: RunConfig, run_dir: Path, res: int
-                   ) -> tuple[TextEncoder, Optional[AutoencoderKL], tuple[int, ...]]:
-    """The frozen text encoder and autoencoder a fine-tuning stage uses, and the latent shape of a ``res``² image."""
+def frozen_parts(cfg: RunConfig, run_dir: Path, res: int
+                 ) -> tuple[TextEncoder, Optional[AutoencoderKL], tuple[int, ...]]:
+    """The frozen text encoder and autoencoder of the denoising stages, and the latent shape of a ``res``² image."""
     st = cfg.diffusion
     te = build_text_encoder(st.text_encoder, run_dir, cfg.run.seed)
     ae = resolve_autoencoder(cfg, run_dir)
@@ -231,31 +244,12 @@ def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True)
 
     st = cfg.diffusion
     weights = finetune_base_weights(cfg, run_dir)
-    te, ae, latent_shape = finetune_parts(cfg, run_dir, cfg.data.resolution)
-    if st.latents == "cache":
-        train_data = cache_data_config(cache_dir(run_dir, cfg.cache), "train", cfg.data)
-        val_data = cache_data_config(cache_dir(run_dir, cfg.cache), "val", cfg.val_data)
-        has_val = (cache_dir(run_dir, cfg.cache) / "val.shardindex.json").exists()
-    else:
-        train_data, val_data, has_val = cfg.data, cfg.val_data, bool(cfg.val_data.source_list())
-    val_batches = first_batches(val_data, st.validation_loss_batches * 64, 64) if with_validation_data and has_val \
-        else []
+    te, ae, latent_shape = frozen_parts(cfg, run_dir, cfg.data.resolution)
+    train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(st, weights, cfg.lora.cond_dropout, cfg.lora.validation_prompts)
     stage = LoraStage(dcfg, cfg.lora, te, ae, latent_shape, val_batches)
     return stage, _with_batch(train_data, cfg.lora.batch_size)
-
-
-def run_lora(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
-    rank, world = distributed_position()
-    stage, data = lora_stage(cfg, run_dir)
-    loader = build_loader(data, rank=rank, world_size=world)
-    return Trainer(cfg.lora.train, stage, loader, run_dir / "lora", seed=cfg.run.seed, config_yaml=config_yaml).fit()
-
-
-def dpo_cache_dir(run_dir: Path, cfg: RunConfig) -> Path:
-    p = Path(cfg.dpo.cache)
-    return p if p.is_absolute() else run_dir / p
 
 
 def cache_dpo_pairs(cfg: RunConfig, run_dir: Path, te: TextEncoder, ae: Optional[AutoencoderKL]) -> Path:
@@ -264,30 +258,29 @@ def cache_dpo_pairs(cfg: RunConfig, run_dir: Path, te: TextEncoder, ae: Optional
     from training.stages.dpo import cache_preference_pairs
 
     st = cfg.dpo
-    out = dpo_cache_dir(run_dir, cfg)
-    if distributed_position()[0] == 0:
+    out = in_run_dir(run_dir, st.cache)
+    distributed_position()  # the process group exists before the wait below
+
+    def encode() -> None:
         device = pick_device(cfg.device)
         te.to(device)
         if ae is not None:
             ae.to(device)
-        for prefix, data in (("train", st.data), ("val", st.val_data)):
-            if not data.source_list():
-                continue
-            signature = {"sources": [dataclasses.asdict(s) for s in data.source_list()], "ties": st.ties,
-                         "resolution": data.resolution, "dtype": st.cache_dtype,
-                         "autoencoder": cfg.diffusion.autoencoder_weights,
-                         "text_encoder": dataclasses.asdict(cfg.diffusion.text_encoder)}
-            stamp = out / f"{prefix}.cache.json"
-            index = out / f"{prefix}.shardindex.json"
-            if index.exists() and stamp.exists() and json.loads(stamp.read_text()) == signature:
-                log.info("dpo: reusing the cached %s pairs in %s", prefix, out)
-                continue
+
+        def build(data: DataConfig, prefix: str) -> None:
             n, skips = cache_preference_pairs(data, prefix, out, ae, te, st.ties, device, st.cache_dtype)
             if n == 0:
                 raise ValueError(f"dpo.{'data' if prefix == 'train' else 'val_data'}: no usable preference pair "
                                  f"in {data.urls or data.sources} (skipped: {skips.format()})")
-            stamp.write_text(json.dumps(signature, indent=1))
-    _barrier()
+
+        for prefix, data in (("train", st.data), ("val", st.val_data)):
+            if data.source_list():
+                signature = {"data": data_signature(data), "ties": st.ties, "dtype": st.cache_dtype,
+                             **encoder_signature(cfg, run_dir)}
+                reuse_or_build(out, prefix, signature, functools.partial(build, data, prefix))
+
+    # rank 0 encodes; the others wait however long that takes (a plain barrier would hit the collective timeout)
+    wait_for_main_process(encode)
     return out
 
 
@@ -298,7 +291,7 @@ def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) 
 
     st = cfg.dpo
     weights = finetune_base_weights(cfg, run_dir)
-    te, ae, latent_shape = finetune_parts(cfg, run_dir, st.data.resolution)
+    te, ae, latent_shape = frozen_parts(cfg, run_dir, st.data.resolution)
     out = cache_dpo_pairs(cfg, run_dir, te, ae)
     val_pairs = []
     if with_validation_data and st.validation_pairs and (out / "val.shardindex.json").exists():
@@ -309,20 +302,28 @@ def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) 
     return stage, _with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)
 
 
-def run_dpo(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
-    rank, world = distributed_position()
-    stage, data = dpo_stage(cfg, run_dir)
-    loader = build_loader(data, rank=rank, world_size=world)
-    return Trainer(cfg.dpo.train, stage, loader, run_dir / "dpo", seed=cfg.run.seed, config_yaml=config_yaml).fit()
-
-
 # How each stage named in ``pipeline`` runs: ``runner(cfg, run_dir, config_yaml) -> what it produced``.
+def trained_stage_runner(name: str, build: Callable[[RunConfig, Path], tuple[Any, DataConfig]]
+                         ) -> Callable[[RunConfig, Path, str], Any]:
+    """The runner of a denoiser-training stage: ``build`` it, stream its data on this rank, fit it under
+    ``cfg.<name>.train`` into ``<run>/<name>``."""
+
+    def run(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
+        rank, world = distributed_position()
+        stage, data = build(cfg, run_dir)
+        loader = build_loader(data, rank=rank, world_size=world)
+        return Trainer(getattr(cfg, name).train, stage, loader, run_dir / name, seed=cfg.run.seed,
+                       config_yaml=config_yaml).fit()
+
+    return run
+
+
 STAGE_RUNNERS: dict[str, Callable[[RunConfig, Path, str], Any]] = {
     "autoencoder": run_autoencoder,
     "cache": run_cache,
-    "diffusion": run_diffusion,
-    "lora": run_lora,
-    "dpo": run_dpo,
+    "diffusion": trained_stage_runner("diffusion", diffusion_stage),
+    "lora": trained_stage_runner("lora", lora_stage),
+    "dpo": trained_stage_runner("dpo", dpo_stage),
 }
 
 
@@ -331,8 +332,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     run_dir = cfg.run.directory
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
-    if distributed_position()[0] == 0:  # what `loom sample` and a resumed run read back
-        save_config(cfg, run_dir / "config.yaml")
+    if distributed_position()[0] == 0:  # what `loom sample` and a resumed run read back; one writer of it
+        log.info("resolved config written to %s", save_config(cfg, run_dir / "config.yaml"))
     produced: dict[str, Any] = {}
     for name in cfg.pipeline:
         log.info("=== stage %s ===", name)

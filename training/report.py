@@ -31,7 +31,9 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
         return
     with torch.no_grad():
         x = torch.cat([b.pixels for b in first_batches(cfg.val_data, 10_000, 64)])  # every validation image
-        recon = torch.cat([ae.decode(ae.encode(chunk).mode()) for chunk in x.split(64)]).clamp(-1, 1)
+        device = next(ae.parameters()).device
+        recon = torch.cat([ae.decode(ae.encode(chunk.to(device)).mode()).cpu() for chunk in x.split(64)])
+        recon = recon.clamp(-1, 1)
     value = psnr(recon, x)
     out["autoencoder_psnr_db"] = value
     grid = save_grid(torch.cat([x[:16], recon[:16]]), run_dir / "report" / "reconstructions.png", nrow=16, scale=3)
@@ -44,14 +46,13 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
 
 def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     from data_pipeline.demo import caption_for_digit
-    from training.pipeline import diffusion_stage
+    from training.pipeline import diffusion_stage, pick_device
 
     start = time.perf_counter()
     stage, _ = diffusion_stage(cfg, run_dir, with_validation_data=False)
     export = run_dir / "diffusion" / "export" / "model.safetensors"
     load_weights(stage.model, export, kind=cfg.diffusion.denoiser)
-    device = torch.device("cpu") if cfg.device is None and not torch.cuda.is_available() else torch.device(
-        cfg.device or "cuda")
+    device = pick_device(cfg.device)
     model = stage.model.to(device).eval()
     stage.text_encoder.to(device)
     if stage.autoencoder is not None:

@@ -504,8 +504,8 @@ class Trainer:
             pbar.close()
         result.step = step
         if result.stopped_by_signal is None:
-            self._validate(model, ema, step, result)
             final = self.eval_model(model, ema)  # collective; the consolidated weights on the main process
+            self._validate_copy(final, step, result)  # the last validation and the export share one copy
             if final is not None:
                 result.export_path = stage.export(final, self.run_dir / "export")
                 if result.export_path is not None and self.config_yaml is not None:
@@ -517,15 +517,19 @@ class Trainer:
         return result
 
     def _validate(self, model: nn.Module, ema: Optional[EMA], step: int, result: TrainResult) -> None:
-        acc = self.accelerator
         eval_model = self.eval_model(model, ema)  # collective: ZeRO-3 / FSDP gather here, on every rank
+        self._validate_copy(eval_model, step, result)
+        del eval_model
+        model.train()
+
+    def _validate_copy(self, eval_model: Optional[nn.Module], step: int, result: TrainResult) -> None:
+        """The stage's validation on an evaluation copy (None on the ranks that hold none), then a barrier."""
+        acc = self.accelerator
         if eval_model is not None:
             with torch.no_grad():
                 metrics = self.stage.validate(eval_model, step, self.run_dir / "validation")
-            del eval_model
             if metrics:
                 acc.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
                 result.metrics.update({f"val/{k}": v for k, v in metrics.items()})
                 log.info("step %d validation: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         acc.wait_for_everyone()
-        model.train()

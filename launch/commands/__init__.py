@@ -23,7 +23,6 @@ class Command:
     plan: Callable[[Any], str]  # what would be done, for --dry-run
     positional: Optional[str] = None  # a config field the first bare argument sets (e.g. `loom shards demo`)
     default_presets: tuple[str, ...] = ()  # presets applied before the user's --config files
-    run_dir: Optional[Callable[[Any], Any]] = None  # where the resolved config is written (None: not written)
     resume_keys: tuple[str, ...] = ()  # config keys that `--resume X` sets (each trained stage's train.resume)
     list_flags: tuple[tuple[str, str, str], ...] = ()  # (flag, list config key, help): `--flag A --flag B` → key=[A, B]
 

@@ -109,5 +109,4 @@ COMMAND = Command(
     config_cls=RunConfig,
     run=run,
     plan=plan,
-    run_dir=lambda cfg: cfg.run.directory,
 )

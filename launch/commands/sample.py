@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from launch.commands import Command
 from training.sampling import SamplingConfig
@@ -91,7 +91,10 @@ def _adapter_specs(cfg: SampleCommandConfig) -> list:
 
 
 def plan(cfg: SampleCommandConfig) -> str:
-    path, _ = _weights_path(cfg)
+    try:
+        path: Any = _weights_path(cfg)[0]
+    except FileNotFoundError as e:
+        path = f"none ({e})"
     s = cfg.sampling
     adapters = "".join(f"\nLoRA adapter: {a.path} x {a.scale:g}" for a in _adapter_specs(cfg))
     if adapters:
@@ -105,20 +108,22 @@ def run(cfg: SampleCommandConfig) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from training.ema import ema_weights
     from training.evaluation import save_grid
     from training.pipeline import diffusion_stage
+    from training.weights import load_weights
 
     run_cfg = _run_config(cfg)
     run_cfg = dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion, sampling=cfg.sampling))
-    stage, _ = diffusion_stage(run_cfg, Path(cfg.run_dir), with_validation_data=False)
     path, is_ema = _weights_path(cfg)
     if not path.exists():
         print(f"loom sample: weights file {path} does not exist", file=sys.stderr)
         return 1
-    state = load_file(str(path))
-    if is_ema:
-        state = {k[len("shadow."):]: v for k, v in state.items() if k.startswith("shadow.")}
-    stage.model.load_state_dict(state, strict=True)
+    stage, _ = diffusion_stage(run_cfg, Path(cfg.run_dir), with_validation_data=False)
+    if is_ema:  # a checkpoint's EMA file
+        stage.model.load_state_dict(ema_weights(load_file(str(path))), strict=True)
+    else:  # our export, or a diffusers / original-LDM file
+        load_weights(stage.model, path, kind=run_cfg.diffusion.denoiser)
     if cfg.lora:
         from training.finetune import attach_adapters, load_adapter, merge_adapters
 

@@ -68,6 +68,6 @@ def run(cfg: RunConfig) -> int:
 
 
 COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion, lora, dpo), report",
-                  config_cls=RunConfig, run=run, plan=plan, run_dir=lambda cfg: cfg.run.directory,
+                  config_cls=RunConfig, run=run, plan=plan,
                   resume_keys=("autoencoder.train.resume", "diffusion.train.resume", "lora.train.resume",
                                "dpo.train.resume"))

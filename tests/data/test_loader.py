@@ -190,6 +190,27 @@ def test_latents_and_extras_from_npy_and_safetensors(tmp_path):
     assert b.pixels is None and b.latents.shape == (4, 4, 2, 2)
 
 
+def test_cached_latents_keep_the_geometry_the_cache_recorded(tmp_path):
+    """Latent shards written by the cache stage carry the source image's size and crop in their json: batches of
+    them give those (SDXL micro-conditioning), not the latent's own shape; without it, the latent shape."""
+    import json
+
+    def extra(i):
+        meta = {"original_size": [480 + i, 640], "crop_top_left": [0, 80 + i], "target_size": [32, 32]}
+        return {"latent.npy": npy_bytes(np.zeros((8, 4, 4), np.float32)), "json": json.dumps(meta).encode()}
+
+    make_shards(tmp_path / "meta", n_shards=1, per_shard=4, extra=extra)
+    (b,) = list(build_loader(cfg_for(str(tmp_path / "meta"), image_keys=[])))
+    idx = [int(k[-5:]) for k in b.keys]
+    assert b.original_size.tolist() == [[480 + i, 640] for i in idx]
+    assert b.crop_top_left.tolist() == [[0, 80 + i] for i in idx]
+    assert b.target_size.tolist() == [[32, 32]] * 4
+    make_shards(tmp_path / "plain", n_shards=1, per_shard=4,
+                extra=lambda i: {"latent.npy": npy_bytes(np.zeros((8, 4, 4), np.float32))})
+    (b,) = list(build_loader(cfg_for(str(tmp_path / "plain"), image_keys=[])))
+    assert b.original_size.tolist() == [[4, 4]] * 4 and b.crop_top_left.tolist() == [[0, 0]] * 4
+
+
 # -------------------------------------------------------------------------------------------------- mixing
 
 

@@ -46,14 +46,18 @@ def base_env(extra: Optional[dict[str, str]] = None, device: Optional[str] = Non
 class Ranks:
     """``python script *args`` started as ``world`` ranks (see the module docstring); :meth:`wait` collects them."""
 
-    def __init__(self, script: str | Path, args: Sequence[str], world: int, env: dict[str, str], log_dir: Path):
+    def __init__(self, script: str | Path, args: Sequence[str], world: int, env: dict[str, str], log_dir: Path,
+                 launched: bool = True):
+        """``launched=False``: one process with no launcher variables at all (not even a world of one)."""
         self.script = script
         port = str(free_port())
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs, self.logs = [], []
         for rank in range(world):
-            rank_env = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                            LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            rank_env = dict(env)
+            if launched:
+                rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             log = open(log_dir / f"rank{rank}.log", "w+")
             self.logs.append(log)
             self.procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=rank_env,

@@ -31,15 +31,16 @@ B = 4
 
 def _run_all(cmds: list[list[str]], logs: list[Path]) -> None:
     """Run the commands side by side (their start-up dominates); each must succeed."""
-    procs = [subprocess.Popen(c, env=launch_env(), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-             for c, log in zip(cmds, logs)]
+    files = [open(log, "w") for log in logs]
+    procs = [subprocess.Popen(c, env=launch_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+             for c, f in zip(cmds, files)]
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
-        for p in procs:
+        for p, f in zip(procs, files):
             if p.poll() is None:
                 p.kill()
-            p.stdout and p.stdout.close()
+            f.close()
     for code, log in zip(codes, logs):
         assert code == 0, log.read_text()[-4000:]
 

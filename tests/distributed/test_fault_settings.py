@@ -86,7 +86,6 @@ def test_cli_reports_and_reraises(monkeypatch, caplog):
     commands = cli.load_commands()
     monkeypatch.setattr(commands["shards"], "run", explode)
     monkeypatch.setattr(cli, "load_commands", lambda: commands)
-    monkeypatch.setattr(commands["shards"], "run_dir", None)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
     with caplog.at_level(logging.ERROR, logger="loom"), pytest.raises(Boom):

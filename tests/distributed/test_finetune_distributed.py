@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,22 +27,10 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(__file__))
 
 import finetune_worker as worker  # noqa: E402
-from sharding_launch import REPO, Ranks, base_env, sharding_device  # noqa: E402
+from sharding_launch import Ranks, base_env, sharding_device  # noqa: E402
 from sharding_worker import deepspeed_json  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-
-
-class Plain(Ranks):
-    """One process started without any launcher variables (the reference run)."""
-
-    def __init__(self, script: Path, args: list, env: dict[str, str], log_dir: Path):
-        self.script = script
-        log_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in env.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-        self.logs = [open(log_dir / "rank0.log", "w+")]
-        self.procs = [subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, cwd=REPO,
-                                       stdout=self.logs[0], stderr=subprocess.STDOUT)]
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +46,9 @@ def runs(tmp_path_factory) -> dict:
     started = {}
     for name, (world, env, scenarios, precision) in plan.items():
         args = [root / name, scenarios, precision]
-        if name == "single":  # no launcher at all: no RANK/WORLD_SIZE in the environment
-            started[name] = Plain(Path(worker.__file__), args, base_env(env), root / name / "logs")
-        else:
-            started[name] = Ranks(Path(worker.__file__), args, world, base_env(env), root / name / "logs")
+        # "single": no launcher at all, no RANK/WORLD_SIZE in the environment
+        started[name] = Ranks(Path(worker.__file__), args, world, base_env(env), root / name / "logs",
+                              launched=name != "single")
     out: dict = {"root": root}
     for name, ranks in started.items():
         ranks.wait(timeout=300)

@@ -28,7 +28,7 @@ from sharding_launch import Ranks, base_env, sharding_device  # noqa: E402
 from sharding_worker import deepspeed_json  # noqa: E402
 
 from training.checkpoint import check_resumable, latest_checkpoint  # noqa: E402
-from training.ema import EMA  # noqa: E402
+from training.ema import EMA, ema_weights  # noqa: E402
 from training.sharding import fill_deepspeed_config, materialize, meta_skeleton  # noqa: E402
 from training.trainer import lr_lambda  # noqa: E402
 
@@ -71,7 +71,7 @@ def _final(run_dir: Path) -> tuple[dict, dict]:
     """(exported weights, the last checkpoint's EMA shadows) of a finished run."""
     export = load_file(str(run_dir / "export" / "model.safetensors"))
     ema = load_file(str(latest_checkpoint(run_dir) / "ema.safetensors"))
-    return export, {k[len("shadow."):]: v for k, v in ema.items() if k.startswith("shadow.")}
+    return export, ema_weights(ema)
 
 
 @pytest.mark.distributed

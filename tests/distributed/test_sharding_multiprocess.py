@@ -21,6 +21,7 @@ from sharding_launch import base_env, run_ranks, sharding_device  # noqa: E402
 from sharding_worker import deepspeed_json  # noqa: E402
 
 from training.checkpoint import latest_checkpoint  # noqa: E402
+from training.ema import ema_weights  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,8 +79,7 @@ def test_zero3_on_two_ranks_partitions_resumes_and_consolidates(tmp_path):
         assert (ckpt / "loader_rank0.json").exists() and (ckpt / "loader_rank1.json").exists()
         optim = sorted(p.name for p in (ckpt / "pytorch_model").glob("*optim_states.pt"))
         assert len(optim) == 2, optim  # one optimizer partition per rank
-        ema = {k[len("shadow."):]: v for k, v in load_file(str(ckpt / "ema.safetensors")).items()
-               if k.startswith("shadow.")}
+        ema = ema_weights(load_file(str(ckpt / "ema.safetensors")))
         export = load_file(str(out / run / "export" / "model.safetensors"))
         for name, (shape, _, _) in reports[0]["full"]["layout"].items():
             assert tuple(ema[name].shape) == tuple(shape) and torch.equal(export[name], ema[name]), name

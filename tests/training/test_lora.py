@@ -396,3 +396,25 @@ def test_loom_sample_with_adapters(text_encoder, base_weights, tmp_path):
     assert np.array_equal(images["flags"], images["halves"])
     assert np.abs(images["one"] - images["base"]).max() > 10
     assert cli.main([*common, "lora=[nowhere.safetensors]"]) == 1
+
+
+def test_micro_conditioning_uses_the_unets_own_fourier_width(text_encoder):
+    """SDXL-style size/crop conditioning on a U-Net whose ``addition_time_embed_dim`` is not SDXL's 256: the stage
+    builds the vector at the U-Net's width (it used a fixed 256 and the U-Net refused the vector)."""
+    from models.unet import UNetConfig as _UNetConfig
+    from training.stages.diffusion import DiffusionStage, micro_fourier_dim
+
+    unet = _UNetConfig(in_channels=3, out_channels=3, block_out_channels=[16, 16], layers_per_block=1,
+                       attention_levels=[False, True], transformer_depth=[1, 1], num_heads=[2, 2],
+                       cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time",
+                       addition_time_embed_dim=4, addition_embed_input_dim=32 + 6 * 4)
+    cfg = DiffusionStageConfig(denoiser="unet", unet=unet, text_encoder=TE, latents="pixels", micro_conditioning=True,
+                               validation_prompts=[], process=DiffusionConfig(schedule="cosine"))
+    assert micro_fourier_dim(unet) == 4 and micro_fourier_dim(dit_config()) == 256
+    torch.manual_seed(0)
+    stage = DiffusionStage(cfg, text_encoder, None, (3, 8, 8))
+    stage.setup(torch.device("cpu"), torch.float32)
+    loss, _ = stage.loss(stage.model, BatchLoader(n_batches=1).batches[0])
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert stage.model.add_embed.linear_1.weight.grad.abs().sum() > 0  # the vector reached the model

@@ -107,9 +107,10 @@ class AutoencoderStage(Stage):
             return {}
         device = next(model.parameters()).device
         x = self.val_pixels[: self.cfg.validation_images].to(device)
-        recon = model.decode(model.encode(x).mode()).clamp(-1, 1)
+        mode = model.encode(x).mode()
+        recon = model.decode(mode).clamp(-1, 1)
         save_grid(torch.cat([x, recon]), out_dir / f"reconstruction_{step:08d}.png", nrow=len(x), scale=2)
-        z = model.scale_latents(model.encode(x).mode())
+        z = model.scale_latents(mode)
         return {"psnr": psnr(recon, x), "latent_std": float(z.std())}
 
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader
@@ -49,18 +50,57 @@ class CacheConfig:
             raise ValueError(f"max_samples_per_shard: {self.max_samples_per_shard} must be >= 1")
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of a ``.npy`` member."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-def cache_data_config(cache_dir: Path, prefix: str, base: DataConfig) -> DataConfig:
-    """The data config that streams cached shards ``prefix`` (latents + text, no images)."""
+def posterior_moments(autoencoder: nn.Module, pixels: Tensor) -> np.ndarray:
+    """The autoencoder's posterior of ``pixels`` as stored in a cache: mean ‖ log-variance, ``(B, 2C, h, w)``."""
+    posterior = autoencoder.encode(pixels.to(next(autoencoder.parameters()).dtype))
+    return torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()
+
+
+def cache_data_config(cache_dir: Path, prefix: str, base: DataConfig,
+                      extra_keys: Sequence[str] = CACHE_EXTRA_KEYS) -> DataConfig:
+    """The data config that streams cached shards ``prefix`` (latents + ``extra_keys`` arrays, no images)."""
     return dataclasses.replace(
         base, urls=str(cache_dir / f"{prefix}-*.tar"), sources=[], image_keys=[], latent_key="latent.npy",
-        extra_keys=list(CACHE_EXTRA_KEYS), buckets=dataclasses.replace(base.buckets, enabled=False),
+        extra_keys=list(extra_keys), buckets=dataclasses.replace(base.buckets, enabled=False),
     )
+
+
+# what of a DataConfig decides which samples a cache holds and how their pixels look (loader settings do not)
+_DATA_SIGNATURE_KEYS = ("urls", "sources", "caption_keys", "image_keys", "require_caption", "latent_key",
+                        "extra_keys", "resolution", "jpeg_draft", "buckets")
+
+
+def data_signature(data: DataConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(data).items() if k in _DATA_SIGNATURE_KEYS}
+
+
+def file_identity(path: Path) -> list:
+    """Path, size and modification time: a file rewritten in place (a retrained autoencoder) differs."""
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def reuse_or_build(out_dir: Path, prefix: str, signature: dict[str, Any], build: Callable[[], Any]) -> bool:
+    """Build the cached shards ``out_dir/<prefix>-*`` with ``build()`` unless a complete set made from the same
+    ``signature`` (what went into it: data, encoders, settings) is already there; True when it built. Re-running or
+    resuming a pipeline then does not encode its data set again. The signature is stored beside the shards once they
+    are complete, and removed before a rebuild starts, so an interrupted build is never reused."""
+    stamp, index = out_dir / f"{prefix}.cache.json", out_dir / f"{prefix}.shardindex.json"
+    signature = json.loads(json.dumps(signature, default=str))  # as it reads back from the stamp
+    if index.exists() and stamp.exists() and json.loads(stamp.read_text()) == signature:
+        log.info("reusing the cached %r shards in %s (same data, encoders and settings)", prefix, out_dir)
+        return False
+    stamp.unlink(missing_ok=True)
+    build()
+    stamp.write_text(json.dumps(signature, indent=1))
+    return True
 
 
 @torch.no_grad()
@@ -81,7 +121,6 @@ def cache_shards(
     )
     loader = build_loader(one_pass, rank=0, world_size=1)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
-    ae_dtype = next(autoencoder.parameters()).dtype
     written = 0
     bar = None
     if progress:
@@ -90,22 +129,20 @@ def cache_shards(
         bar = tqdm(desc=f"cache {prefix}", unit="img", dynamic_ncols=True)
     with ShardWriter(out_dir, prefix, cfg.max_samples_per_shard, overwrite=True) as writer:
         for batch in loader:
-            pixels = batch.pixels.to(device, ae_dtype)  # (B, C, H, W)
-            posterior = autoencoder.encode(pixels)
-            moments = torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()  # (B, 2C, h, w)
+            moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w)
             cond = text_encoder.encode(list(batch.captions))
             context = cond.context.float().cpu().numpy()  # (B, L, D)
             mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
             pooled = cond.pooled.float().cpu().numpy() if cond.pooled is not None else None  # (B, P)
             for i in range(len(batch)):
                 members = {
-                    "latent.npy": _npy(moments[i].astype(np_dtype)),
-                    "context.npy": _npy(context[i].astype(np_dtype)),
-                    "context_mask.npy": _npy(mask[i]),
+                    "latent.npy": npy(moments[i].astype(np_dtype)),
+                    "context.npy": npy(context[i].astype(np_dtype)),
+                    "context_mask.npy": npy(mask[i]),
                     "txt": batch.captions[i].encode("utf-8"),
                 }
                 if pooled is not None:
-                    members["pooled.npy"] = _npy(pooled[i].astype(np_dtype))
+                    members["pooled.npy"] = npy(pooled[i].astype(np_dtype))
                 meta = dict(batch.metadata[i])
                 meta.update(source_key=batch.keys[i], original_size=batch.original_size[i].tolist(),
                             crop_top_left=batch.crop_top_left[i].tolist(), target_size=batch.target_size[i].tolist())
@@ -120,17 +157,15 @@ def cache_shards(
     return written
 
 
-def _resolve(run_dir: Path, path: str) -> Path:
+def in_run_dir(run_dir: Path, path: str) -> Path:
+    """``path``, relative paths taken inside the run directory."""
     p = Path(path)
     return p if p.is_absolute() else run_dir / p
 
 
 def cache_dir(run_dir: Path, cfg: CacheConfig) -> Path:
-    return _resolve(run_dir, cfg.output)
+    return in_run_dir(run_dir, cfg.output)
 
 
-def cached_prefix_exists(directory: Path, prefix: str) -> bool:
-    return any(directory.glob(f"{prefix}-*.tar")) and (directory / f"{prefix}.shardindex.json").exists()
-
-
-__all__ = ["CacheConfig", "cache_shards", "cache_data_config", "cache_dir", "cached_prefix_exists", "CACHE_EXTRA_KEYS"]
+__all__ = ["CacheConfig", "cache_shards", "cache_data_config", "cache_dir", "data_signature", "file_identity",
+           "in_run_dir", "npy", "posterior_moments", "reuse_or_build", "CACHE_EXTRA_KEYS"]

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from models.autoencoder import DiagonalGaussian
 from models.conditioning import Conditioning
 from models.dit import DiT, DiTConfig
 from models.embeddings import fourier_features
@@ -75,10 +76,20 @@ def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
     return model
 
 
-def micro_vector(batch: Any) -> Tensor:
-    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size."""
+def micro_vector(batch: Any, dim: int = MICRO_FOURIER_DIM) -> Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size, each as
+    ``dim`` Fourier features."""
     values = torch.cat([batch.original_size, batch.crop_top_left, batch.target_size], dim=1).float()  # (B, 6)
-    return fourier_features(values, MICRO_FOURIER_DIM)  # (B, 6*256)
+    return fourier_features(values, dim)  # (B, 6*dim)
+
+
+def micro_fourier_dim(model_config: Any) -> int:
+    """The denoiser's Fourier width per micro-conditioning number: the U-Net's ``addition_time_embed_dim``, a
+    sixth of the DiT's ``vector_dim``; SDXL's 256 where the config does not say."""
+    width = getattr(model_config, "addition_time_embed_dim", None)
+    if width is None and getattr(model_config, "vector_dim", None):
+        width = model_config.vector_dim // 6
+    return int(width or MICRO_FOURIER_DIM)
 
 
 class DiffusionStage(Stage):
@@ -125,13 +136,14 @@ class DiffusionStage(Stage):
             if batch.latents is None:
                 raise ValueError("diffusion.latents=cache but the batch has no latents: point the stage at the "
                                  "cache stage's shards (they hold KEY.latent.npy)")
-            mean, logvar = batch.latents.float().chunk(2, dim=1)  # cached posterior moments (B, C, h, w) each
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device if generator is None else "cpu")
-            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)  # (B, C, h, w)
-            return self.autoencoder_scale(z)
+            return self.cached_latents(batch.latents, generator)
         ae = self.autoencoder
         dtype = next(ae.parameters()).dtype
         return ae.latents_from_pixels(batch.pixels.to(dtype), generator=generator).float()
+
+    def cached_latents(self, moments: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A latent drawn from cached posterior moments (mean ‖ log-variance), normalised for the denoiser."""
+        return self.autoencoder_scale(DiagonalGaussian(moments.float()).sample(generator))  # (B, C, h, w)
 
     def autoencoder_scale(self, z: Tensor) -> Tensor:
         if self.autoencoder is None:
@@ -147,7 +159,7 @@ class DiffusionStage(Stage):
         else:
             cond = self.text_encoder.encode(list(batch.captions)).to(self.device, torch.float32)
         if self.cfg.micro_conditioning:
-            cond.vector = micro_vector(batch).to(self.device)
+            cond.vector = micro_vector(batch, micro_fourier_dim(self.cfg.model_config)).to(self.device)
         return cond.trim_context() if trim else cond
 
     def null_conditioning(self, batch_size: int) -> Conditioning:

@@ -38,8 +38,6 @@ drawing fresh latent samples from the moments each time, as the diffusion stage'
 from __future__ import annotations
 
 import copy
-import dataclasses
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +59,7 @@ from training.evaluation import save_grid
 from training.finetune import LoraAdapterConfig, adapters_disabled, add_lora
 from training.sampling import trim_together
 from training.stages.autoencoder import export_module
+from training.stages.cache import cache_data_config, npy, posterior_moments
 from training.stages.diffusion import TEXT_FIELDS, DiffusionStage, DiffusionStageConfig
 from training.stages.lora import AdapterMixin
 from training.trainer import OptimConfig, TrainConfig
@@ -152,18 +151,9 @@ def dpo_statistics(terms: DpoTerms, preference: Optional[Tensor] = None) -> dict
 # ------------------------------------------------------------------------------------------ the pair cache
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def pair_cache_data_config(cache_dir: Path, prefix: str, base: DataConfig) -> DataConfig:
     """The loader config that streams cached pairs ``prefix`` (no images; latents, text, preference in json)."""
-    return dataclasses.replace(
-        base, urls=str(cache_dir / f"{prefix}-*.tar"), sources=[], image_keys=[], latent_key="latent.npy",
-        extra_keys=list(PAIR_EXTRA_KEYS), buckets=dataclasses.replace(base.buckets, enabled=False),
-    )
+    return cache_data_config(cache_dir, prefix, base, PAIR_EXTRA_KEYS)
 
 
 @torch.no_grad()
@@ -190,8 +180,7 @@ def cache_preference_pairs(
         pixels = to_float_pixels(np.stack(images)).to(device)  # (B, 3, H, W) in [-1, 1]
         if autoencoder is None:
             return pixels.cpu().numpy()
-        posterior = autoencoder.encode(pixels.to(next(autoencoder.parameters()).dtype))
-        return torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()  # (B, 2C, h, w)
+        return posterior_moments(autoencoder, pixels)  # (B, 2C, h, w)
 
     def flush(chunk: list) -> int:
         winners, losers = zip(*(p.ordered() for p in chunk))
@@ -202,11 +191,11 @@ def cache_preference_pairs(
         pooled = cond.pooled.float().cpu().numpy() if cond.pooled is not None else np.zeros((len(chunk), 0))
         for i, p in enumerate(chunk):
             members = {
-                "latent.npy": _npy(moments_w[i].astype(np_dtype)),
-                "latent_l.npy": _npy(moments_l[i].astype(np_dtype)),
-                "context.npy": _npy(context[i].astype(np_dtype)),
-                "context_mask.npy": _npy(mask[i]),
-                "pooled.npy": _npy(pooled[i].astype(np_dtype)),
+                "latent.npy": npy(moments_w[i].astype(np_dtype)),
+                "latent_l.npy": npy(moments_l[i].astype(np_dtype)),
+                "context.npy": npy(context[i].astype(np_dtype)),
+                "context_mask.npy": npy(mask[i]),
+                "pooled.npy": npy(pooled[i].astype(np_dtype)),
                 "txt": p.caption.encode("utf-8"),
             }
             writer.write_members(members, {"preference": p.strength, "label_0": p.label_0, "source_key": p.key,
@@ -254,8 +243,8 @@ class DpoStage(AdapterMixin, DiffusionStage):
         self.dpo = dpo
         self.val_pairs = val_pairs or []
         self.reference: Optional[nn.Module] = None
-        self.fingerprint_base(self.model)
-        if dpo.policy == "lora":
+        if dpo.policy == "lora":  # the adapter's export checks the base against these fingerprints
+            self.fingerprint_base(self.model)
             self.model = add_lora(self.model, dpo.adapter)
         elif dpo.objective == "dpo":
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -278,9 +267,7 @@ class DpoStage(AdapterMixin, DiffusionStage):
         """A latent drawn from cached posterior moments (or the cached pixels of a pixel-space model)."""
         if self.cfg.latents == "pixels":
             return moments.float()
-        mean, logvar = moments.float().chunk(2, dim=1)  # (B, C, h, w) each
-        noise = torch.randn(mean.shape, generator=generator, device="cpu" if generator is not None else mean.device)
-        return self.autoencoder_scale(mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device))
+        return self.cached_latents(moments, generator)
 
     def pair_latents(self, batch: Any, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
         """(winner, loser) latents ``(B, C, h, w)`` each."""
