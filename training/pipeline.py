@@ -149,7 +149,7 @@ def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL
 
 def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     """What identifies the frozen encoders a cache is made with (see :func:`training.stages.cache.reuse_or_build`):
-    the autoencoder file (path, size, time: a retrained one differs) and the text encoder's config and seed."""
+    the autoencoder file (path and content digest: a retrained one differs) and the text encoder's config and seed."""
     ae = None
     if cfg.diffusion.latents != "pixels":
         weights = cfg.diffusion.autoencoder_weights

@@ -14,6 +14,7 @@ Shards go to ``<run>/cache/<prefix>-NNNNNN.tar`` with a shard index, written by 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -82,9 +83,12 @@ def data_signature(data: DataConfig) -> dict[str, Any]:
 
 
 def file_identity(path: Path) -> list:
-    """Path, size and modification time: a file rewritten in place (a retrained autoencoder) differs."""
-    stat = path.stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
+    """Path and SHA-256 of the content: a retrained autoencoder differs, the same weights exported again do not."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return [str(path), digest.hexdigest()]
 
 
 def reuse_or_build(out_dir: Path, prefix: str, signature: dict[str, Any], build: Callable[[], Any]) -> bool:
