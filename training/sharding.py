@@ -356,17 +356,22 @@ def meta_skeleton(module: nn.Module) -> nn.Module:
 def materialize(skeleton: nn.Module, state: dict[str, Tensor], device: torch.device | str) -> nn.Module:
     """A real module on ``device`` built from ``skeleton`` and a consolidated ``state`` dict (strict).
 
-    Every parameter gets the skeleton's dtype (the dtype it had before DeepSpeed cast it), so an evaluation copy of a
-    bf16 DeepSpeed model is fp32 like under DDP. Returned in eval mode, without gradients.
+    A trained parameter gets the skeleton's dtype (the dtype it had before DeepSpeed cast it), so an evaluation copy
+    of a bf16 DeepSpeed model is fp32 like under DDP. A frozen one (a LoRA base) keeps the dtype ``state`` holds it in,
+    as the live model does: a base held in bf16 is not doubled to fp32 in every copy. Returned in eval mode, without
+    gradients.
     """
     model = copy.deepcopy(skeleton)
     made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         for name, p in list(module._parameters.items()):
             if p is None or not p.is_meta:
                 continue
             if id(p) not in made:
-                made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+                held = state.get(f"{prefix}.{name}" if prefix else name)
+                dtype = held.dtype if not p.requires_grad and held is not None and held.is_floating_point() \
+                    else p.dtype
+                made[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device), requires_grad=False)
             module._parameters[name] = made[id(p)]
     model.to(device)  # buffers
     model.load_state_dict(state, strict=True)

@@ -209,6 +209,22 @@ def test_eval_copy_from_a_meta_skeleton():
         materialize(skeleton, {k: v for k, v in half.items() if k != "2.bias"}, "cpu")
 
 
+def test_eval_copy_keeps_a_frozen_half_precision_base():
+    """A frozen part held in bf16 (a LoRA base under cast_base or DeepSpeed's bf16) stays bf16 in the evaluation copy
+    instead of doubling to fp32; the trained part comes back in its own (fp32) dtype."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    net[0].requires_grad_(False)
+    skeleton = meta_skeleton(net)  # taken before the base is cast, as in Trainer.fit
+    net[0].to(torch.bfloat16)
+    state = {k: v.to(torch.bfloat16) for k, v in net.state_dict().items()}  # e.g. a 16-bit consolidation
+    copy_ = materialize(skeleton, state, "cpu")
+    assert {n: p.dtype for n, p in copy_.named_parameters()} == {
+        "0.weight": torch.bfloat16, "0.bias": torch.bfloat16, "1.weight": torch.float32, "1.bias": torch.float32}
+    for k, v in copy_.state_dict().items():
+        assert torch.equal(v.float(), state[k].float()), k
+
+
 def test_ema_consolidated_form_without_sharding():
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
