@@ -98,7 +98,6 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from data_pipeline.batch import Batch
     from models.autoencoder import AutoencoderKL, tiny_vae_config
     from models.dit import DiTConfig
     from models.text_encoder import TextEncoder, TextEncoderConfig
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from training.trainer import OptimConfig, TrainConfig, Trainer
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from profiling import profiled
+    from common import MemoryLoader, make_batches, profiled
 
     cuda = torch.cuda.is_available() and not args.cpu
     distributed_position()  # the process group, created as `loom train` creates it (gloo where there is no GPU)
@@ -123,36 +122,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         context_dim=64, pooled_dim=32)
     side, batch = dit.sample_size, args.batch
     text = TextEncoder(TextEncoderConfig(model="openclip-tiny-text", layer="last"))
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for i in range(4):  # cached-latent batches: posterior moments (mean ‖ log-variance) and text states
-        cond = text.encode([f"a synthetic caption number {j}" for j in range(batch)])
-        moments = torch.cat([torch.randn(batch, 4, side, side, generator=g),
-                             torch.full((batch, 4, side, side), -4.0)], dim=1)  # (B, 8, h, w)
-        zeros = torch.zeros(batch, 2, dtype=torch.long)
-        batches.append(Batch(pixels=None, captions=[""] * batch, keys=[str(i)] * batch, metadata=[{}] * batch,
-                             original_size=zeros, crop_top_left=zeros, target_size=zeros, latents=moments,
-                             extras={"context": cond.context, "context_mask": cond.context_mask.to(torch.uint8),
-                                     "pooled": cond.pooled}))
-
-    class Loader:
-        """The batches, cycled, with a position (checkpointed) and a batch size (read by the trainer)."""
-
-        batch_size = batch
-
-        def __init__(self) -> None:
-            self.pos = 0
-
-        def __iter__(self):
-            while True:
-                self.pos += 1
-                yield batches[(self.pos - 1) % len(batches)]
-
-        def state_dict(self) -> dict:
-            return {"pos": self.pos}
-
-        def load_state_dict(self, sd: dict) -> None:
-            self.pos = sd["pos"]
+    batches = make_batches(text, 4, batch, torch.Generator().manual_seed(0), side)
 
     marks: list[float] = []
     peak = [0]
@@ -182,7 +152,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     autoencoder = AutoencoderKL(tiny_vae_config())  # frozen; only its latent scaling is used
     stage = Timed(cfg, text, autoencoder, (4, side, side))
     n_params = sum(p.numel() for p in stage.model.parameters())
-    trainer = Trainer(cfg.train, stage, Loader(), tmp / "run", seed=0)
+    trainer = Trainer(cfg.train, stage, MemoryLoader(batches), tmp / "run", seed=0)
     started = time.perf_counter()
     with profiled(args.profile, f"{args.strategy}, {steps} steps (set-up, checkpoint and export included)", cuda, 20):
         result = trainer.fit()
@@ -205,7 +175,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         again = DiffusionStage(cfg, text, autoencoder, (4, side, side))
         resumed_cfg = dataclasses.replace(cfg.train, max_steps=steps + 1, resume="latest")
         t0 = time.perf_counter()
-        resumed = Trainer(resumed_cfg, again, Loader(), tmp / "run", seed=0).fit()
+        resumed = Trainer(resumed_cfg, again, MemoryLoader(batches), tmp / "run", seed=0).fit()
         resume_s = time.perf_counter() - t0
         resume_ok = resumed.step == steps + 1 and math.isfinite(resumed.metrics.get("loss", math.nan))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"

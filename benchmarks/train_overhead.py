@@ -39,47 +39,12 @@ from training.stages.diffusion import DiffusionStage, DiffusionStageConfig  # no
 from training.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import profiled  # noqa: E402
-
-
-class MemoryLoader:
-    """The same pre-built batches, cycled; has a position so the trainer can checkpoint it."""
-
-    def __init__(self, batches: list[Batch]):
-        self.batches, self.pos = batches, 0
-
-    def __iter__(self):
-        while True:
-            b = self.batches[self.pos % len(self.batches)]
-            self.pos += 1
-            yield b
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.pos = sd["pos"]
-
+from common import MemoryLoader, make_batches, profiled  # noqa: E402
 
 MODELS = {  # name: (DiT config keywords, latent side)
     "tiny": (dict(sample_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4), 8),
     "dit-b2": (dict(sample_size=32, patch_size=2, hidden_size=768, depth=12, num_heads=12), 32),
 }
-
-
-def make_batches(text: TextEncoder, n: int, batch: int, generator: torch.Generator, side: int = 8) -> list[Batch]:
-    out = []
-    for i in range(n):
-        cond = text.encode([f"a handwritten digit {['zero', 'one', 'two', 'three'][j % 4]}" for j in range(batch)])
-        moments = torch.cat([torch.randn(batch, 4, side, side, generator=generator),
-                             torch.full((batch, 4, side, side), -4.0)], dim=1)
-        out.append(Batch(pixels=None, captions=[""] * batch, keys=[str(i)] * batch, metadata=[{}] * batch,
-                         original_size=torch.zeros(batch, 2, dtype=torch.long),
-                         crop_top_left=torch.zeros(batch, 2, dtype=torch.long),
-                         target_size=torch.zeros(batch, 2, dtype=torch.long), latents=moments,
-                         extras={"context": cond.context, "context_mask": cond.context_mask.to(torch.uint8),
-                                 "pooled": cond.pooled}))
-    return out
 
 
 def stage_config(device: str, model: str = "tiny") -> DiffusionStageConfig:
