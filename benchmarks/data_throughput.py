@@ -34,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_pipeline.config import DataConfig  # noqa: E402
+from data_pipeline.data_config import DataConfig  # noqa: E402
 from data_pipeline.index import ShardIndex, ShardInfo, write_index  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 

@@ -113,7 +113,7 @@ class MirrorReader:
 def base_stage(run_dir: Path = BASE_RUN) -> Any:
     """The quickstart run's diffusion stage with its exported EMA weights, in eval mode on the CPU."""
     from launch.commands.sample import SampleCommandConfig, _run_config
-    from training.pipeline import diffusion_stage
+    from training.builders import diffusion_stage
     from training.weights import load_weights
 
     run_cfg = _run_config(SampleCommandConfig(run_dir=str(run_dir)))
@@ -307,8 +307,8 @@ def dpo_experiment(results: dict, n_per_digit: int, pairs_per_digit: int, skip_t
 def memory_comparison(results: dict) -> None:
     """Parameter bytes held by each fine-tuning stage (trainable module + frozen modules), from the real stages."""
     from launch.commands.sample import SampleCommandConfig, _run_config
+    from training.builders import frozen_parts
     from training.finetune import LoraAdapterConfig, parameter_bytes
-    from training.pipeline import frozen_parts
     from training.stages.dpo import DpoStage
     from training.stages.lora import LoraStage, finetune_diffusion_config
 

@@ -101,8 +101,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from models.autoencoder import AutoencoderKL, tiny_vae_config
     from models.dit import DiTConfig
     from models.text_encoder import TextEncoder, TextEncoderConfig
+    from training.builders import distributed_position
     from training.diffusion import DiffusionConfig
-    from training.pipeline import distributed_position
     from training.sharding import innermost_optimizer, strategy_name
     from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
     from training.trainer import OptimConfig, TrainConfig, Trainer

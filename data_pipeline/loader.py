@@ -15,7 +15,7 @@ source's shards are shuffled from ``(seed, source, pass)`` and dealt to slots (:
 fewer shards than slots: every slot reads all shards and keeps every ``W*N``-th sample). No sample is read by
 two slots in one pass. ``torch.distributed`` is never touched: the caller passes ``rank`` and ``world_size``.
 
-**Epoch length** (see :mod:`data_pipeline.pipeline` for the three modes). With a shard index (one source, not
+**Epoch length** (see :mod:`data_pipeline.worker` for the three modes). With a shard index (one source, not
 resampled) ``batches_per_epoch = total_samples // (world_size * batch_size)``; each worker's share of the
 batches is proportional to its share of samples (so an even split reads every sample exactly once); a rank
 that runs short wraps around its own share; what is left when a rank's batches are done is dropped. With
@@ -54,11 +54,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.batch import Batch
 from data_pipeline.buckets import BucketSet, make_buckets
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.pipeline import Context, WorkerPipeline
 from data_pipeline.shardlists import resolve_sources, shard_order, slot_samples, slot_share
 from data_pipeline.stats import format_counts, merge
+from data_pipeline.worker import Context, WorkerPipeline
 
 log = logging.getLogger("data_pipeline.loader")
 

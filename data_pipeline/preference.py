@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.index import index_path
 from data_pipeline.shardlists import resolve_sources
 from data_pipeline.sources import SkipLog, TableSource, decode_image

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 from braceexpand import braceexpand
 
-from data_pipeline.config import SourceConfig
+from data_pipeline.data_config import SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.index import read_index, sample_counts
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.shardlists import T_RESAMPLE, ResolvedSource, mix64, shard_order, slot_share
 from data_pipeline.stats import Counters, format_counts

@@ -2,7 +2,7 @@
 
     loom <command> [POSITIONAL] [--config PRESET_OR_YAML ...] [--dry-run] [dotted.key=value ...]
 
-Every command reads one typed config (see :mod:`training.config`): its defaults, then the command's default
+Every command reads one typed config (see :mod:`training.config_io`): its defaults, then the command's default
 presets, then each ``--config`` (a preset name from ``configs/`` or a YAML path), then the ``key=value``
 overrides. A bad config stops here, before any work, with the key, the value and what is allowed.
 ``--dry-run`` prints the resolved config and the plan, then exits.
@@ -19,7 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from launch.commands import Command, load_commands
-from training.config import ConfigError, load_config, to_yaml
+from training.config_io import ConfigError, load_config, to_yaml
 
 
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:

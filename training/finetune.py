@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import LORA_FEEDFORWARD_TARGETS, LORA_PROJECTION_TARGETS, LORA_TARGETS
-from training.config import from_dict, to_dict
+from training.config_io import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 

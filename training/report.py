@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str], out: dict) -> None:
-    from training.pipeline import first_batches
+    from training.builders import first_batches
 
     if ae is None or not cfg.val_data.source_list():
         return
@@ -46,7 +46,7 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
 
 def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     from data_pipeline.demo import caption_for_digit
-    from training.pipeline import diffusion_stage, pick_device
+    from training.builders import diffusion_stage, pick_device
 
     start = time.perf_counter()
     stage, _ = diffusion_stage(cfg, run_dir, with_validation_data=False)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Optional
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from training.stages.autoencoder import AutoencoderStageConfig
 from training.stages.cache import CacheConfig
 from training.stages.diffusion import DiffusionStageConfig

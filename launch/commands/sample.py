@@ -58,7 +58,7 @@ class SampleCommandConfig:
 
 
 def _run_config(cfg: SampleCommandConfig):
-    from training.config import load_config
+    from training.config_io import load_config
     from training.run_config import RunConfig
 
     path = Path(cfg.run_dir) / "config.yaml"
@@ -108,9 +108,9 @@ def run(cfg: SampleCommandConfig) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from training.builders import diffusion_stage
     from training.ema import ema_weights
     from training.evaluation import save_grid
-    from training.pipeline import diffusion_stage
     from training.weights import load_weights
 
     run_cfg = _run_config(cfg)

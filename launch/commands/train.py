@@ -59,7 +59,7 @@ def plan(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig) -> int:
-    from training.pipeline import run_pipeline
+    from training.runner import run_pipeline
 
     produced = run_pipeline(cfg)
     if "report" in produced:

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from data_pipeline.config import BucketConfig, DataConfig
+from data_pipeline.data_config import BucketConfig, DataConfig
 from data_pipeline.loader import build_loader
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from shardmaker import image_bytes, make_shards, sample, truncate, write_shardset  # noqa: E402
 
-from data_pipeline.config import DataConfig, SourceConfig  # noqa: E402
+from data_pipeline.data_config import DataConfig, SourceConfig  # noqa: E402
 from data_pipeline.errors import DataError  # noqa: E402
 from data_pipeline.index import ShardIndex, ShardInfo, read_index, write_index  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from shardmaker import image_bytes, make_shards  # noqa: E402
 
 from data_pipeline.buckets import BucketSet, make_buckets, pack_leftovers  # noqa: E402
-from data_pipeline.config import BucketConfig, DataConfig  # noqa: E402
+from data_pipeline.data_config import BucketConfig, DataConfig  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.transforms import cover_geometry, image_size  # noqa: E402
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from shardmaker import make_shards, sample, write_shardset  # noqa: E402
 
-from data_pipeline.config import BucketConfig, DataConfig  # noqa: E402
+from data_pipeline.data_config import BucketConfig, DataConfig  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.shardlists import shard_order, slot_samples, slot_share  # noqa: E402
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from shardmaker import image_bytes, make_shards, npy_bytes, write_shardset  # noqa: E402
 
 from data_pipeline.batch import Batch  # noqa: E402
-from data_pipeline.config import BucketConfig, DataConfig, SourceConfig  # noqa: E402
+from data_pipeline.data_config import BucketConfig, DataConfig, SourceConfig  # noqa: E402
 from data_pipeline.errors import DataError  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from data_pipeline.shardlists import expand_pattern  # noqa: E402

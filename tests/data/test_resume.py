@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from shardmaker import make_shards  # noqa: E402
 
-from data_pipeline.config import BucketConfig, DataConfig, SourceConfig  # noqa: E402
+from data_pipeline.data_config import BucketConfig, DataConfig, SourceConfig  # noqa: E402
 from data_pipeline.errors import DataError  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 

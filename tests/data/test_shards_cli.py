@@ -120,7 +120,7 @@ def test_plan_warns_about_existing_shards(tmp_path):
 
 def test_overrides_build_the_config(tmp_path):
     cli = pytest.importorskip("launch.cli")
-    config = pytest.importorskip("training.config")
+    config = pytest.importorskip("training.config_io")
     src = _folder(tmp_path / "imgs")
     cfg = cli.build_config(COMMAND, "folder", [], [f"input={src}", f"output_dir={tmp_path}/out",
                                                    "max_samples_per_shard=500", "max_size=128"])

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.loader import build_loader
-from training.pipeline import distributed_position
+from training.builders import distributed_position
 from training.stages.base import Stage
 from training.trainer import OptimConfig, TrainConfig, Trainer
 

@@ -41,9 +41,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from data_pipeline.batch import Batch  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
+from training.builders import distributed_position  # noqa: E402
 from training.diffusion import DiffusionConfig  # noqa: E402
 from training.finetune import LoraAdapterConfig, base_state_dict, is_adapter_name, unwrap  # noqa: E402
-from training.pipeline import distributed_position  # noqa: E402
 from training.sharding import strategy_name  # noqa: E402
 from training.stages.diffusion import DiffusionStageConfig  # noqa: E402
 from training.stages.dpo import DpoStage, DpoStageConfig  # noqa: E402

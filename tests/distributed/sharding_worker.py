@@ -33,12 +33,12 @@ sys.path.insert(0, str(REPO / "tests" / "data"))
 
 from shardmaker import make_shards  # noqa: E402
 
-from data_pipeline.config import DataConfig  # noqa: E402
+from data_pipeline.data_config import DataConfig  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
 from models.dit import DiTConfig  # noqa: E402
 from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
+from training.builders import distributed_position, first_batches  # noqa: E402
 from training.diffusion import DiffusionConfig  # noqa: E402
-from training.pipeline import distributed_position, first_batches  # noqa: E402
 from training.sampling import SamplingConfig  # noqa: E402
 from training.sharding import gather_full, innermost_optimizer, local_shard, strategy_name  # noqa: E402
 from training.stages.diffusion import DiffusionStage, DiffusionStageConfig  # noqa: E402

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from training.config import ConfigError, load_config
+from training.config_io import ConfigError, load_config
 from training.run_config import RunConfig
 from training.trainer import TrainConfig, _apply_collective_timeout, _process_group_kwargs
 

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from training.config import ConfigError, from_dict, load_config, parse_overrides, to_dict
+from training.config_io import ConfigError, from_dict, load_config, parse_overrides, to_dict
 
 
 @dataclass

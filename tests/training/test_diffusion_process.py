@@ -305,7 +305,7 @@ def test_process_constructors_validate():
 
 
 def test_config_loads_through_project_loader():
-    loader = pytest.importorskip("training.config")
+    loader = pytest.importorskip("training.config_io")
     cfg = loader.from_dict(DiffusionConfig, {"kind": "flow", "flow_shift": 3, "logit_std": 1})
     assert cfg.flow_shift == 3.0
     with pytest.raises(ValueError, match=r"min_snr_gamma"):

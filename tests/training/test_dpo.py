@@ -21,7 +21,7 @@ from data_pipeline.demo import caption_for_digit, load_digits_split
 from data_pipeline.preference import PreferenceSample, write_preference_shards
 from models.dit import DiT, DiTConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from training.config import load_config
+from training.config_io import load_config
 from training.diffusion import DiffusionConfig
 from training.finetune import LoraAdapterConfig, base_state_dict, parameter_bytes
 from training.run_config import RunConfig
@@ -328,8 +328,8 @@ def _run_cfg(tmp: Path, pairs: Path, weights: str, name: str, *overrides: str) -
 
 def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weights, ink_pairs, shared_cache,
                                                         tmp_path):
-    from training.pipeline import dpo_stage as build_dpo_stage
-    from training.pipeline import run_pipeline
+    from training.builders import dpo_stage as build_dpo_stage
+    from training.runner import run_pipeline
 
     cfg = _run_cfg(tmp_path, ink_pairs, base_weights, "lora", "dpo.train.max_steps=30", "dpo.beta=2000",
                    "dpo.adapter.rank=8", "dpo.adapter.targets=[attention, feedforward]", f"dpo.cache={shared_cache}")
@@ -352,7 +352,7 @@ def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weigh
 
 
 def test_full_policy_and_sft_runs(text_encoder, base_weights, ink_pairs, shared_cache, tmp_path):
-    from training.pipeline import run_pipeline
+    from training.runner import run_pipeline
 
     cfg = _run_cfg(tmp_path, ink_pairs, base_weights, "full", "dpo.train.max_steps=3", "dpo.policy=full",
                    "dpo.ties=keep", "dpo.validation_pairs=32")

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline.demo import build_demo_set
-from training.config import load_config
-from training.pipeline import run_pipeline
+from training.config_io import load_config
 from training.run_config import RunConfig
+from training.runner import run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,7 @@ def test_loom_sample_with_adapters(text_encoder, base_weights, tmp_path):
     from safetensors.torch import save_file
 
     from launch import cli
-    from training.config import load_config, save_config
+    from training.config_io import load_config, save_config
     from training.run_config import RunConfig
 
     run = tmp_path / "run"

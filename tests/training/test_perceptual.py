@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.config import ConfigError, from_dict
+from training.config_io import ConfigError, from_dict
 from training.perceptual import LPIPS, lpips_state_from_files
 from training.stages.autoencoder import AutoencoderStageConfig
 

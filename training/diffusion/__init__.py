@@ -13,7 +13,6 @@ Small, separate pieces (in the spirit of k-diffusion / EDM / generative-models):
 """
 
 from .cond_ops import batch_size_of, cat_conditioning, expand_batch, map_batched, select, where
-from .config import DiffusionConfig
 from .dropout import drop_conditioning, dropout_mask
 from .guidance import Denoiser, cfg_denoise, rescale_guidance
 from .process import (
@@ -25,6 +24,7 @@ from .process import (
     resolution_shift,
     shift_time,
 )
+from .process_config import DiffusionConfig
 from .samplers import (
     ddim_sample,
     ddim_step,

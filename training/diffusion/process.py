@@ -33,7 +33,7 @@ from typing import Optional, get_args
 import torch
 from torch import Tensor
 
-from .config import DiffusionConfig, FlowTimestepSampling, LossWeighting, PredictionType
+from .process_config import DiffusionConfig, FlowTimestepSampling, LossWeighting, PredictionType
 from .schedules import NoiseSchedule
 
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)

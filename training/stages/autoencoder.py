@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.autoencoder import AutoencoderConfig, AutoencoderKL
-from training.config import to_dict
+from training.config_io import to_dict
 from training.evaluation import psnr, save_grid
 from training.perceptual import LPIPS
 from training.stages.base import Stage

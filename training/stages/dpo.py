@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.preference import iter_preference_pairs
 from data_pipeline.sources import SkipLog
 from data_pipeline.transforms import to_float_pixels

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from training.config import to_dict
+from training.config_io import to_dict
 from training.finetune import (
     LoraAdapterConfig,
     add_lora,

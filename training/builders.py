@@ -1,17 +1,8 @@
-"""Runs a chain of stages (``pipeline: [autoencoder, cache, diffusion]``) in one run directory.
+"""Builders shared by the stage runner, the report, ``loom sample`` and the benchmarks: the device and process
+position, the frozen text encoder and autoencoder of a run, its training and validation data, and each
+denoiser-training stage (``diffusion``, ``lora``, ``dpo``) as a run config describes it.
 
-Each stage's output is the next one's input: the autoencoder stage exports ``autoencoder/export/model.safetensors``
-(+ its config), the cache stage encodes the data with it into ``cache/``, the diffusion stage streams the cache and
-keeps the autoencoder (frozen) for decoding samples. A stage that already finished resumes at its last checkpoint,
-so re-running the same command continues where it stopped.
-
-Layout of a run directory::
-
-    config.yaml                  the resolved config
-    text_encoder.safetensors     the frozen text tower when it was randomly initialised (shared by every stage)
-    autoencoder/ diffusion/      per trained stage: checkpoints/, logs/ (TensorBoard), validation/, export/
-    cache/                       cached latent + text-embedding shards (train-*, val-*)
-    report.md, report/           the end-of-run report
+Nothing here runs a stage: :mod:`training.runner` does, and :mod:`training.inference` opens a finished run.
 """
 
 from __future__ import annotations
@@ -22,29 +13,26 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.loader import build_loader
 from models.autoencoder import AutoencoderConfig, AutoencoderKL
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from training.config import from_dict, save_config, to_yaml
+from training.config_io import from_dict
 from training.run_config import RunConfig
 from training.sharding import wait_for_main_process
-from training.stages.autoencoder import AutoencoderStage
 from training.stages.cache import (
     cache_data_config,
     cache_dir,
-    cache_shards,
     data_signature,
     file_identity,
     in_run_dir,
     reuse_or_build,
 )
 from training.stages.diffusion import DiffusionStage
-from training.trainer import Trainer
 from training.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -115,23 +103,8 @@ def first_batches(data: DataConfig, n_samples: int, batch_size: int) -> list[Any
     return out
 
 
-def _with_batch(data: DataConfig, batch_size: Optional[int]) -> DataConfig:
+def with_batch(data: DataConfig, batch_size: Optional[int]) -> DataConfig:
     return data if batch_size is None else dataclasses.replace(data, batch_size=batch_size)
-
-
-def run_autoencoder(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Path:
-    st = cfg.autoencoder
-    rank, world = distributed_position()
-    val_pixels = None
-    if cfg.val_data.source_list():
-        val_pixels = torch.cat([b.pixels for b in first_batches(cfg.val_data, 256, 64)])[:256]
-    torch.manual_seed(cfg.run.seed)
-    stage = AutoencoderStage(st, val_pixels)
-    loader = build_loader(_with_batch(cfg.data, st.batch_size), rank=rank, world_size=world)
-    result = Trainer(st.train, stage, loader, run_dir / "autoencoder", seed=cfg.run.seed,
-                     config_yaml=config_yaml).fit()
-    log.info("autoencoder: %s", {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")})
-    return exported_autoencoder_path(run_dir)
 
 
 def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL]:
@@ -158,34 +131,6 @@ def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     return {"autoencoder": ae, "text_encoder": dataclasses.asdict(cfg.diffusion.text_encoder), "seed": cfg.run.seed}
 
 
-def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
-    out = cache_dir(run_dir, cfg.cache)
-    distributed_position()  # the process group exists before the wait below
-
-    def encode() -> None:
-        device = pick_device(cfg.device)
-        encoders: list = []  # loaded on first need: nothing is loaded when every cache is reused
-
-        def build(data: DataConfig, prefix: str) -> None:
-            if not encoders:
-                ae = resolve_autoencoder(cfg, run_dir)
-                if ae is None:
-                    raise ValueError("pipeline has 'cache' but diffusion.latents=pixels: there is nothing to encode")
-                encoders.extend([ae.to(device), build_text_encoder(cfg.diffusion.text_encoder, run_dir,
-                                                                    cfg.run.seed).to(device)])
-            cache_shards(data, prefix, out, encoders[0], encoders[1], cfg.cache, device)
-
-        for prefix, data in (("train", cfg.data), ("val", cfg.val_data)):
-            if prefix == "train" or data.source_list():
-                signature = {"data": data_signature(data), "cache": dataclasses.asdict(cfg.cache),
-                             **encoder_signature(cfg, run_dir)}
-                reuse_or_build(out, prefix, signature, functools.partial(build, data, prefix))
-
-    # rank 0 encodes; the others wait however long that takes (a plain barrier would hit the collective timeout)
-    wait_for_main_process(encode)
-    return out
-
-
 def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[DiffusionStage, Any]:
     """The diffusion stage as configured (frozen parts loaded) and its training data config."""
     st = cfg.diffusion
@@ -193,7 +138,7 @@ def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = 
     train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
     torch.manual_seed(cfg.run.seed)
     stage = DiffusionStage(st, te, ae, latent_shape, val_batches)
-    return stage, _with_batch(train_data, st.batch_size)
+    return stage, with_batch(train_data, st.batch_size)
 
 
 def training_data(cfg: RunConfig, run_dir: Path, with_validation_data: bool) -> tuple[DataConfig, list]:
@@ -249,7 +194,7 @@ def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(st, weights, cfg.lora.cond_dropout, cfg.lora.validation_prompts)
     stage = LoraStage(dcfg, cfg.lora, te, ae, latent_shape, val_batches)
-    return stage, _with_batch(train_data, cfg.lora.batch_size)
+    return stage, with_batch(train_data, cfg.lora.batch_size)
 
 
 def cache_dpo_pairs(cfg: RunConfig, run_dir: Path, te: TextEncoder, ae: Optional[AutoencoderKL]) -> Path:
@@ -299,52 +244,4 @@ def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) 
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(cfg.diffusion, weights, st.cond_dropout, st.validation_prompts)
     stage = DpoStage(dcfg, st, te, ae, latent_shape, val_pairs)
-    return stage, _with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)
-
-
-# How each stage named in ``pipeline`` runs: ``runner(cfg, run_dir, config_yaml) -> what it produced``.
-def trained_stage_runner(name: str, build: Callable[[RunConfig, Path], tuple[Any, DataConfig]]
-                         ) -> Callable[[RunConfig, Path, str], Any]:
-    """The runner of a denoiser-training stage: ``build`` it, stream its data on this rank, fit it under
-    ``cfg.<name>.train`` into ``<run>/<name>``."""
-
-    def run(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
-        rank, world = distributed_position()
-        stage, data = build(cfg, run_dir)
-        loader = build_loader(data, rank=rank, world_size=world)
-        return Trainer(getattr(cfg, name).train, stage, loader, run_dir / name, seed=cfg.run.seed,
-                       config_yaml=config_yaml).fit()
-
-    return run
-
-
-STAGE_RUNNERS: dict[str, Callable[[RunConfig, Path, str], Any]] = {
-    "autoencoder": run_autoencoder,
-    "cache": run_cache,
-    "diffusion": trained_stage_runner("diffusion", diffusion_stage),
-    "lora": trained_stage_runner("lora", lora_stage),
-    "dpo": trained_stage_runner("dpo", dpo_stage),
-}
-
-
-def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """Run every stage of ``cfg.pipeline`` in order, then the report; returns what each produced."""
-    run_dir = cfg.run.directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = to_yaml(cfg)
-    if distributed_position()[0] == 0:  # what `loom sample` and a resumed run read back; one writer of it
-        log.info("resolved config written to %s", save_config(cfg, run_dir / "config.yaml"))
-    produced: dict[str, Any] = {}
-    for name in cfg.pipeline:
-        log.info("=== stage %s ===", name)
-        produced[name] = STAGE_RUNNERS[name](cfg, run_dir, config_yaml)
-        stopped = getattr(produced[name], "stopped_by_signal", None)
-        if stopped is not None:  # pre-empted: the stage checkpointed; re-running the same command resumes it
-            log.warning("stage %s stopped by signal %s after its checkpoint; later stages and the report are left "
-                        "for the resumed run", name, stopped)
-            return produced
-    if cfg.report.enabled and distributed_position()[0] == 0:
-        from training.report import write_report
-
-        produced["report"] = write_report(cfg, run_dir)
-    return produced
+    return stage, with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)

@@ -1,6 +1,6 @@
 """The streaming loader's configuration: :class:`DataConfig`, with nested :class:`SourceConfig`, :class:`BucketConfig`.
 
-Plain dataclasses, filled from YAML by ``training.config``; every field has a one-line comment, and
+Plain dataclasses, filled from YAML by ``training.config_io``; every field has a one-line comment, and
 ``__post_init__`` rejects bad values with a ``ValueError`` that names the field, the value and what is allowed.
 ``DataConfig()`` with no arguments is valid (no data configured yet); :func:`data_pipeline.loader.build_loader`
 then asks for ``urls`` or ``sources``.

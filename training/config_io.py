@@ -290,11 +290,3 @@ def load_config(
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
 
-
-def __getattr__(name: str) -> Any:
-    # The run's root config lives in training.run_config (it imports the component configs); re-exported here.
-    if name in ("RunConfig", "RunSection"):
-        from training import run_config
-
-        return getattr(run_config, name)
-    raise AttributeError(f"module 'training.config' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from training.config import check_field_types
+from training.config_io import check_field_types
 
 from .schedules import ScheduleName
 

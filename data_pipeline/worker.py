@@ -37,7 +37,7 @@ from typing import Optional
 
 from data_pipeline.batch import Batch, collate
 from data_pipeline.buckets import BucketSet, bucket_name, pack_leftovers
-from data_pipeline.config import DataConfig
+from data_pipeline.data_config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.shardlists import T_AUG, T_MIX, T_SHUFFLE, ResolvedSource, mix64, url_id
 from data_pipeline.stats import Counters, format_counts
