@@ -1,8 +1,11 @@
 """The batch the loader yields: pixels, captions, keys, metadata, SDXL size/crop conditioning, precomputed arrays.
 
-``pixels`` is ``(B, C, H, W)`` float32 in [-1, 1]; video batches will add a frame axis, ``(B, T, C, H, W)``, so
-code that needs the image size should read ``pixels.shape[-2:]`` (or ``target_size``) rather than index 2 and 3.
-Without image members (``image_keys: []``, latents-only shards) ``pixels`` is None.
+``pixels`` is float32 in [-1, 1] in the project's one layout: ``(B, C, H, W)`` for images, ``(B, C, T, H, W)``
+for clips (an image may also come as ``T = 1``); one sample, ``pixels[i]``, is ``(C, H, W)`` or ``(C, T, H, W)``.
+Code that needs the frame size reads ``pixels.shape[-2:]`` (or ``target_size``), the frame count
+:attr:`Batch.num_frames`. The geometry fields (``original_size``, ``crop_top_left``, ``target_size``) are
+spatial, ``(h, w)`` / ``(top, left)`` per sample, the same for every frame of a clip. Without pixel members
+(``image_keys: []``, latents-only shards) ``pixels`` is None.
 
 Precomputed arrays come from ``.npy`` / ``.safetensors`` tar members (never pickles): the member named by
 ``DataConfig.latent_key`` (default ``KEY.latent.npy``) becomes ``latents`` ``(B, ...)`` when every sample of the
@@ -23,19 +26,24 @@ from data_pipeline.transforms import Decoded, to_float_pixels
 
 @dataclass
 class Batch:
-    pixels: Optional[torch.Tensor]  # (B, C, H, W) float32 in [-1, 1]; later (B, T, C, H, W) for video
+    pixels: Optional[torch.Tensor]  # (B, C, H, W) images or (B, C, T, H, W) clips, float32 in [-1, 1]
     captions: list[str]  # one caption per sample
     keys: list[str]  # the sample keys (tar member stem)
     metadata: list[dict]  # the sample's json member ({} when absent)
-    original_size: torch.Tensor  # (B, 2) int64 (h, w) of the stored image
-    crop_top_left: torch.Tensor  # (B, 2) int64 (top, left) of the crop in the resized image
-    target_size: torch.Tensor  # (B, 2) int64 (h, w) of pixels (the bucket size)
+    original_size: torch.Tensor  # (B, 2) int64 (h, w) of the stored image / frames
+    crop_top_left: torch.Tensor  # (B, 2) int64 (top, left) of the crop in the resized image / frames
+    target_size: torch.Tensor  # (B, 2) int64 (h, w) of pixels (the bucket's spatial size)
     latents: Optional[torch.Tensor] = None  # (B, ...) precomputed latents read from the shards
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other precomputed arrays, (B, ...) each
     sources: list[str] = field(default_factory=list)  # the source name each sample came from
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per sample: ``T`` of ``(B, C, T, H, W)`` pixels, 1 for 4-D images or no pixels."""
+        return 1 if self.pixels is None or self.pixels.ndim == 4 else int(self.pixels.shape[2])
 
     def _map(self, fn) -> "Batch":
         return Batch(
@@ -74,7 +82,7 @@ def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys:
     """Stack per-sample pieces into a :class:`Batch` (pixels converted to float once, for the whole batch)."""
     n = len(keys)
     if decoded and decoded[0] is not None:
-        pixels = to_float_pixels(np.stack([d.pixels for d in decoded]))  # (B, 3, H, W)
+        pixels = to_float_pixels(np.stack([d.pixels for d in decoded]))  # (B, 3, H, W) or (B, 3, T, H, W)
         geo = lambda attr: torch.tensor([getattr(d, attr) for d in decoded], dtype=torch.int64)  # noqa: E731
         original, crop, target = geo("original_size"), geo("crop_top_left"), geo("target_size")
     elif n and all(all(k in m for k in GEOMETRY_KEYS) for m in metadata):

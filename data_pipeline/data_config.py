@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from data_pipeline.decoders import DECODERS, member_decoder
+
 CROPS = ("center", "random")
 
 
@@ -66,7 +68,8 @@ class DataConfig:
     urls: str = ""  # shorthand for a single source (same pattern syntax as SourceConfig.urls)
     sources: list[SourceConfig] = field(default_factory=list)  # weighted sources (use this or urls, not both)
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "caption", "json:caption"])  # first non-empty wins
-    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # image member priority
+    # image_keys: pixel member priority; each extension needs a data_pipeline.decoders entry ([] = no pixels)
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])  # pixel member priority
     require_caption: bool = True  # skip samples without a caption (else caption '')
     latent_key: str = "latent.npy"  # member read into Batch.latents when every sample of a batch has it ('' = off)
     extra_keys: list[str] = field(default_factory=list)  # .npy/.safetensors members read into Batch.extras[name]
@@ -105,6 +108,11 @@ class DataConfig:
             v = getattr(self, name)
             _need(isinstance(v, list) and all(isinstance(k, str) and k for k in v), name, v,
                   "a list of non-empty strings")
+        for k in self.image_keys:
+            try:
+                member_decoder(k)
+            except ValueError:
+                _need(False, "image_keys", k, f"a member extension with a decoder ({', '.join(sorted(DECODERS))})")
         _need(bool(self.caption_keys) or not self.require_caption, "caption_keys", self.caption_keys,
               "at least one key while require_caption is true")
         for k in self.caption_keys:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.sources import Sample, SkipLog
-from data_pipeline.writer import WriteSummary, existing_shard_files, write_shards
+from data_pipeline.writer import WriterOptions, WriteSummary, existing_shard_files, write_shards
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEMO_SIZE = 32  # output side, pixels
@@ -149,11 +149,11 @@ def build_demo_set(
         for path in existing_shard_files(output_dir, "val"):  # a stale val set must not outlive val_fraction=0
             path.unlink()
     summaries = {}
+    options = WriterOptions(max_samples_per_shard, image_format="png", overwrite=overwrite)
     for split in splits:
         samples = digit_samples(split, seed, val_fraction)
-        summaries[split] = write_shards(samples, output_dir, split, max_samples_per_shard=max_samples_per_shard,
-                                        image_format="png", overwrite=overwrite, skips=SkipLog(),
-                                        total=len(samples), progress=progress)
+        summaries[split] = write_shards(samples, output_dir, split, options, skips=SkipLog(), total=len(samples),
+                                        progress=progress)
     return summaries
 
 

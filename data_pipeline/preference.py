@@ -29,7 +29,6 @@ split, exact resume), so the loader itself needs no two-image mode.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -45,12 +44,13 @@ from data_pipeline.data_config import DataConfig
 from data_pipeline.index import index_path
 from data_pipeline.shardlists import resolve_sources
 from data_pipeline.sources import SkipLog, TableSource, decode_image
-from data_pipeline.stream import close_shard, iter_groups, open_shard
+from data_pipeline.stream import close_shard, iter_groups, open_shard, read_meta, select_caption
 from data_pipeline.transforms import decode_image as decode_to_target
 from data_pipeline.writer import (
     PAIR_TABLE_SUFFIXES,
     CorruptImageError,
     ShardWriter,
+    WriterOptions,
     WriteSummary,
     encode_image,
 )
@@ -219,27 +219,24 @@ def write_preference_shards(
     samples: Iterable[PreferenceSample],
     output_dir: str | os.PathLike,
     prefix: str = DEFAULT_PAIR_PREFIX,
+    options: Optional[WriterOptions] = None,
     *,
-    max_samples_per_shard: int = 1000,
-    image_format: str = "keep",
-    jpeg_quality: int = 95,
-    max_size: Optional[int] = None,
-    overwrite: bool = False,
     skips: Optional[SkipLog] = None,
     progress: bool = False,
 ) -> PairWriteSummary:
-    """Write preference pairs as Pick-a-Pic-layout shards + a shard index (skip counts land in the index)."""
+    """Write preference pairs as Pick-a-Pic-layout shards + a shard index (skip counts land in the index), as
+    ``options`` says (defaults: :class:`~data_pipeline.writer.WriterOptions`)."""
     if skips is None:
         skips = getattr(samples, "skips", None) or SkipLog()
     total = samples.size_hint() if hasattr(samples, "size_hint") else None  # type: ignore[attr-defined]
     start = time.perf_counter()
     ties = 0
-    writer = ShardWriter(output_dir, prefix, max_samples_per_shard, image_format, jpeg_quality, max_size,
-                         overwrite, skips)
+    writer = ShardWriter(output_dir, prefix, options, skips)
+    o = writer.options
     with writer, tqdm(total=total, desc=prefix, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for s in samples:
             try:
-                enc = [encode_image(img, image_format, jpeg_quality, max_size, dec)
+                enc = [encode_image(img, o.image_format, o.jpeg_quality, o.max_size, dec)
                        for img, dec in ((s.image_0, s.decoded_0), (s.image_1, s.decoded_1))]
             except Image.DecompressionBombError:
                 skips.add("image_too_large", s.source_id)
@@ -291,32 +288,15 @@ class PreferencePair:
         return (self.image_0, self.image_1) if self.winner_is_0 else (self.image_1, self.image_0)
 
 
-def _caption(cfg: DataConfig, members: dict[str, bytes], meta: dict) -> str:
-    for k in cfg.caption_keys:
-        if k.startswith("json:"):
-            v = meta.get(k[5:])
-            v = v.strip() if isinstance(v, str) else ""
-        else:
-            v = members[k].decode("utf-8", errors="replace").strip() if k in members else ""
-        if v:
-            return v
-    return ""
-
-
 def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], ties: str, skips: SkipLog
                ) -> Optional[PreferencePair]:
     """One tar sample → a decoded pair, or None after counting why not."""
     where = f"{url} {key}"
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (ValueError, UnicodeDecodeError):
-            meta = None  # type: ignore[assignment]
-        if not isinstance(meta, dict):
-            skips.add("bad_json", where)
-            return None
-    caption = _caption(cfg, members, meta)
+    meta, _ = read_meta(members)
+    if meta is None:
+        skips.add("bad_json", where)
+        return None
+    caption = select_caption(cfg.caption_keys, members, meta)
     if not caption and cfg.require_caption:
         skips.add("missing_caption", where)
         return None

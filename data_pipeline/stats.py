@@ -1,8 +1,9 @@
 """Counting what the loader delivered, skipped and dropped, with rate-limited warnings.
 
 Skip reasons (a sample is skipped, never fatal): ``corrupt_image`` (header or pixels unreadable),
-``missing_image``, ``missing_caption``, ``bad_json``, ``bad_array`` (a latent/extra member that does not load),
-``missing_array`` (a configured extra member absent). Shard-level reasons count shards, not samples:
+``missing_image`` (both named after the pixel member's decoder kind, :mod:`data_pipeline.decoders`),
+``missing_caption``, ``bad_json``, ``bad_array`` (a latent/extra member that does not load), ``missing_array``
+(a configured extra member absent). Shard-level reasons count shards, not samples:
 ``truncated_tar`` (read error mid-tar, or fewer samples than its index lists), ``empty_shard``,
 ``unreadable_shard`` (cannot be opened, or not a tar).
 

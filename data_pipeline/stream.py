@@ -7,7 +7,8 @@ stream reopens a shard and skips ``offset`` samples (reading tar headers, decodi
 
 :class:`SourceStream` is one slot's stream over one source: shards of its share for the current pass (see
 :mod:`data_pipeline.shardlists`), each opened with ``webdataset.gopen`` (so ``pipe:`` urls work) or ``open``,
-yielding :class:`Raw` samples (undecoded bytes plus the cheap facts: caption, json, image header size). At the
+yielding :class:`Raw` samples (undecoded bytes plus the cheap facts: caption, json, the pixel member's shape from
+its header, probed by its :mod:`~data_pipeline.decoders` entry). At the
 end of its share it either returns :data:`PASS_END` (epoch-aligned streams; the pipeline decides what comes
 next) or moves on to the next pass by itself (endless streams). A full cycle over a share with no usable sample
 raises :class:`DataError` instead of looping forever.
@@ -26,10 +27,11 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from data_pipeline.data_config import DataConfig
+from data_pipeline.decoders import member_decoder
 from data_pipeline.errors import DataError
 from data_pipeline.shardlists import T_RESAMPLE, ResolvedSource, mix64, shard_order, slot_share
 from data_pipeline.stats import Counters, format_counts
-from data_pipeline.transforms import array_shape, image_size
+from data_pipeline.transforms import array_shape
 
 PASS_END = object()  # sentinel: this slot's share of the pass is read
 
@@ -43,12 +45,13 @@ class Raw:
     index: int  # sample number inside the shard
     visit: int  # the stream's shard-open counter when read (seeds per-sample augmentation draws)
     key: str
-    image: Optional[bytes]
-    size: Optional[tuple[int, int]]  # (h, w) from the image header
+    pixel_member: Optional[str]  # extension of the pixel member (picks its decoder), None without image_keys
+    pixel_bytes: Optional[bytes]  # that member, still encoded
+    shape: Optional[tuple[int, ...]]  # from a header: the pixel member's (h, w) or (frames, h, w); latents-only
+    #                                   shards: the latent's shape
     caption: str
     meta: dict
     arrays: dict[str, bytes]  # latent/extra members present, still encoded
-    shape: Optional[tuple[int, ...]] = None  # latents-only shards: the latent's shape (from its header)
     repeat: bool = False  # read again by a wrap-around (its skips were already counted on the first read)
 
 
@@ -128,32 +131,47 @@ def iter_groups(fh, want: Callable[[int], bool]) -> Iterator[tuple]:
         yield ("error", "truncated_tar", f"read error after {max(g, 0)} samples: {str(e)[:200]}")
 
 
-def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[Optional[str], str, dict]:
-    """``(skip_reason, detail, fields)``: the cheap checks, in order json → image → caption → arrays → header."""
-    meta: dict = {}
-    if "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (ValueError, UnicodeDecodeError) as e:
-            return "bad_json", str(e)[:100], {}
-        if not isinstance(meta, dict):
-            return "bad_json", f"a {type(meta).__name__}, not an object", {}
-    image = None
-    if cfg.image_keys:
-        ext = next((k for k in cfg.image_keys if k in members), None)
-        if ext is None:
-            return "missing_image", f"members: {', '.join(sorted(members)) or 'none'}", {}
-        image = members[ext]
-    caption = ""
-    for k in cfg.caption_keys:
+def read_meta(members: dict[str, bytes]) -> tuple[Optional[dict], str]:
+    """``(meta, "")`` from the sample's ``json`` member (``{}`` when it has none), or ``(None, why)`` when the
+    member is not a JSON object."""
+    if "json" not in members:
+        return {}, ""
+    try:
+        meta = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, str(e)[:100]
+    if not isinstance(meta, dict):
+        return None, f"a {type(meta).__name__}, not an object"
+    return meta, ""
+
+
+def select_caption(caption_keys: list[str], members: dict[str, bytes], meta: dict) -> str:
+    """The first non-empty caption among ``caption_keys`` (a member extension such as ``txt``, or ``json:field``
+    for a field of the json member), stripped; ``""`` when none has one."""
+    for k in caption_keys:
         if k.startswith("json:"):
             v = meta.get(k[5:])
             v = v.strip() if isinstance(v, str) else ""
         else:
             v = members[k].decode("utf-8", errors="replace").strip() if k in members else ""
         if v:
-            caption = v
-            break
+            return v
+    return ""
+
+
+def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[Optional[str], str, dict]:
+    """``(skip_reason, detail, fields)``: the cheap checks, in order json → pixel member → caption → arrays →
+    header (the pixel member's decoder probes it)."""
+    meta, error = read_meta(members)
+    if meta is None:
+        return "bad_json", error, {}
+    member = None
+    if cfg.image_keys:
+        member = next((k for k in cfg.image_keys if k in members), None)
+        if member is None:
+            kind = member_decoder(cfg.image_keys[0]).kind
+            return f"missing_{kind}", f"members: {', '.join(sorted(members)) or 'none'}", {}
+    caption = select_caption(cfg.caption_keys, members, meta)
     if not caption and cfg.require_caption:
         return "missing_caption", f"none of {', '.join(cfg.caption_keys)}", {}
     arrays = {}
@@ -164,18 +182,19 @@ def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[
         elif ext in cfg.extra_keys or not cfg.image_keys:
             return "missing_array", f"no {ext} member", {}
     shape = None
-    if image is None and cfg.latent_key in arrays:
+    if member is None and cfg.latent_key in arrays:
         try:
             shape = array_shape(arrays[cfg.latent_key], cfg.latent_key)
         except Exception as e:  # noqa: BLE001
             return "bad_array", f"{cfg.latent_key}: {_error_text(e)}", {}
-    size = None
-    if image is not None:
+    if member is not None:
+        decoder = member_decoder(member)
         try:
-            size = image_size(image)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types on garbage bytes
-            return "corrupt_image", _error_text(e), {}
-    return None, "", dict(key=key, image=image, size=size, caption=caption, meta=meta, arrays=arrays, shape=shape)
+            shape = decoder.probe(members[member])
+        except Exception as e:  # noqa: BLE001 - decoders (PIL) raise many types on garbage bytes
+            return f"corrupt_{decoder.kind}", _error_text(e), {}
+    return None, "", dict(key=key, pixel_member=member, pixel_bytes=None if member is None else members[member],
+                          shape=shape, caption=caption, meta=meta, arrays=arrays)
 
 
 def read_samples(cfg: DataConfig, url: str, wanted: dict[int, list[tuple[int, int, bool]]], counters: Counters

@@ -1,5 +1,7 @@
 """Decoding and geometric transforms: image header, resize-to-cover, crop, flip; array members.
 
+The image functions here are the ``image`` entry of the member-decoder table (:mod:`data_pipeline.decoders`).
+
 Per sample: PIL opens the bytes (header only), optionally asks the JPEG decoder for a reduced DCT scale that still
 covers the target (``draft``), converts to RGB (transparency composited onto white), and resizes the crop region
 of the source straight to the target size with an antialiased bicubic filter (``Image.resize(box=...)``: the
@@ -25,12 +27,25 @@ ARRAY_SUFFIXES = (".npy", ".safetensors")
 
 @dataclass
 class Decoded:
-    """One decoded sample's pixels and geometry."""
+    """One decoded sample's pixels and geometry (what every :mod:`data_pipeline.decoders` entry returns).
 
-    pixels: np.ndarray  # (H, W, 3) uint8
-    original_size: tuple[int, int]  # (h, w) of the stored image
+    Pixels are channels last, as decoders produce them: ``(H, W, 3)`` for an image, ``(T, H, W, 3)`` for a clip.
+    The geometry is spatial and the same for every frame of a clip (SDXL micro-conditioning)."""
+
+    pixels: np.ndarray  # (H, W, 3) uint8 for an image; (T, H, W, 3) uint8 for a clip
+    original_size: tuple[int, int]  # (h, w) of the stored image / frames
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
     target_size: tuple[int, int]  # (h, w) of pixels
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The pixels' shape without channels: ``(h, w)`` for an image, ``(frames, h, w)`` for a clip."""
+        return tuple(self.pixels.shape[:-1])
+
+    @property
+    def num_frames(self) -> int:
+        """Frames held: 1 for an image."""
+        return 1 if self.pixels.ndim == 3 else int(self.pixels.shape[0])
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -123,7 +138,8 @@ def load_array(data: bytes, ext: str) -> np.ndarray:
 
 
 def to_float_pixels(stack: np.ndarray):
-    """``(B, H, W, 3)`` uint8 numpy → ``(B, 3, H, W)`` float32 torch tensor in [-1, 1].
+    """Channels-last uint8 numpy → channels at axis 1, float32 torch tensor in [-1, 1]: ``(B, H, W, 3)`` →
+    ``(B, 3, H, W)`` for images, ``(B, T, H, W, 3)`` → ``(B, 3, T, H, W)`` for clips.
 
     Inside a DataLoader worker the result is written straight into shared memory (as DataLoader's own collate
     does), so sending the batch to the main process does not copy it once more.
@@ -131,11 +147,11 @@ def to_float_pixels(stack: np.ndarray):
     import torch
     from torch.utils.data import get_worker_info
 
-    x = torch.from_numpy(stack).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8 view
+    x = torch.from_numpy(stack).movedim(-1, 1)  # (B, 3, [T,] H, W) uint8 view
     out = None
     if get_worker_info() is not None:
         storage = torch.empty(0).untyped_storage()._new_shared(x.numel() * 4)
-        out = torch.empty(0).set_(storage, 0, tuple(x.shape))  # (B, 3, H, W) float32, shared
+        out = torch.empty(0).set_(storage, 0, tuple(x.shape))  # (B, 3, [T,] H, W) float32, shared
         out.copy_(x)
     else:
         out = x.to(torch.float32, memory_format=torch.contiguous_format)

@@ -6,13 +6,17 @@ randomness is counter based, so the pipeline's whole state is small (:meth:`Work
 * per source stream: pass, cycle, position in the share, open shard and offset, counters (see ``stream.py``);
 * mixing and shuffle draw counters, the drain flag;
 * REFERENCES ``(source, shard url, index in shard, visit, repeat)`` to the samples sitting in the shuffle buffer, the
-  bucket queues and the packed-but-not-yet-emitted batches, never their bytes;
+  bucket queues (keyed by bucket shape, ``[h, w]``) and the packed-but-not-yet-emitted batches, never their bytes;
 * the worker's counters (samples, skips by reason, drops, buckets).
 
 :meth:`WorkerPipeline.restore` re-reads only the referenced samples (opening each of their shards once and
 stopping after the last one needed) and reopens each stream's current shard, skipping ``offset`` samples
 without decoding. Decoding is a pure function of the reference (augmentation draws are hashed from
 ``(seed, url, index, visit)``), so a sample decoded after a resume is bit-identical to the uninterrupted run.
+
+Each pixel member is decoded by its entry in :mod:`data_pipeline.decoders`, once: when a bucket batch loses a
+sample that will not decode, the others go back to the front of their queue with their decoded pixels kept
+(in memory only; a resumed worker decodes them again, to the same values).
 
 Epoch modes (chosen by the main process, :mod:`data_pipeline.loader`):
 
@@ -31,18 +35,18 @@ Epoch modes (chosen by the main process, :mod:`data_pipeline.loader`):
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from data_pipeline.batch import Batch, collate
-from data_pipeline.buckets import BucketSet, bucket_name, pack_leftovers
+from data_pipeline.buckets import BucketSet, Shape, bucket_name, log_aspect, pack_leftovers
 from data_pipeline.data_config import DataConfig
+from data_pipeline.decoders import DecodeRequest, member_decoder
 from data_pipeline.errors import DataError
 from data_pipeline.shardlists import T_AUG, T_MIX, T_SHUFFLE, ResolvedSource, mix64, url_id
 from data_pipeline.stats import Counters, format_counts
 from data_pipeline.stream import PASS_END, Raw, SourceStream, _error_text, read_samples
-from data_pipeline.transforms import array_name, decode_image, load_array
+from data_pipeline.transforms import array_name, load_array
 
 MODES = ("aligned", "nominal", "exhaust")
 
@@ -89,8 +93,9 @@ class WorkerPipeline:
         self.buf: list[Raw] = []
         self.buf_draws = 0
         self.draining = False
-        self.queues: dict[int, list[Raw]] = {}
-        self.ready: list[tuple[int, list[Raw]]] = []
+        self.queues: dict[Shape, list[Raw]] = {}  # bucket shape (or latent shape) -> undecoded samples
+        self.ready: list[tuple[Shape, list[Raw]]] = []  # packed leftovers: (bucket shape, samples)
+        self.kept: dict[Raw, tuple[Shape, tuple]] = {}  # re-queued samples of a failed batch: (target, decoded)
         self.bad_run = 0
 
     # ------------------------------------------------------------------------------------------------ epochs
@@ -108,7 +113,7 @@ class WorkerPipeline:
                 left = len(self.buf) + sum(map(len, self.queues.values())) + sum(len(r) for _, r in self.ready)
                 left += sum(s.remaining_known() for s in self.streams if s.cycle == 0)
                 self.counters.drop("epoch_remainder", left)
-            self.buf, self.queues, self.ready = [], {}, []
+            self.buf, self.queues, self.ready, self.kept = [], {}, [], {}
             self.draining = self.finished = False
             self.seq = 0
             for s in self.streams:
@@ -154,18 +159,23 @@ class WorkerPipeline:
 
     # -------------------------------------------------------------------------------------------- decoding
 
-    def _decode(self, raw: Raw, target: tuple[int, int]):
+    def _decode(self, raw: Raw, target: Shape):
         """``(Decoded or None, {ext: array})``, or None after counting the sample as skipped."""
         cfg = self.cfg
+        kept = self.kept.pop(raw, None)
+        if kept is not None and kept[0] == target:  # decoded already, for a batch another sample spoiled
+            self.bad_run = 0
+            return kept[1]
         dec = None
-        if raw.image is not None:
+        if raw.pixel_bytes is not None:
             rand = 0
             if cfg.flip or cfg.crop == "random":
                 rand = mix64(self.ctx.seed, T_AUG, url_id(raw.url), raw.index, raw.visit)
+            decoder = member_decoder(raw.pixel_member)  # type: ignore[arg-type]
             try:
-                dec = decode_image(raw.image, target, cfg.crop, cfg.flip, rand, cfg.jpeg_draft)
-            except Exception as e:  # noqa: BLE001 - truncated / damaged image data
-                return self._bad("corrupt_image", raw, _error_text(e))
+                dec = decoder.decode(raw.pixel_bytes, DecodeRequest(target, cfg.crop, cfg.flip, rand, cfg.jpeg_draft))
+            except Exception as e:  # noqa: BLE001 - truncated / damaged pixel data
+                return self._bad(f"corrupt_{decoder.kind}", raw, _error_text(e))
         arrays = {}
         for ext, data in raw.arrays.items():
             try:
@@ -234,33 +244,29 @@ class WorkerPipeline:
         return self._collate(items)
 
     def _log_ar(self, raw: Raw) -> float:
-        h, w = raw.size  # type: ignore[misc]
-        return math.log(w / h)
+        return log_aspect(raw.shape)  # type: ignore[arg-type]
 
     def _key(self, raw: Raw):
-        """The queue a sample waits in: its aspect bucket (images), or its latent shape (latents-only shards)."""
+        """The queue a sample waits in: its bucket's shape (pixels), or its latent shape (latents-only shards)."""
         if self.ctx.buckets is not None:
-            return self.ctx.buckets.assign(*raw.size)  # type: ignore[misc]
+            return self.ctx.buckets.assign(raw.shape)  # type: ignore[arg-type]
         return raw.shape
 
-    def _key_name(self, key) -> str:
-        if self.ctx.buckets is not None:
-            return bucket_name(self.ctx.buckets.sizes[key])
-        return "x".join(map(str, key)) if key is not None else "none"
-
     def _form(self, key, raws: list[Raw], partial: bool = False) -> Optional[Batch]:
-        """Decode ``raws`` for queue ``key``; a batch if all decode (or ``partial``), else re-queue survivors."""
-        target = self.ctx.buckets.sizes[key] if self.ctx.buckets is not None else (0, 0)
+        """Decode ``raws`` for queue ``key``; a batch if all decode (or ``partial``), else re-queue the survivors,
+        keeping what they decoded to (so a sample is decoded once)."""
+        target = key if self.ctx.buckets is not None else (0, 0)
         items = []
         for raw in raws:
             d = self._decode(raw, target)
             if d is not None:
                 items.append((raw, d))
         if items and (partial or len(items) == len(raws)):
-            self.counters.buckets[self._key_name(key)] += len(items)
+            self.counters.buckets[bucket_name(key) if key is not None else "none"] += len(items)
             return self._collate(items)
         if not partial:
             self.queues[key] = [r for r, _ in items] + self.queues.get(key, [])
+            self.kept.update((r, (target, d)) for r, d in items)
         return None
 
     def _take_full(self, key) -> Optional[Batch]:
@@ -282,7 +288,7 @@ class WorkerPipeline:
             return  # latent shapes cannot be merged: their leftovers wait
         batches, rest = pack_leftovers(self.queues, self._log_ar, self.cfg.batch_size, buckets)
         for b, raws in batches:
-            self.counters.merged += sum(buckets.assign(*r.size) != b for r in raws)  # type: ignore[misc]
+            self.counters.merged += sum(buckets.assign(r.shape) != b for r in raws)  # type: ignore[arg-type]
         self.ready.extend(batches)
         self.queues = rest
 
@@ -290,7 +296,7 @@ class WorkerPipeline:
         """Exhaust mode, stream over: the leftovers as a final partial batch (image buckets: merged into the
         bucket nearest their mean aspect; latent shapes: one partial batch per shape)."""
         if self.ctx.buckets is not None:
-            left = [r for k in sorted(self.queues) for r in self.queues[k]]
+            left = [r for k in sorted(self.queues, key=self.ctx.buckets.order.__getitem__) for r in self.queues[k]]
             self.queues = {}
             key = self.ctx.buckets.nearest_log(sum(map(self._log_ar, left)) / len(left))
         else:
@@ -344,7 +350,7 @@ class WorkerPipeline:
             "buf": [ref(r) for r in self.buf],
             "queues": [[list(k) if isinstance(k, tuple) else k, [ref(r) for r in q]]
                        for k, q in sorted(self.queues.items(), key=lambda kq: str(kq[0]))],
-            "ready": [[b, [ref(r) for r in raws]] for b, raws in self.ready],
+            "ready": [[list(b), [ref(r) for r in raws]] for b, raws in self.ready],
             "streams": [s.snapshot() for s in self.streams],
             "stats": self.counters.to_dict(),
             "urls": list(urls),
@@ -366,6 +372,7 @@ class WorkerPipeline:
             s.restore(sd)
         table = d["urls"]
         refs = list(d["buf"]) + [r for _, q in d["queues"] for r in q] + [r for _, rs in d["ready"] for r in rs]
+        self.kept = {}
         if self.ctx.mode != "nominal" and epoch is not None and self.epoch is not None and epoch > self.epoch:
             self.counters.drop("epoch_remainder", len(refs))
             self.buf, self.queues, self.ready = [], {}, []
@@ -391,11 +398,18 @@ class WorkerPipeline:
         for k, rs in d["queues"]:
             q = load(rs)
             if q:
-                self.queues[tuple(k) if isinstance(k, list) else k] = q
+                self.queues[self._saved_key(k)] = q
         self.ready = []
         for b, rs in d["ready"]:
             raws = load(rs)
             if len(raws) == self.cfg.batch_size:
-                self.ready.append((int(b), raws))
+                self.ready.append((self._saved_key(b), raws))
             elif raws:  # some referenced samples vanished: let the bucket queue refill the batch
-                self.queues.setdefault(int(b), []).extend(raws)
+                self.queues.setdefault(self._saved_key(b), []).extend(raws)
+
+    def _saved_key(self, k):
+        """A queue key as JSON holds it: a shape list (or null), or a bucket index from a state written before
+        buckets were keyed by shape."""
+        if isinstance(k, int) and self.ctx.buckets is not None:
+            return self.ctx.buckets.sizes[k]
+        return tuple(k) if isinstance(k, list) else k

@@ -30,7 +30,7 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
@@ -54,23 +54,49 @@ _EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
-class ShardsConfig:
-    """What ``loom shards`` writes: the source, where the shards go, and how images are stored."""
+class WriterOptions:
+    """How one shard set is written: tar size, how images are stored, and whether an existing set is replaced.
+
+    :class:`ShardWriter`, :func:`write_shards` and :func:`~data_pipeline.preference.write_preference_shards` take
+    it; ``loom shards``' :class:`ShardsConfig` is one (so its keys stay flat: ``max_samples_per_shard=500``)."""
+
+    max_samples_per_shard: int = 1000  # at most this many samples in one tar
+    image_format: Literal["keep", "jpg", "png"] = "keep"  # keep the source's jpg/png/webp bytes, or re-encode
+    jpeg_quality: int = 95  # JPEG quality (1..100) when encoding jpg
+    max_size: Optional[int] = None  # downscale so the longer side is at most this many pixels; None: never
+    overwrite: bool = False  # replace existing shards of the same prefix in output_dir (else refuse)
+
+    def __post_init__(self) -> None:
+        n = self.max_samples_per_shard
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_samples_per_shard: got {n!r}; expected an integer >= 1")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format: got {self.image_format!r}; allowed: {', '.join(IMAGE_FORMATS)}")
+        q = self.jpeg_quality
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 100:
+            raise ValueError(f"jpeg_quality: got {q!r}; allowed: an integer in 1..100")
+        m = self.max_size
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_size: got {m!r}; allowed: null or an integer >= 1")
+
+    def writer_options(self) -> "WriterOptions":
+        """Just these options (a plain :class:`WriterOptions`, also from a config that extends it)."""
+        return WriterOptions(**{f.name: getattr(self, f.name) for f in fields(WriterOptions)})
+
+
+@dataclass
+class ShardsConfig(WriterOptions):
+    """What ``loom shards`` writes: the source, where the shards go, and how (the :class:`WriterOptions` fields)."""
 
     source: Literal["demo", "folder", "table", "pairs"] = "demo"  # demo digits, folder, table, or preference pairs
     input: Optional[str] = None  # the folder (folder), .jsonl/.csv (table) or .jsonl/.csv/.parquet (pairs); demo: none
     output_dir: str = "data/shards"  # where the tars and their .shardindex.json go (created if missing)
     prefix: Optional[str] = None  # shard names {prefix}-000000.tar; None: "shard" (pairs: "pairs"; demo: train/val)
-    max_samples_per_shard: int = 1000  # at most this many samples in one tar
-    image_format: Literal["keep", "jpg", "png"] = "keep"  # keep the source's jpg/png/webp bytes, or re-encode
-    jpeg_quality: int = 95  # JPEG quality (1..100) when encoding jpg
-    max_size: Optional[int] = None  # downscale so the longer side is at most this many pixels; None: never
     image_column: str = "image"  # table column with the image path (relative to the table's folder)
     caption_column: str = "caption"  # table column with the caption
     allow_empty_caption: bool = False  # keep images without a caption (caption ""), instead of skipping them
     seed: int = 0  # demo: seed of the stratified train/validation split
     val_fraction: float = 0.1  # demo: fraction of each digit class held out for validation, in [0, 1)
-    overwrite: bool = False  # replace existing shards of the same prefix in output_dir (else refuse)
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -93,7 +119,7 @@ class ShardsConfig:
             raise ValueError(f"output_dir: {self.output_dir!r} exists and is not a folder")
         if self.prefix is not None:
             check_prefix(self.prefix)
-        _check_writer_args(self.max_samples_per_shard, self.image_format, self.jpeg_quality, self.max_size)
+        super().__post_init__()
         for name in ("image_column", "caption_column"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: got {getattr(self, name)!r}; expected a column name")
@@ -136,18 +162,6 @@ def _check_input(source: str, value: Optional[str]) -> None:
 def check_prefix(prefix: str) -> None:
     if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
         raise ValueError(f"prefix: got {prefix!r}; allowed: letters, digits, '_', '-', '.' (no '/'), not empty")
-
-
-def _check_writer_args(max_samples_per_shard: Any, image_format: Any, jpeg_quality: Any, max_size: Any) -> None:
-    if isinstance(max_samples_per_shard, bool) or not isinstance(max_samples_per_shard, int) \
-            or max_samples_per_shard < 1:
-        raise ValueError(f"max_samples_per_shard: got {max_samples_per_shard!r}; expected an integer >= 1")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format: got {image_format!r}; allowed: {', '.join(IMAGE_FORMATS)}")
-    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality: got {jpeg_quality!r}; allowed: an integer in 1..100")
-    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
-        raise ValueError(f"max_size: got {max_size!r}; allowed: null or an integer >= 1")
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -296,32 +310,19 @@ class ShardWriter:
 
     Use as a context manager: a clean exit finishes the last tar and writes the index; an exception removes the
     tar in progress (its ``.tmp`` file) and writes no index. Shards finished before the exception stay, complete.
-    Refuses (``FileExistsError``) to start over existing shards of the same prefix unless ``overwrite``, which
-    deletes them first.
+    Refuses (``FileExistsError``) to start over existing shards of the same prefix unless ``options.overwrite``,
+    which deletes them first.
     """
 
-    def __init__(
-        self,
-        output_dir: str | os.PathLike,
-        prefix: str = DEFAULT_PREFIX,
-        max_samples_per_shard: int = 1000,
-        image_format: str = "keep",
-        jpeg_quality: int = 95,
-        max_size: Optional[int] = None,
-        overwrite: bool = False,
-        skips: Optional[SkipLog] = None,
-    ):
+    def __init__(self, output_dir: str | os.PathLike, prefix: str = DEFAULT_PREFIX,
+                 options: Optional[WriterOptions] = None, skips: Optional[SkipLog] = None):
         check_prefix(prefix)
-        _check_writer_args(max_samples_per_shard, image_format, jpeg_quality, max_size)
+        self.options = (options or WriterOptions()).writer_options()  # a copy: checked, and not shared
         self.output_dir = Path(output_dir)
         self.prefix = prefix
-        self.max_samples_per_shard = max_samples_per_shard
-        self.image_format = image_format
-        self.jpeg_quality = jpeg_quality
-        self.max_size = max_size
         self.skips = skips if skips is not None else SkipLog()
         existing = existing_shard_files(self.output_dir, prefix)
-        if existing and not overwrite:
+        if existing and not self.options.overwrite:
             raise FileExistsError(
                 f"{self.output_dir} already holds {len(existing)} file(s) of shard set {prefix!r} "
                 f"(e.g. {existing[0].name}); set overwrite=true to replace them"
@@ -368,8 +369,9 @@ class ShardWriter:
         """Add one sample; returns its key, or None when the image could not be used (counted in ``skips``)."""
         if self.index is not None:
             raise RuntimeError(f"shard writer {self.prefix!r} is closed")
+        o = self.options
         try:
-            enc = encode_image(sample.image, self.image_format, self.jpeg_quality, self.max_size, sample.decoded)
+            enc = encode_image(sample.image, o.image_format, o.jpeg_quality, o.max_size, sample.decoded)
         except Image.DecompressionBombError:
             self.skips.add("image_too_large", sample.source_id or f"sample {self.count + self.skips.total}")
             return None
@@ -397,7 +399,7 @@ class ShardWriter:
             self._add(f"{key}.{ext}", members[ext])
         self.count += 1
         self._in_shard += 1
-        if self._in_shard >= self.max_samples_per_shard:
+        if self._in_shard >= self.options.max_samples_per_shard:
             self._finish_shard()
         return key
 
@@ -466,17 +468,14 @@ def write_shards(
     samples: Iterable[Sample],
     output_dir: str | os.PathLike,
     prefix: str = DEFAULT_PREFIX,
+    options: Optional[WriterOptions] = None,
     *,
-    max_samples_per_shard: int = 1000,
-    image_format: str = "keep",
-    jpeg_quality: int = 95,
-    max_size: Optional[int] = None,
-    overwrite: bool = False,
     skips: Optional[SkipLog] = None,
     total: Optional[int] = None,
     progress: bool = False,
 ) -> WriteSummary:
-    """Write every sample of ``samples`` (a source, or any iterable of :class:`Sample`) as one shard set.
+    """Write every sample of ``samples`` (a source, or any iterable of :class:`Sample`) as one shard set, as
+    ``options`` says (defaults: :class:`WriterOptions`).
 
     ``skips`` defaults to the source's own ``skips`` log (so its skip reasons land in the index too), ``total``
     (for the progress bar) to its ``size_hint()``.
@@ -486,8 +485,7 @@ def write_shards(
     if total is None and hasattr(samples, "size_hint"):
         total = samples.size_hint()  # type: ignore[attr-defined]
     start = time.perf_counter()
-    writer = ShardWriter(output_dir, prefix, max_samples_per_shard, image_format, jpeg_quality, max_size,
-                         overwrite, skips)
+    writer = ShardWriter(output_dir, prefix, options, skips)
     with writer, tqdm(total=total, desc=prefix, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for sample in samples:
             writer.write(sample)

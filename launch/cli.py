@@ -6,6 +6,9 @@ Every command reads one typed config (see :mod:`training.config_io`): its defaul
 presets, then each ``--config`` (a preset name from ``configs/`` or a YAML path), then the ``key=value``
 overrides. A bad config stops here, before any work, with the key, the value and what is allowed.
 ``--dry-run`` prints the resolved config and the plan, then exits.
+
+Only the command used is imported (:mod:`launch.commands`): its options are added to its sub-parser when argparse
+reaches it, so ``loom shards`` does not load the training stack.
 """
 
 from __future__ import annotations
@@ -16,36 +19,54 @@ import logging
 import os
 import socket
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from launch.commands import Command, load_commands
+from launch.commands import COMMAND_HELP, Command, load_commands
 from training.config_io import ConfigError, load_config, to_yaml
 
 
-def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
+def _add_command_arguments(p: argparse.ArgumentParser, cmd: Command) -> None:
+    if cmd.positional:
+        p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(), help=f"sets {cmd.positional}=...")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="PRESET",
+                   help="a preset name from configs/ or a YAML file; repeat to layer several")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    if cmd.resume_keys:
+        p.add_argument("--resume", metavar="WHERE",
+                       help="auto (latest checkpoint if any; the default), latest (must exist), none, or a "
+                            f"checkpoint folder; sets {', '.join(cmd.resume_keys)}")
+    for flag, key, text in cmd.list_flags:
+        p.add_argument(f"--{flag}", action="append", default=[], dest=f"list_{key}", metavar=flag.upper(),
+                       help=f"{text}; repeat for several (sets {key})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=64")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's sub-parser: it imports its command and adds the command's options only when argparse hands it
+    the rest of the command line (so the other commands are never imported)."""
+
+    def __init__(self, *args, command: Optional[Callable[[], Command]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._command = command
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._command is not None:
+            _add_command_arguments(self, self._command())
+            self._command = None
+        return super().parse_known_args(args, namespace)
+
+
+def _parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom",
         description="latentloom: train latent image and video diffusion models on WebDataset shards.",
         epilog="Options are dotted key=value overrides of the command's config; see `loom <command> --dry-run`.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for cmd in commands.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        if cmd.positional:
-            p.add_argument("positional", nargs="?", metavar=cmd.positional.upper(),
-                           help=f"sets {cmd.positional}=...")
-        p.add_argument("--config", "-c", action="append", default=[], metavar="PRESET",
-                       help="a preset name from configs/ or a YAML file; repeat to layer several")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
-        if cmd.resume_keys:
-            p.add_argument("--resume", metavar="WHERE",
-                           help="auto (latest checkpoint if any; the default), latest (must exist), none, or a "
-                                f"checkpoint folder; sets {', '.join(cmd.resume_keys)}")
-        for flag, key, text in cmd.list_flags:
-            p.add_argument(f"--{flag}", action="append", default=[], dest=f"list_{key}", metavar=flag.upper(),
-                           help=f"{text}; repeat for several (sets {key})")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.batch_size=64")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True, parser_class=_CommandParser)
+    for name in commands:  # names only: a command is imported when its sub-parser runs
+        text = COMMAND_HELP.get(name, "")
+        sub.add_parser(name, help=text, description=text, command=lambda name=name: commands[name])
     return parser
 
 

@@ -52,8 +52,8 @@ def save_grid(batch: Batch, path) -> None:
     from torchvision.utils import save_image
 
     x = batch.pixels
-    if x.ndim == 5:  # (B, T, C, H, W)
-        x = x[:, 0]
+    if x.ndim == 5:  # (B, C, T, H, W): the first frame, (B, C, H, W)
+        x = x[:, :, 0]
     save_image(x.add(1).div(2).clamp(0, 1), str(path), nrow=max(1, math.ceil(math.sqrt(len(batch)))), padding=2)
 
 
@@ -103,10 +103,4 @@ def run(cfg: RunConfig) -> int:
     return 0
 
 
-COMMAND = Command(
-    name="data",
-    help="stream a few batches and print what the pipeline will do",
-    config_cls=RunConfig,
-    run=run,
-    plan=plan,
-)
+COMMAND = Command(name="data", config_cls=RunConfig, run=run, plan=plan)

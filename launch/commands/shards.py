@@ -74,10 +74,8 @@ def run(cfg: ShardsConfig) -> int:
             from data_pipeline.preference import PairTableSource, write_preference_shards
 
             pairs = PairTableSource(cfg.input, cfg.caption_column, cfg.allow_empty_caption)  # type: ignore[arg-type]
-            summaries = [write_preference_shards(
-                pairs, cfg.output_dir, cfg.shard_prefix, max_samples_per_shard=cfg.max_samples_per_shard,
-                image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality, max_size=cfg.max_size,
-                overwrite=cfg.overwrite, progress=cfg.progress)]
+            summaries = [write_preference_shards(pairs, cfg.output_dir, cfg.shard_prefix, cfg.writer_options(),
+                                                 progress=cfg.progress)]
         elif cfg.source == "demo":
             from data_pipeline.demo import build_demo_set
 
@@ -89,9 +87,7 @@ def run(cfg: ShardsConfig) -> int:
             else:
                 source = TableSource(cfg.input, cfg.image_column, cfg.caption_column,  # type: ignore[arg-type]
                                      cfg.allow_empty_caption)
-            summaries = [write_shards(source, cfg.output_dir, cfg.shard_prefix,
-                                      max_samples_per_shard=cfg.max_samples_per_shard, image_format=cfg.image_format,
-                                      jpeg_quality=cfg.jpeg_quality, max_size=cfg.max_size, overwrite=cfg.overwrite,
+            summaries = [write_shards(source, cfg.output_dir, cfg.shard_prefix, cfg.writer_options(),
                                       progress=cfg.progress)]
     except (FileExistsError, ValueError) as e:
         print(f"loom shards: {e}", file=sys.stderr)
@@ -104,11 +100,4 @@ def run(cfg: ShardsConfig) -> int:
     return 0
 
 
-COMMAND = Command(
-    name="shards",
-    help="write WebDataset shards from a folder, a JSONL/CSV table, the demo set, or preference pairs",
-    config_cls=ShardsConfig,
-    run=run,
-    plan=plan,
-    positional="source",
-)
+COMMAND = Command(name="shards", config_cls=ShardsConfig, run=run, plan=plan, positional="source")

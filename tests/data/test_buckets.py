@@ -39,11 +39,11 @@ def test_bucket_set_respects_budget_step_and_aspect(res, step, max_aspect):
 
 def test_nearest_bucket_in_log_space():
     b = BucketSet([(64, 16), (32, 32), (16, 64)])
-    assert b.sizes[b.assign(100, 100)] == (32, 32)
-    assert b.sizes[b.assign(10, 100)] == (16, 64)  # wider than the widest: the extreme bucket
+    assert b.assign((100, 100)) == (32, 32)
+    assert b.assign((10, 100)) == (16, 64)  # wider than the widest: the extreme bucket
     # ratio 2.0 is exactly between 1 and 4 in log space, but 2.1 is nearer 4 only in log space (linear: nearer 1)
-    assert b.sizes[b.assign(100, 210)] == (16, 64)
-    assert b.sizes[b.assign(100, 190)] == (32, 32)
+    assert b.assign((100, 210)) == (16, 64)
+    assert b.assign((100, 190)) == (32, 32)
 
 
 def test_pack_leftovers_merges_neighbours_into_full_batches():
@@ -51,13 +51,13 @@ def test_pack_leftovers_merges_neighbours_into_full_batches():
     items = [(24, 40)] * 3 + [(32, 32)] * 2 + [(40, 24)] * 2  # (h, w) per sample
     queues = {}
     for i, hw in enumerate(items):
-        queues.setdefault(b.assign(*hw), []).append((i, hw))
+        queues.setdefault(b.assign(hw), []).append((i, hw))
     batches, rest = pack_leftovers(queues, lambda x: math.log(x[1][1] / x[1][0]), 3, b)
     assert [len(r) for _, r in batches] == [3, 3]
     assert sum(len(v) for v in rest.values()) == 1
     seen = [x for _, r in batches for x in r] + [x for v in rest.values() for x in v]
     assert sorted(seen) == sorted(enumerate(items))
-    assert b.sizes[batches[0][0]][0] > b.sizes[batches[0][0]][1]  # the tall group went to a tall bucket
+    assert batches[0][0][0] > batches[0][0][1]  # the tall group went to a tall bucket
 
 
 def test_bucket_assignment_reads_the_header_only():
@@ -85,7 +85,7 @@ def test_every_batch_has_one_bucket_size_and_records_geometry(tmp_path, workers)
             assert tuple(orig) == SIZES[i % len(SIZES)]
             rh, rw = cover_geometry(orig[0], orig[1], h, w)
             assert crop == [(rh - h) // 2, (rw - w) // 2]
-            moved += buckets.sizes[buckets.assign(*orig)] != (h, w)
+            moved += buckets.assign(tuple(orig)) != (h, w)
         keys += b.keys
     assert len(shapes) >= 3
     assert len(keys) == len(set(keys)) == loader.batches_per_epoch * 3 == 36  # all packed: none left over
@@ -143,3 +143,37 @@ def test_latents_only_shards_are_batched_by_latent_shape(tmp_path):
         keys += b.keys
     assert len(keys) == len(set(keys)) == 2 * loader.batches_per_epoch == 12
     assert loader.stats()["buckets"] == {"4x4x6": 4, "4x6x4": 4, "4x5x5": 4}
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_bad_sample_does_not_make_its_batch_decode_the_others_again(tmp_path, monkeypatch, merge):
+    """A bucket batch that loses a sample to a decode error goes back to its queue; the survivors keep what they
+    decoded to, so every sample is decoded once (the batches are the same as before: decoding is pure)."""
+    import dataclasses
+
+    from shardmaker import sample, write_shardset
+
+    from data_pipeline import decoders
+
+    samples = []
+    for i in range(10):
+        m = sample(f"k{i:02d}", 32, 32, seed=i)
+        if i in (1, 5):  # header intact, pixels cut: passes the probe, fails the decode
+            m["png"] = m["png"][: len(m["png"]) // 3]
+        samples.append((f"k{i:02d}", m))
+    write_shardset(tmp_path, "s", [samples])
+    calls = Counter()
+
+    def counting(data, request):
+        calls[data] += 1
+        return decoders.IMAGE.decode(data, request)
+
+    monkeypatch.setitem(decoders.DECODERS, "png", dataclasses.replace(decoders.IMAGE, decode=counting))
+    cfg = DataConfig(urls=str(tmp_path), resolution=32, batch_size=3, num_workers=0, shuffle_buffer=0,
+                     full_pass=True, buckets=BucketConfig(enabled=True, step=8, max_aspect=2.0,
+                                                          merge_leftovers=merge))
+    loader = build_loader(cfg)
+    keys = [k for b in loader for k in b.keys]
+    assert keys == ["k00", "k02", "k03", "k04", "k06", "k07", "k08", "k09"]  # arrival order, bad ones skipped
+    assert loader.stats()["skipped"] == {"corrupt_image": 2}
+    assert sum(calls.values()) == 10 and set(calls.values()) == {1}  # each sample decoded once

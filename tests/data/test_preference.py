@@ -20,6 +20,7 @@ from data_pipeline.preference import (
     write_preference_shards,
 )
 from data_pipeline.sources import SkipLog
+from data_pipeline.writer import WriterOptions
 
 
 def _png(value: int, size: int = 12) -> bytes:
@@ -62,7 +63,7 @@ def _members(tar_path: Path) -> dict[str, dict[str, bytes]]:
 
 def test_writer_layout_and_skip_counts(pair_table: Path, tmp_path: Path):
     source = PairTableSource(pair_table)
-    result = write_preference_shards(source, tmp_path / "out", "pairs", max_samples_per_shard=3)
+    result = write_preference_shards(source, tmp_path / "out", "pairs", WriterOptions(max_samples_per_shard=3))
     assert result.samples == 4 and result.ties == 1
     assert dict(source.skips.counts) == {"missing_image": 1, "corrupt_image": 1, "bad_label": 2,
                                          "missing_caption": 1, "bad_row": 1}
@@ -80,7 +81,8 @@ def test_writer_layout_and_skip_counts(pair_table: Path, tmp_path: Path):
 
 
 def test_reader_decodes_pairs_orders_winners_and_counts_ties(pair_table: Path, tmp_path: Path):
-    write_preference_shards(PairTableSource(pair_table), tmp_path / "out", "pairs", max_samples_per_shard=3)
+    write_preference_shards(PairTableSource(pair_table), tmp_path / "out", "pairs",
+                            WriterOptions(max_samples_per_shard=3))
     cfg = DataConfig(urls=str(tmp_path / "out" / "pairs-*.tar"), resolution=8)
     skips = SkipLog()
     dropped = list(iter_preference_pairs(cfg, "drop", skips))

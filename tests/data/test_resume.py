@@ -109,6 +109,25 @@ def test_resume_until_exhaustion(data):
     check_resume(cfg, 2 * len(sizes), [2, len(sizes), len(sizes) + 1])
 
 
+def test_state_with_bucket_indices_still_resumes(data):
+    """States written before buckets were keyed by shape held bucket positions; they resume the same way."""
+    from data_pipeline.buckets import BucketSet, make_buckets
+
+    cfg = base(data, buckets=BUCKETS)
+    order = BucketSet(make_buckets(32, 8, 2.5)).order
+    reference = take(build_loader(cfg), 14)
+    first = build_loader(cfg)
+    head = take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))
+    (worker,) = state["workers"]
+    assert worker["queues"] and all(len(k) == 2 for k, _ in worker["queues"])  # saved as [h, w] shapes
+    worker["queues"] = [[order[tuple(k)], refs] for k, refs in worker["queues"]]
+    worker["ready"] = [[order[tuple(b)], refs] for b, refs in worker["ready"]]
+    second = build_loader(cfg)
+    second.load_state_dict(state)
+    assert head + take(second, 9) == reference
+
+
 def test_resume_latents_only_shape_queues(tmp_path):
     import numpy as np
     from shardmaker import npy_bytes, write_shardset

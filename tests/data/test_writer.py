@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipeline.index import read_index
 from data_pipeline.sources import FolderSource, Sample, SkipLog, TableSource
-from data_pipeline.writer import ShardsConfig, ShardWriter, encode_image, write_shards
+from data_pipeline.writer import ShardsConfig, ShardWriter, WriterOptions, encode_image, write_shards
 
 
 def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
@@ -83,7 +83,7 @@ def test_layout_members_json_and_txt(tmp_path):
 
 
 def test_max_per_shard_and_index_match_the_tars(tmp_path):
-    summary = write_shards(_samples(7), tmp_path, "train", max_samples_per_shard=3)
+    summary = write_shards(_samples(7), tmp_path, "train", WriterOptions(max_samples_per_shard=3))
     tars = sorted(tmp_path.glob("*.tar"))
     assert [t.name for t in tars] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     index = read_index(tmp_path / "train.shardindex.json")
@@ -104,7 +104,7 @@ def test_max_per_shard_and_index_match_the_tars(tmp_path):
 
 def test_webdataset_reads_the_shards(tmp_path):
     wds = pytest.importorskip("webdataset")
-    write_shards(_samples(5), tmp_path, "w", max_samples_per_shard=2)
+    write_shards(_samples(5), tmp_path, "w", WriterOptions(max_samples_per_shard=2))
     urls = [str(p) for p in sorted(tmp_path.glob("w-*.tar"))]
     seen = []
     for url in urls:
@@ -125,11 +125,12 @@ def _raising(samples, after):
 
 def test_a_failing_source_leaves_no_partial_tar(tmp_path):
     with pytest.raises(RuntimeError, match="source broke"):
-        write_shards(_raising(_samples(10), after=4), tmp_path, "x", max_samples_per_shard=100)
+        write_shards(_raising(_samples(10), after=4), tmp_path, "x",
+                     WriterOptions(max_samples_per_shard=100))
     assert list(tmp_path.iterdir()) == []  # no final-name tar, no .tmp, no index
 
     with pytest.raises(RuntimeError):
-        write_shards(_raising(_samples(10), after=5), tmp_path, "y", max_samples_per_shard=2)
+        write_shards(_raising(_samples(10), after=5), tmp_path, "y", WriterOptions(max_samples_per_shard=2))
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["y-000000.tar", "y-000001.tar"]  # finished shards stay whole; no index, no temp file
     assert [len(_read_tar(tmp_path / n)) for n in left] == [2, 2]
@@ -143,7 +144,7 @@ def test_tmp_name_is_used_while_writing(tmp_path):
             yield s
             seen.append(sorted(p.name for p in tmp_path.iterdir()))
 
-    write_shards(watch(), tmp_path, "t", max_samples_per_shard=10)
+    write_shards(watch(), tmp_path, "t", WriterOptions(max_samples_per_shard=10))
     assert seen[0] == ["t-000000.tar.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-000000.tar", "t.shardindex.json"]
 
@@ -151,9 +152,9 @@ def test_tmp_name_is_used_while_writing(tmp_path):
 def test_bytes_are_deterministic(tmp_path, monkeypatch):
     import time
 
-    write_shards(_samples(5), tmp_path / "a", "d", max_samples_per_shard=2)
+    write_shards(_samples(5), tmp_path / "a", "d", WriterOptions(max_samples_per_shard=2))
     monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # a different "now" must not matter
-    write_shards(_samples(5), tmp_path / "b", "d", max_samples_per_shard=2)
+    write_shards(_samples(5), tmp_path / "b", "d", WriterOptions(max_samples_per_shard=2))
     files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files_a:
@@ -165,7 +166,7 @@ def test_bytes_are_deterministic(tmp_path, monkeypatch):
 def test_reencode_to_jpg_with_downscale(tmp_path):
     rgba = np.dstack([_rgb(20, 40, 5), np.full((20, 40), 128, np.uint8)])
     samples = [Sample(_encode(rgba, "PNG"), "transparent", {}, "t.png")]
-    write_shards(samples, tmp_path, "j", image_format="jpg", jpeg_quality=80, max_size=16)
+    write_shards(samples, tmp_path, "j", WriterOptions(image_format="jpg", jpeg_quality=80, max_size=16))
     got = _read_tar(tmp_path / "j-000000.tar")["000000000"]
     assert set(got) == {"jpg", "json", "txt"}
     img = Image.open(io.BytesIO(got["jpg"]))
@@ -213,12 +214,12 @@ def test_writer_counts_corrupt_bytes(tmp_path):
 
 
 def test_overwrite_is_refused_unless_asked(tmp_path):
-    write_shards(_samples(5), tmp_path, "o", max_samples_per_shard=2)
+    write_shards(_samples(5), tmp_path, "o", WriterOptions(max_samples_per_shard=2))
     write_shards(_samples(2), tmp_path, "other")  # another prefix in the same folder is no conflict
     with pytest.raises(FileExistsError, match="overwrite"):
         ShardWriter(tmp_path, "o")
     assert len(list(tmp_path.glob("o-*.tar"))) == 3  # refusing touched nothing
-    write_shards(_samples(1, start=10), tmp_path, "o", overwrite=True)
+    write_shards(_samples(1, start=10), tmp_path, "o", WriterOptions(overwrite=True))
     assert sorted(p.name for p in tmp_path.glob("o-*.tar")) == ["o-000000.tar"]  # stale shards 1, 2 gone
     assert read_index(tmp_path / "o.shardindex.json").total_samples == 1
     assert len(list(tmp_path.glob("other-*.tar"))) == 1
@@ -313,7 +314,7 @@ def test_folder_source_reads_and_skips(tmp_path):
 
 def test_folder_source_allow_empty_caption_and_shards(tmp_path):
     src = FolderSource(_folder(tmp_path / "imgs"), allow_empty_caption=True)
-    summary = write_shards(src, tmp_path / "out", "f", max_samples_per_shard=4)
+    summary = write_shards(src, tmp_path / "out", "f", WriterOptions(max_samples_per_shard=4))
     assert summary.samples == 6 and summary.skips.counts == {"corrupt_image": 1, "bad_metadata": 1}
     index = read_index(summary.index_path)
     assert index.skipped == {"corrupt_image": 1, "bad_metadata": 1}
@@ -406,3 +407,14 @@ def test_skip_log_keeps_a_few_examples():
     assert log.counts == {"missing_image": 5} and log.examples["missing_image"] == ["f0", "f1"]
     assert log.format() == "missing_image 5 (e.g. f0, f1, ...)"
     assert SkipLog().format() == "nothing"
+
+
+def test_writer_options_are_one_dataclass_that_the_command_config_extends(tmp_path):
+    cfg = ShardsConfig(source="folder", input=str(tmp_path), max_samples_per_shard=7, image_format="png",
+                       overwrite=True)
+    assert isinstance(cfg, WriterOptions)
+    assert cfg.writer_options() == WriterOptions(7, "png", 95, None, True)
+    with pytest.raises(ValueError, match="^max_samples_per_shard: got 0"):
+        WriterOptions(max_samples_per_shard=0)
+    with pytest.raises(ValueError, match="^max_size: got 0"):
+        ShardWriter(tmp_path, "w", WriterOptions(max_size=0))

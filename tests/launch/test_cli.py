@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from launch import cli
-from launch.commands import load_commands
+from launch.commands import COMMAND_HELP, load_command, load_commands
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "accelerate", "deepspeed", "open_clip", "training.trainer", "training.run_config")
 
 
 def test_every_command_is_registered():
     assert set(load_commands()) >= {"shards", "data", "train", "sample"}
+
+
+@pytest.mark.parametrize("name", list(COMMAND_HELP))
+def test_registry_line_is_the_commands_own_help(name):
+    cmd = load_command(name)
+    assert cmd.name == name and cmd.help == COMMAND_HELP[name]
+
+
+def _imported_by(*argv: str) -> set[str]:
+    """Modules a fresh ``python -m launch ARGV`` imports (read from ``-X importtime``)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "launch", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("argv", [("--help",), ("shards", "--help"),
+                                  ("shards", "demo", "output_dir=/nonexistent/loom-test", "--dry-run")])
+def test_shards_starts_without_the_training_stack(argv):
+    mods = _imported_by(*argv)
+    assert "launch.cli" in mods  # the import log was read
+    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
+    assert not {"launch.commands.data", "launch.commands.train", "launch.commands.sample"} & mods
 
 
 def test_quickstart_preset_resolves_with_plan(capsys):
