@@ -19,21 +19,25 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = None, scale: int = 1,
-              labels: Optional[Sequence[str]] = None) -> Path:
-    """Save ``(B, C, H, W)`` images in [-1, 1] as one PNG grid (``nrow`` per row), optionally upscaled."""
-    from PIL import Image
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = None, scale: int = 1) -> Path:
+    """Save images in [-1, 1] as one PNG grid with 2-pixel white gutters (torchvision's ``make_grid``).
 
-    arr = to_uint8(images)  # (B, H, W, C)
-    b, h, w, c = arr.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
-    img = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    ``(B, C, H, W)`` images go ``nrow`` to a row (default: a square-ish grid); ``(B, C, T, H, W)`` clips become a
+    contact sheet, one clip per row with its frames left to right (``nrow`` is then the frame count). ``scale``
+    enlarges the picture by pixel repetition, for tiny images.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if images.ndim == 5:  # (B, C, T, H, W) -> (B*T, C, H, W), frame index fastest
+        b, c, t, h, w = images.shape
+        images, nrow = images.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), t
+    elif images.ndim != 4:
+        raise ValueError(f"save_grid: expected (B, C, H, W) images or (B, C, T, H, W) clips, got {tuple(images.shape)}")
+    pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
+    nrow = nrow or math.ceil(math.sqrt(len(pixels)))
+    grid = make_grid(pixels, nrow=nrow, padding=2, pad_value=255)  # (3, H', W') uint8
+    img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)

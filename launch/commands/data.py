@@ -12,7 +12,6 @@ grid of the first batch as ``<run.output_dir>/<run.name>/preview.png``. The data
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 from typing import Iterator
@@ -22,6 +21,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import StreamingLoader, build_loader
 from data_pipeline.stats import format_counts
 from launch.commands import Command
+from training.evaluation import save_grid
 from training.run_config import RunConfig
 
 
@@ -45,16 +45,6 @@ def _endless(loader: StreamingLoader) -> Iterator[Batch]:
             yield batch
         if not got:
             return
-
-
-def save_grid(batch: Batch, path) -> None:
-    """The batch's images in a grid (pixels mapped from [-1, 1] to [0, 1]); video batches show frame 0."""
-    from torchvision.utils import save_image
-
-    x = batch.pixels
-    if x.ndim == 5:  # (B, C, T, H, W): the first frame, (B, C, H, W)
-        x = x[:, :, 0]
-    save_image(x.add(1).div(2).clamp(0, 1), str(path), nrow=max(1, math.ceil(math.sqrt(len(batch)))), padding=2)
 
 
 def run(cfg: RunConfig) -> int:
@@ -95,7 +85,7 @@ def run(cfg: RunConfig) -> int:
           + (f"; buckets: {st['buckets']}" if st["buckets"] else ""))
     if first is not None and first.pixels is not None:
         path = out_dir / "preview.png"
-        save_grid(first, path)
+        save_grid(first.pixels, path)  # clips: one row of frames per clip
         print(f"preview of the first batch: {path}")
     if first is None:
         print("loom data: no batch could be streamed", file=sys.stderr)
