@@ -1,4 +1,5 @@
-"""What the benchmarks share: synthetic cached-latent batches, an in-memory loader, and the ``--profile`` helper."""
+"""What the benchmarks share: synthetic cached-latent batches (trained through
+:class:`data_pipeline.memory.InMemoryLoader`) and the ``--profile`` helper."""
 
 from __future__ import annotations
 
@@ -25,26 +26,6 @@ def make_batches(text: Any, n: int, batch: int, generator: torch.Generator, side
                          extras={"context": cond.context, "context_mask": cond.context_mask.to(torch.uint8),
                                  "pooled": cond.pooled}))
     return out
-
-
-class MemoryLoader:
-    """The same pre-built batches, cycled, with a position (checkpointed) and the batch size (read by the trainer)."""
-
-    def __init__(self, batches: list):
-        self.batches, self.pos = batches, 0
-        self.batch_size = len(batches[0])
-
-    def __iter__(self):
-        while True:
-            b = self.batches[self.pos % len(self.batches)]
-            self.pos += 1
-            yield b
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.pos = sd["pos"]
 
 
 @contextlib.contextmanager

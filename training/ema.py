@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from training.sharding import gather_full, local_shard, shard_of
+from training.sharding import gather_full, is_sharded, local_shard, shard_of
 
 
 class EMA:
@@ -24,6 +24,11 @@ class EMA:
     ``decay`` is the target rate; with ``warmup`` the effective rate ramps as ``min(decay, (1 + n) / (10 + n))``
     after ``n`` updates (the schedule of Ho et al.'s and diffusers' EMA), so early averages are not dominated by the
     random initialisation. Buffers are not averaged; they are copied from the model when the EMA is applied.
+
+    The (shadow, live parameter) pairs are resolved once, here: build the EMA from the module whose parameter
+    objects training updates in place — after Accelerate's ``prepare``, ``acc.unwrap_model(model)``. DDP, ZeRO-1/2/3
+    and FSDP2 keep those objects for the whole run (ZeRO-3 and FSDP2 update each one's partition or local chunk in
+    place); :meth:`tracks` checks it. Each :meth:`update` is then one ``torch._foreach_lerp_`` over the pairs.
     """
 
     def __init__(self, parameters: Iterable[tuple[str, nn.Parameter]], decay: float = 0.9999, warmup: bool = True):
@@ -31,9 +36,24 @@ class EMA:
             raise ValueError(f"ema decay: {decay} must be in [0, 1)")
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
+        self.params: dict[str, nn.Parameter] = {name: p for name, p in parameters if p.requires_grad}  # module order
         self.shadow: dict[str, Tensor] = {
-            name: local_shard(p).detach().float().clone() for name, p in parameters if p.requires_grad
+            name: local_shard(p).detach().float().clone() for name, p in self.params.items()
         }
+        self._bind()
+
+    def _bind(self) -> None:
+        """Resolve the pairs the updates run over (again whenever the shadow tensors are replaced)."""
+        self._shadows = list(self.shadow.values())
+        self._live = list(self.params.values())
+        self._sharded = any(is_sharded(p) for p in self._live)  # then read each rank's part at every update
+        self._cast = any(local_shard(p).dtype != s.dtype or local_shard(p).device != s.device
+                         for p, s in zip(self._live, self._shadows))
+
+    def tracks(self, parameters: Iterable[tuple[str, nn.Parameter]]) -> bool:
+        """Whether ``parameters`` (a module's ``named_parameters()``) are the very objects this EMA averages."""
+        live = {name: p for name, p in parameters if name in self.params}
+        return live.keys() == self.params.keys() and all(live[n] is p for n, p in self.params.items())
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -42,17 +62,20 @@ class EMA:
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
     @torch.no_grad()
-    def update(self, parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def update(self) -> None:
+        """``s ← d·s + (1 − d)·p`` for every tracked parameter ``p`` (this rank's part of it), ``d`` the current
+        decay."""
         d = self.current_decay()
-        named = [(self.shadow[name], local_shard(p)) for name, p in parameters if name in self.shadow]
-        if named:
-            shadows = [s for s, _ in named]
-            params = [p.detach().to(device=s.device, dtype=s.dtype) for s, p in named]
-            torch._foreach_lerp_(shadows, params, 1.0 - d)  # s += (1 - d) (p - s)
+        if self._shadows:
+            live = [local_shard(p) for p in self._live] if self._sharded else self._live
+            if self._cast:
+                live = [p.to(device=s.device, dtype=s.dtype) for s, p in zip(self._shadows, live)]
+            torch._foreach_lerp_(self._shadows, live, 1.0 - d)  # s += (1 - d) (p - s)
         self.num_updates += 1
 
     def to(self, device: torch.device | str) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        self._bind()
         return self
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -77,43 +100,36 @@ class EMA:
 
     # ---- consolidated (whole-tensor) form, whatever the sharding
 
-    def full_state_dict(self, parameters: Iterable[tuple[str, nn.Parameter]], dst: Optional[int] = 0
-                        ) -> Optional[dict[str, Tensor]]:
+    def full_state_dict(self, dst: Optional[int] = 0) -> Optional[dict[str, Tensor]]:
         """Like :meth:`state_dict` but with whole tensors (on CPU), gathered from every rank's shard.
 
-        Collective under sharding: call it on every rank with the module's ``named_parameters()``. Returns the
-        dict on rank ``dst`` (``None``: every rank) and None on the others.
+        Collective under sharding: call it on every rank. Returns the dict on rank ``dst`` (``None``: every rank)
+        and None on the others.
         """
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         keep = dst is None or rank == dst
         out: dict[str, Tensor] = {}
-        for name, p in parameters:  # the module's order: the same on every rank
-            if name not in self.shadow:
-                continue
+        for name, p in self.params.items():  # the module's order: the same on every rank
             full = gather_full(p, self.shadow[name], dst=dst)
             if keep:
                 out[f"shadow.{name}"] = full.float().contiguous()
         if not keep:
             return None
-        if len(out) != len(self.shadow):
-            raise KeyError(f"EMA weights with no matching parameter: {sorted(set(self.shadow) - set(out))[:5]}")
         out["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
         return out
 
-    def load_full_state_dict(self, state: dict[str, Tensor], parameters: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore from :meth:`full_state_dict`'s whole tensors: each rank keeps its own part (no communication)."""
         shadow = self._shadow_entries(state)
-        for name, p in parameters:
-            if name in self.shadow:
-                self.shadow[name].copy_(shard_of(p, shadow[name].float()))
+        for name, p in self.params.items():
+            self.shadow[name].copy_(shard_of(p, shadow[name].float()))
         self.num_updates = int(state["num_updates"])
 
-    def full_weights(self, parameters: Iterable[tuple[str, nn.Parameter]], dst: Optional[int] = 0
-                     ) -> Optional[dict[str, Tensor]]:
+    def full_weights(self, dst: Optional[int] = 0) -> Optional[dict[str, Tensor]]:
         """The averaged weights as a consolidated ``{name: tensor}`` (collective, like :meth:`full_state_dict`)."""
-        state = self.full_state_dict(parameters, dst=dst)
+        state = self.full_state_dict(dst=dst)
         if state is None:
             return None
         return ema_weights(state)

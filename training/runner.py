@@ -57,9 +57,10 @@ def run_autoencoder(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Path:
         val_pixels = torch.cat([b.pixels for b in first_batches(cfg.val_data, 256, 64)])[:256]
     torch.manual_seed(cfg.run.seed)
     stage = AutoencoderStage(st, val_pixels)
-    loader = build_loader(with_batch(cfg.data, st.batch_size), rank=rank, world_size=world)
-    result = Trainer(st.train, stage, loader, run_dir / "autoencoder", seed=cfg.run.seed,
-                     config_yaml=config_yaml).fit()
+    data = with_batch(cfg.data, st.batch_size)
+    loader = build_loader(data, rank=rank, world_size=world)
+    result = Trainer(st.train, stage, loader, run_dir / "autoencoder", micro_batch_size=data.batch_size,
+                     seed=cfg.run.seed, config_yaml=config_yaml).fit()
     log.info("autoencoder: %s", {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")})
     return exported_autoencoder_path(run_dir)
 
@@ -102,8 +103,8 @@ def trained_stage_runner(name: str, build: Callable[[RunConfig, Path], tuple[Any
         rank, world = distributed_position()
         stage, data = build(cfg, run_dir)
         loader = build_loader(data, rank=rank, world_size=world)
-        return Trainer(getattr(cfg, name).train, stage, loader, run_dir / name, seed=cfg.run.seed,
-                       config_yaml=config_yaml).fit()
+        return Trainer(getattr(cfg, name).train, stage, loader, run_dir / name, micro_batch_size=data.batch_size,
+                       seed=cfg.run.seed, config_yaml=config_yaml).fit()
 
     return run
 

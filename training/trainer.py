@@ -10,7 +10,7 @@ scheduler step → EMA update → logs; checkpoints, validation and export at th
 The same loop runs single-process, under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 (:mod:`training.sharding` holds what
 differs). Under DeepSpeed:
 
-* the JSON's ``auto`` values are filled from the run config before ``prepare`` (micro-batch from the loader,
+* the JSON's ``auto`` values are filled from the run config before ``prepare`` (``Trainer(micro_batch_size=...)``,
   ``grad_accum``, ``max_grad_norm``), so global batch = micro-batch × accumulation × world size as under DDP;
 * DeepSpeed divides the loss by its accumulation steps, clips, steps and zeroes the gradients inside
   ``accelerator.backward`` at the accumulation boundary (``opt.step``/``zero_grad`` are no-ops there); the learning
@@ -35,11 +35,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
 
+from data_pipeline.protocol import TrainLoader, check_loader
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.ema import EMA
 from training.sharding import (
@@ -51,6 +52,7 @@ from training.sharding import (
     materialize,
     meta_skeleton,
     prepare_deepspeed_config,
+    prepare_fsdp2_wrapping,
     strategy_name,
 )
 from training.stages.base import Stage
@@ -199,29 +201,69 @@ class TrainResult:
     export_path: Optional[Path] = None
 
 
+@dataclass
+class LogWindow:
+    """Sums over the steps since the last log line (its values are averaged over ``steps`` when logged)."""
+
+    sums: dict[str, float] = field(default_factory=dict)  # per-step logs of the finite steps, summed
+    steps: int = 0  # finite steps in the window
+    samples: int = 0  # samples this rank trained on (non-finite steps included)
+    data_time: float = 0.0  # seconds spent waiting for the loader
+    start: float = field(default_factory=time.perf_counter)  # when the window opened
+
+
+@dataclass
+class TrainState:
+    """What :meth:`Trainer.fit` carries from step to step; built by :meth:`Trainer._setup`."""
+
+    model: nn.Module  # the trained module as prepared by Accelerate (wrapped / sharded)
+    opt: Any  # the prepared optimizer
+    ema: Optional[EMA]  # the EMA of the trained parameters; None: train.ema_decay is null
+    lr_at: Callable[[int], float]  # the LR multiplier of a step (see lr_lambda)
+    use_deepspeed: bool  # under DeepSpeed a skipped step back-propagates a NaN (see the module docstring)
+    result: TrainResult  # what fit() returns, filled as the run goes
+    step: int = 0  # optimizer steps done (skipped ones included)
+    lr: float = 0.0  # the learning rate of the last step
+    nonfinite_total: int = 0  # skipped steps over the whole run (checkpointed)
+    consecutive_bad: int = 0  # skipped steps in a row
+    batches: Optional[Iterator[Any]] = None  # the current epoch of the loader
+    window: LogWindow = field(default_factory=LogWindow)  # the logging window
+    pbar: Any = None  # the progress bar (main process, train.progress)
+
+
 class Trainer:
     """Trains one :class:`Stage` on a data loader.
 
-    ``loader`` is an iterable of batches with ``state_dict()`` / ``load_state_dict()`` (its position, saved in every
-    checkpoint) and optionally ``stats()`` (bad-sample counts, logged). Each ``iter(loader)`` is one epoch.
-    ``micro_batch_size`` is the per-rank batch the loader yields (read from ``loader.batch_size`` or
-    ``loader.cfg.batch_size`` when not given); DeepSpeed needs it, and the start-up log states the global batch.
+    ``loader`` is a :class:`data_pipeline.protocol.TrainLoader`: an iterable of batches (each ``iter(loader)`` is
+    one epoch) with ``state_dict()`` / ``load_state_dict()`` (its position, saved in every checkpoint) and
+    ``stats()`` (bad-sample counts, logged). ``micro_batch_size`` is the per-rank batch the loader yields; DeepSpeed
+    needs it, and the start-up log states the global batch.
+
+    :meth:`fit` is set-up (:meth:`_setup`), then :meth:`train_step` and the interval work (:meth:`_end_of_step`:
+    logs, checkpoints, validation, signals) until ``max_steps``, then the last validation and the export. A subclass
+    may override :meth:`train_step`.
     """
 
     def __init__(
         self,
         cfg: TrainConfig,
         stage: Stage,
-        loader: Any,
+        loader: TrainLoader,
         run_dir: str | Path,
+        *,
+        micro_batch_size: int,
         seed: int = 0,
         config_yaml: Optional[str] = None,
         accelerator: Any = None,
-        micro_batch_size: Optional[int] = None,
     ):
+        check_loader(loader)
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+            raise ValueError(f"Trainer: micro_batch_size={micro_batch_size!r} must be an int >= 1 (the per-rank "
+                             "batch the loader yields)")
         self.cfg, self.stage, self.loader = cfg, stage, loader
         self.micro_batch_size = micro_batch_size
         self._skeleton: Optional[nn.Module] = None
+        self.state: Optional[TrainState] = None  # the last fit()'s state, for inspection
         self.run_dir = Path(run_dir)
         self.seed = seed
         self.config_yaml = config_yaml
@@ -251,15 +293,6 @@ class Trainer:
         if ds_dtype is not None:
             return ds_dtype
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision, torch.float32)
-
-    def _micro_batch(self) -> Optional[int]:
-        if self.micro_batch_size is not None:
-            return int(self.micro_batch_size)
-        for holder in (self.loader, getattr(self.loader, "cfg", None)):
-            size = getattr(holder, "batch_size", None)
-            if isinstance(size, int) and size > 0:
-                return size
-        return None
 
     def _check_accumulation(self) -> None:
         acc_steps = self.accelerator.gradient_accumulation_steps
@@ -299,7 +332,7 @@ class Trainer:
             state = acc.unwrap_model(model).state_dict()
         averaged = None
         if ema is not None:
-            averaged = ema.full_weights(acc.unwrap_model(model).named_parameters(), dst=0)
+            averaged = ema.full_weights(dst=0)
         if not acc.is_main_process:
             return None
         state = {k: v.detach() for k, v in state.items()}
@@ -323,10 +356,91 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- fit
 
     def fit(self) -> TrainResult:
-        cfg, acc, stage = self.cfg, self.accelerator, self.stage
+        """Train until ``train.max_steps`` (or a SIGTERM/SIGUSR1: checkpoint and return), then the last validation
+        and the export, on one evaluation copy."""
+        state = self.state = self._setup()
+        with _StopFlag() as stop:
+            while state.step < self.cfg.max_steps:
+                logs = self.train_step(state)
+                if self._end_of_step(state, logs, stop):
+                    break
+        return self._finish(state)
+
+    def train_step(self, state: TrainState) -> Optional[dict[str, float]]:
+        """One optimizer step over ``train.grad_accum`` micro-batches: loss → backward → clip → step → EMA.
+
+        Returns the step's logs (``loss`` and the stage's values, averaged over the micro-batches; ``grad_norm``
+        where clipped), or None when the loss was not finite on some rank: then every rank skips the update (under
+        DeepSpeed the step's remaining micro-batches back-propagate a NaN, so that its overflow check drops the step
+        and clears its accumulation buffers).
+        """
+        cfg, acc, model, opt = self.cfg, self.accelerator, state.model, state.opt
+        state.lr = cfg.optim.lr * state.lr_at(state.step)
+        for group in opt.param_groups:
+            group["lr"] = state.lr
+        bad, sums = False, {}
+        for _ in range(cfg.grad_accum):
+            batch = self._next_batch(state)
+            with acc.accumulate(model):
+                loss, logs = self.stage.loss(model, batch)
+                if self._any_rank_true(not bool(torch.isfinite(loss.detach()).all())):
+                    bad = True  # every rank skips backward together: no collective is left waiting
+                if bad and state.use_deepspeed:
+                    acc.backward(loss * float("nan"))  # DeepSpeed's overflow check drops the whole step
+                elif not bad:
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                        if grad_norm is not None:
+                            logs["grad_norm"] = float(grad_norm)
+                    opt.step()  # Accelerate makes this a no-op until the last micro-batch
+                opt.zero_grad(set_to_none=True)
+            for k, v in {"loss": float(loss.detach()), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        state.step += 1
+        if bad:
+            return None
+        if state.ema is not None:
+            state.ema.update()
+        return sums
+
+    # ---------------------------------------------------------------------------------------------- set-up
+
+    def _setup(self) -> TrainState:
+        """Seed, optimizer, ``prepare`` (DeepSpeed's config filled first), frozen modules, EMA, resume, trackers,
+        progress bar; the loader's first epoch."""
         from accelerate.utils import set_seed
 
         set_seed(self.seed, device_specific=True)
+        acc, cfg = self.accelerator, self.cfg
+        model, opt, use_deepspeed, n_trainable = self._prepare()
+        ema = None
+        if cfg.ema_decay is not None:  # after prepare: the parameter objects the engine updates in place
+            ema = EMA(acc.unwrap_model(model).named_parameters(), cfg.ema_decay, cfg.ema_warmup).to(acc.device)
+        state = TrainState(model=model, opt=opt, ema=ema, lr_at=lr_lambda(cfg.optim, cfg.max_steps),
+                           use_deepspeed=use_deepspeed, result=TrainResult(step=0))
+        self._resume(state)
+        state.result.step = state.step
+        if acc.is_main_process:
+            acc.init_trackers(self.stage.name)
+            world, micro = acc.num_processes, self.micro_batch_size
+            log.info("stage %s under %s: %d trainable parameters; global batch %d = micro-batch %d × %d accumulation "
+                     "× %d processes", self.stage.name, strategy_name(acc), n_trainable, micro * cfg.grad_accum * world,
+                     micro, cfg.grad_accum, world)
+            if cfg.progress:
+                from tqdm.auto import tqdm
+
+                state.pbar = tqdm(total=cfg.max_steps, initial=state.step, desc=self.stage.name, dynamic_ncols=True)
+        state.batches = iter(self.loader)
+        state.window = LogWindow()
+        model.train()
+        return state
+
+    def _prepare(self) -> tuple[nn.Module, Any, bool, int]:
+        """The optimizer over the stage's trainable parameters, and both through ``accelerator.prepare``; the frozen
+        modules placed by the stage and checked to be whole. Returns (model, optimizer, under DeepSpeed, the number of
+        trained parameters)."""
+        cfg, acc, stage = self.cfg, self.accelerator, self.stage
         model = stage.trainable()
         params = list(stage.parameters_to_optimize(model))
         if not params:
@@ -334,17 +448,16 @@ class Trainer:
         n_trainable = sum(p.numel() for p in params)  # before prepare: ZeRO-3 leaves shape (0,) placeholders
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                 weight_decay=cfg.optim.weight_decay)
-        lr_at = lr_lambda(cfg.optim, cfg.max_steps)  # the LR is a function of the step: nothing to checkpoint
         self._skeleton = meta_skeleton(model)  # for evaluation copies, before any engine wraps or partitions it
-        world, micro = acc.num_processes, self._micro_batch()
         check_strategy_honoured(acc)
         self._check_accumulation()
         use_deepspeed = deepspeed_plugin(acc) is not None
         if use_deepspeed:
-            prepare_deepspeed_config(acc, micro, cfg.grad_accum, cfg.optim.max_grad_norm)
+            prepare_deepspeed_config(acc, self.micro_batch_size, cfg.grad_accum, cfg.optim.max_grad_norm)
             half = deepspeed_autocast_dtype(acc)
             if half is not None:  # DeepSpeed casts the weights, not the inputs, and turns off an outer autocast
                 autocast_forward(model, acc.device.type, half)
+        prepare_fsdp2_wrapping(acc, model)  # FSDP: this model's own repeated blocks become the FSDP units
         model, opt = acc.prepare(model, opt)  # only the trained module: frozen ones stay whole, out of the optimizer
         self._check_accumulation()
         stage.setup(acc.device, self._weight_dtype())
@@ -352,162 +465,138 @@ class Trainer:
         if partitioned:
             raise RuntimeError(f"stage {stage.name!r}: frozen parameters were sharded by the engine (they must stay "
                                f"whole and out of the optimizer): {partitioned[:5]}")
+        return model, opt, use_deepspeed, n_trainable
 
-        ema = None
-        if cfg.ema_decay is not None:
-            ema = EMA(acc.unwrap_model(model).named_parameters(), cfg.ema_decay, cfg.ema_warmup).to(acc.device)
-
-        step, nonfinite_total = 0, 0
-        resume_from = resolve_resume(cfg.resume, self.run_dir)
-        if resume_from is not None:
-            restored = load_checkpoint(acc, resume_from)
-            step = int(restored["trainer"]["step"])
-            nonfinite_total = int(restored["trainer"].get("nonfinite_total", 0))
-            if restored["loader"] is not None and hasattr(self.loader, "load_state_dict"):
-                self.loader.load_state_dict(restored["loader"])
-            if ema is not None and restored["ema"] is not None:
-                ema.load_full_state_dict(restored["ema"], acc.unwrap_model(model).named_parameters())
-            if acc.is_main_process:
-                log.info("resumed from %s at step %d", resume_from, step)
-
+    def _resume(self, state: TrainState) -> None:
+        """Restore the step, counters, loader position and EMA from the checkpoint ``train.resume`` names (the model,
+        optimizer and RNG states through Accelerate's ``load_state``)."""
+        acc = self.accelerator
+        resume_from = resolve_resume(self.cfg.resume, self.run_dir)
+        if resume_from is None:
+            return
+        restored = load_checkpoint(acc, resume_from)
+        state.step = int(restored["trainer"]["step"])
+        state.nonfinite_total = int(restored["trainer"].get("nonfinite_total", 0))
+        if restored["loader"] is not None:
+            self.loader.load_state_dict(restored["loader"])
+        if state.ema is not None and restored["ema"] is not None:
+            state.ema.load_full_state_dict(restored["ema"])
         if acc.is_main_process:
-            acc.init_trackers(stage.name)
-            global_batch = "?" if micro is None else str(micro * cfg.grad_accum * world)
-            log.info("stage %s under %s: %d trainable parameters; global batch %s = micro-batch %s × %d accumulation "
-                     "× %d processes", stage.name, strategy_name(acc), n_trainable, global_batch,
-                     "?" if micro is None else micro, cfg.grad_accum, world)
+            log.info("resumed from %s at step %d", resume_from, state.step)
 
-        def save(step_: int) -> None:
-            ema_state = None
-            if ema is not None:  # collective under sharding: every rank takes part, rank 0 writes it
-                ema_state = ema.full_state_dict(acc.unwrap_model(model).named_parameters(), dst=0)
-            save_checkpoint(
-                acc, self.run_dir, step_,
-                {"nonfinite_total": nonfinite_total, "stage": stage.name},
-                self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-                ema_state,
-                self.config_yaml, cfg.keep_checkpoints,
+    # ------------------------------------------------------------------------------------------ per step
+
+    def _next_batch(self, state: TrainState) -> Any:
+        """The loader's next batch, on the device (a new epoch when one ends); the wait and the samples are counted
+        in the logging window."""
+        t0 = time.perf_counter()
+        try:
+            batch = next(state.batches)
+        except StopIteration:
+            state.batches = iter(self.loader)  # next epoch
+            try:
+                batch = next(state.batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"stage {self.stage.name!r}: the data loader yielded no batch in a whole epoch"
+                ) from None
+        state.window.data_time += time.perf_counter() - t0
+        if hasattr(batch, "to"):
+            batch = batch.to(self.accelerator.device)
+        state.window.samples += len(batch) if hasattr(batch, "__len__") else 0
+        return batch
+
+    def _end_of_step(self, state: TrainState, logs: Optional[dict[str, float]], stop: _StopFlag) -> bool:
+        """After :meth:`train_step`: count a skipped step (stop after too many in a row) or add the step's logs to
+        the window; then the interval work — progress, log line, checkpoint, validation. True: a signal arrived on
+        some rank, the checkpoint is written and training stops."""
+        cfg, step = self.cfg, state.step
+        self._count_step(state, logs)
+        if state.pbar is not None:
+            state.pbar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            self._log_window(state)
+        stopping = self._any_rank_true(stop.signal is not None)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
+            self._save(state)
+        if stopping:
+            if self.accelerator.is_main_process:
+                log.warning("received signal %s: checkpoint saved at step %d, exiting", stop.signal, step)
+            state.result.stopped_by_signal = stop.signal or -1
+        elif cfg.validate_every and step % cfg.validate_every == 0 and step != cfg.max_steps:
+            self._validate(state.model, state.ema, step, state.result)  # the last one comes with the export
+        return stopping
+
+    def _count_step(self, state: TrainState, logs: Optional[dict[str, float]]) -> None:
+        if logs is not None:
+            state.consecutive_bad = 0
+            for k, v in logs.items():
+                state.window.sums[k] = state.window.sums.get(k, 0.0) + v
+            state.window.steps += 1
+            return
+        state.nonfinite_total += 1
+        state.consecutive_bad += 1
+        if self.accelerator.is_main_process:
+            log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row, %d in all)",
+                        state.step, state.consecutive_bad, state.nonfinite_total)
+        if state.consecutive_bad >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.consecutive_bad} non-finite losses in a row (limit train.max_nonfinite_steps="
+                f"{self.cfg.max_nonfinite_steps}); the last checkpoint is intact under {self.run_dir}. "
+                "Lower the learning rate, check the data, or use bf16 instead of fp16."
             )
 
-        result = TrainResult(step=step)
-        pbar = None
-        if cfg.progress and acc.is_main_process:
-            from tqdm.auto import tqdm
+    def _log_window(self, state: TrainState) -> None:
+        """Log the window's means (over ranks), the LR, throughput, data wait, skipped steps and the loader's
+        skipped samples; then open a new window."""
+        acc, window = self.accelerator, state.window
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        scalars = {k: v / max(window.steps, 1) for k, v in window.sums.items()}
+        scalars = self._mean_across_ranks(scalars)
+        scalars.update({
+            "lr": state.lr,
+            "samples_per_s": window.samples * acc.num_processes / elapsed,
+            "data_wait_fraction": window.data_time / elapsed,
+            "nonfinite_steps": float(state.nonfinite_total),
+        })
+        for reason, n in (self.loader.stats().get("skipped") or {}).items():
+            scalars[f"data/skipped_{reason}"] = float(n)
+        acc.log(scalars, step=state.step)
+        state.result.metrics.update(scalars)
+        if state.pbar is not None:
+            state.pbar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars['lr']:.2e}",
+                                   sps=f"{scalars['samples_per_s']:.0f}", wait=f"{scalars['data_wait_fraction']:.0%}")
+        state.window = LogWindow()
 
-            pbar = tqdm(total=cfg.max_steps, initial=step, desc=stage.name, dynamic_ncols=True)
-        batches = iter(self.loader)
+    def _save(self, state: TrainState) -> None:
+        """A checkpoint at ``state.step`` (collective: the EMA is gathered on every rank, rank 0 writes it)."""
+        acc, ema = self.accelerator, state.ema
+        ema_state = None
+        if ema is not None:
+            if not ema.tracks(acc.unwrap_model(state.model).named_parameters()):
+                raise RuntimeError(f"stage {self.stage.name!r}: the trained module's parameters are no longer the "
+                                   "objects the EMA was built on (something replaced them after prepare)")
+            ema_state = ema.full_state_dict(dst=0)
+        save_checkpoint(
+            acc, self.run_dir, state.step,
+            {"nonfinite_total": state.nonfinite_total, "stage": self.stage.name},
+            self.loader.state_dict(), ema_state, self.config_yaml, self.cfg.keep_checkpoints,
+        )
 
-        def next_batch() -> Any:
-            nonlocal batches
-            try:
-                return next(batches)
-            except StopIteration:
-                batches = iter(self.loader)  # next epoch
-                try:
-                    return next(batches)
-                except StopIteration:
-                    raise RuntimeError(
-                        f"stage {stage.name!r}: the data loader yielded no batch in a whole epoch"
-                    ) from None
+    # ------------------------------------------------------------------------------------------- the end
 
-        consecutive_bad = 0
-        window: dict[str, float] = {}
-        window_steps, window_samples, window_data_time = 0, 0, 0.0
-        window_start = time.perf_counter()
-        model.train()
-        with _StopFlag() as stop:
-            while step < cfg.max_steps:
-                bad = False
-                sums: dict[str, float] = {}
-                lr = cfg.optim.lr * lr_at(step)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                for _ in range(cfg.grad_accum):
-                    t0 = time.perf_counter()
-                    batch = next_batch()
-                    window_data_time += time.perf_counter() - t0
-                    if hasattr(batch, "to"):
-                        batch = batch.to(acc.device)
-                    window_samples += len(batch) if hasattr(batch, "__len__") else 0
-                    with acc.accumulate(model):
-                        loss, logs = stage.loss(model, batch)
-                        if self._any_rank_true(not bool(torch.isfinite(loss.detach()).all())):
-                            bad = True  # every rank skips backward together: no collective is left waiting
-                        if bad and use_deepspeed:
-                            acc.backward(loss * float("nan"))  # DeepSpeed's overflow check drops the whole step
-                        elif not bad:
-                            acc.backward(loss)
-                            if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
-                                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                                if grad_norm is not None:
-                                    logs["grad_norm"] = float(grad_norm)
-                            opt.step()  # Accelerate makes this a no-op until the last micro-batch
-                        opt.zero_grad(set_to_none=True)
-                    for k, v in {"loss": float(loss.detach()), **logs}.items():
-                        sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-                step += 1
-                if bad:
-                    nonfinite_total += 1
-                    consecutive_bad += 1
-                    if acc.is_main_process:
-                        log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row, %d in all)",
-                                    step, consecutive_bad, nonfinite_total)
-                    if consecutive_bad >= cfg.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{consecutive_bad} non-finite losses in a row (limit train.max_nonfinite_steps="
-                            f"{cfg.max_nonfinite_steps}); the last checkpoint is intact under {self.run_dir}. "
-                            "Lower the learning rate, check the data, or use bf16 instead of fp16."
-                        )
-                else:
-                    consecutive_bad = 0
-                    if ema is not None:
-                        ema.update(acc.unwrap_model(model).named_parameters())
-                    for k, v in sums.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window_steps += 1
-
-                if pbar is not None:
-                    pbar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    scalars = {k: v / max(window_steps, 1) for k, v in window.items()}
-                    scalars = self._mean_across_ranks(scalars)
-                    scalars.update({
-                        "lr": lr,
-                        "samples_per_s": window_samples * world / elapsed,
-                        "data_wait_fraction": window_data_time / elapsed,
-                        "nonfinite_steps": float(nonfinite_total),
-                    })
-                    stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
-                    for reason, n in (stats.get("skipped") or {}).items():
-                        scalars[f"data/skipped_{reason}"] = float(n)
-                    acc.log(scalars, step=step)
-                    result.metrics.update(scalars)
-                    if pbar is not None:
-                        pbar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", lr=f"{scalars['lr']:.2e}",
-                                         sps=f"{scalars['samples_per_s']:.0f}",
-                                         wait=f"{scalars['data_wait_fraction']:.0%}")
-                    window, window_steps, window_samples, window_data_time = {}, 0, 0, 0.0
-                    window_start = time.perf_counter()
-
-                stopping = self._any_rank_true(stop.signal is not None)
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
-                    save(step)
-                if (cfg.validate_every and step % cfg.validate_every == 0 and step != cfg.max_steps) and not stopping:
-                    self._validate(model, ema, step, result)
-                if stopping:
-                    if acc.is_main_process:
-                        log.warning("received signal %s: checkpoint saved at step %d, exiting", stop.signal, step)
-                    result.stopped_by_signal = stop.signal or -1
-                    break
-        if pbar is not None:
-            pbar.close()
-        result.step = step
+    def _finish(self, state: TrainState) -> TrainResult:
+        """Close the progress bar; unless stopped by a signal, the last validation and the export (one evaluation
+        copy); close the trackers."""
+        acc, result = self.accelerator, state.result
+        if state.pbar is not None:
+            state.pbar.close()
+        result.step = state.step
         if result.stopped_by_signal is None:
-            final = self.eval_model(model, ema)  # collective; the consolidated weights on the main process
-            self._validate_copy(final, step, result)  # the last validation and the export share one copy
+            final = self.eval_model(state.model, state.ema)  # collective; the consolidated weights on the main process
+            self._validate_copy(final, state.step, result)  # the last validation and the export share one copy
             if final is not None:
-                result.export_path = stage.export(final, self.run_dir / "export")
+                result.export_path = self.stage.export(final, self.run_dir / "export")
                 if result.export_path is not None and self.config_yaml is not None:
                     (self.run_dir / "export" / "run_config.yaml").write_text(self.config_yaml)
             del final

@@ -1,45 +1,32 @@
-"""The trainer on a small real regression problem: loss falls, resume is exact, NaNs are skipped and counted,
-a crash mid-save leaves the previous checkpoint loadable."""
+"""The trainer on a small real regression problem: loss falls, resume is exact (losses, EMA, loader position), NaNs
+are skipped and counted, a crash mid-save leaves the previous checkpoint loadable, a signal checkpoints and stops,
+``train_step`` can be overridden; the EMA's fused update equals the per-parameter formula."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from data_pipeline.memory import InMemoryLoader
 from training.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from training.ema import EMA
 from training.stages.base import Stage
 from training.trainer import NonFiniteLossError, OptimConfig, TrainConfig, Trainer
 
 
-class ListLoader:
-    """A deterministic loader with a position (the trainer saves and restores it)."""
-
-    def __init__(self, n: int = 64, batch: int = 8, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 4, generator=g)
-        self.y = self.x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1
-        self.batch, self.pos, self.epoch = batch, 0, 0
-
-    def __iter__(self):
-        while self.pos < len(self.x):
-            i = self.pos
-            self.pos += self.batch
-            yield (self.x[i : i + self.batch], self.y[i : i + self.batch])
-        self.pos, self.epoch = 0, self.epoch + 1
-
-    def state_dict(self):
-        return {"pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, sd):
-        self.pos, self.epoch = sd["pos"], sd["epoch"]
-
-    def stats(self):
-        return {"skipped": {"corrupt_image": 0}}
+def regression_batches(n: int = 64, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n // batch`` batches ``(x (B, 4), y (B, 1))`` of a noiseless linear regression."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 class Regression(Stage):
@@ -63,7 +50,8 @@ class Regression(Stage):
         return loss, {}
 
 
-def _train(tmp: Path, steps: int, resume: str = "auto", stage: Stage | None = None, **kw) -> tuple:
+def _train(tmp: Path, steps: int, resume: str = "auto", stage: Stage | None = None, trainer_cls: type = Trainer,
+           **kw) -> tuple:
     cfg = TrainConfig(max_steps=steps, log_every=1, checkpoint_every=kw.pop("checkpoint_every", 4), cpu=True,
                       resume=resume, progress=False, optim=OptimConfig(lr=1e-2), ema_decay=0.9, **kw)
     stage = stage or Regression()
@@ -76,7 +64,7 @@ def _train(tmp: Path, steps: int, resume: str = "auto", stage: Stage | None = No
         return loss, logs
 
     stage.loss = recording
-    result = Trainer(cfg, stage, ListLoader(), tmp, seed=3).fit()
+    result = trainer_cls(cfg, stage, InMemoryLoader(regression_batches()), tmp, micro_batch_size=8, seed=3).fit()
     return result, losses, stage
 
 
@@ -90,11 +78,127 @@ def test_loss_falls_and_checkpoints_are_kept(tmp_path):
 
 
 def test_resume_continues_with_identical_losses(tmp_path):
+    """Cut at step 8 (the end of the loader's first epoch): the same losses, and a bit-identical EMA and loader
+    position at step 12."""
     _, full, _ = _train(tmp_path / "a", 12)
     _, first, _ = _train(tmp_path / "b", 8, checkpoint_every=8)
     _, rest, _ = _train(tmp_path / "b", 12, resume="latest", checkpoint_every=8)
     assert len(first) == 8 and len(rest) == 4
     torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=0, atol=0)
+    ema_a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000012" / "ema.safetensors"))
+    ema_b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000012" / "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys() and int(ema_a["num_updates"]) == 12
+    for k in ema_a:
+        assert torch.equal(ema_a[k], ema_b[k]), k
+    loader_a, loader_b = (json.loads((tmp_path / r / "checkpoints" / "step_00000012" / "loader_rank0.json")
+                                     .read_text()) for r in "ab")
+    assert loader_a == loader_b == {"epoch": 1, "index": 4, "batches_per_epoch": 8}
+
+
+def test_train_step_can_be_overridden(tmp_path):
+    """A subclass wraps ``train_step``: fit() calls it once per step and the run is the base trainer's."""
+
+    class Counting(Trainer):
+        seen: list = []
+
+        def train_step(self, state):
+            logs = super().train_step(state)
+            self.seen.append((state.step, None if logs is None else round(logs["loss"], 6)))
+            return logs
+
+    _, base, _ = _train(tmp_path / "base", 6)
+    result, losses, _ = _train(tmp_path / "sub", 6, stage=Regression(poison_steps={2}), trainer_cls=Counting)
+    assert [s for s, _ in Counting.seen] == [1, 2, 3, 4, 5, 6]
+    assert Counting.seen[1][1] is None and Counting.seen[0][1] == round(losses[0], 6)
+    assert result.metrics["nonfinite_steps"] == 1 and losses[0] == base[0]
+
+
+def test_signal_checkpoints_and_stops_then_resumes(tmp_path):
+    """SIGUSR1 mid-run (SLURM pre-emption): a checkpoint at the end of that step, then return; running again
+    resumes to the same losses as a run never interrupted."""
+
+    class Preempted(Regression):
+        def loss(self, model, batch):
+            if self.calls == 4:  # during step 5
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().loss(model, batch)
+
+    _, full, _ = _train(tmp_path / "a", 8)
+    stopped, first, _ = _train(tmp_path / "b", 8, stage=Preempted())
+    assert stopped.stopped_by_signal == signal.SIGUSR1 and stopped.step == 5 and stopped.export_path is None
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [4, 5]
+    result, rest, _ = _train(tmp_path / "b", 8)
+    assert result.step == 8 and result.stopped_by_signal is None
+    torch.testing.assert_close(torch.tensor(first + rest), torch.tensor(full), rtol=0, atol=0)
+
+
+def test_micro_batch_size_is_required_and_the_loader_checked(tmp_path):
+    cfg = TrainConfig(max_steps=1, cpu=True, progress=False)
+    loader = InMemoryLoader(regression_batches())
+    with pytest.raises(TypeError, match="micro_batch_size"):
+        Trainer(cfg, Regression(), loader, tmp_path)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        Trainer(cfg, Regression(), loader, tmp_path, micro_batch_size=0)
+
+    class Positionless:
+        def __iter__(self):
+            return iter(regression_batches())
+
+    with pytest.raises(TypeError, match="Positionless: missing state_dict, load_state_dict, stats"):
+        Trainer(cfg, Regression(), Positionless(), tmp_path, micro_batch_size=8)
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    net[0].bias.requires_grad_(False)  # frozen: not averaged
+    return net
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_update_equals_the_per_parameter_formula(warmup):
+    """The fused update over the pairs resolved at construction equals ``s = d s + (1 - d) p`` computed parameter by
+    parameter (the decay ramping under warm-up), including after ``.to()`` re-binds the shadow tensors."""
+    net = _net()
+    ema = EMA(net.named_parameters(), decay=0.95, warmup=warmup).to("cpu")
+    reference = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    assert set(ema.shadow) == set(reference) == {"0.weight", "2.weight", "2.bias"}
+    g = torch.Generator().manual_seed(1)
+    for n_updates in range(12):
+        with torch.no_grad():  # an optimizer step: in place, the same parameter objects
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        d = min(0.95, (1 + n_updates) / (10 + n_updates)) if warmup else 0.95
+        ema.update()
+        for name, p in net.named_parameters():
+            if name in reference:
+                reference[name] = d * reference[name] + (1 - d) * p.detach()
+        if n_updates == 5:
+            ema.to("cpu")
+    assert ema.num_updates == 12
+    for name, v in reference.items():
+        torch.testing.assert_close(ema.shadow[name], v, msg=name)
+        assert not torch.equal(ema.shadow[name], dict(net.named_parameters())[name].detach())
+
+
+def test_ema_of_half_precision_parameters_and_tracking():
+    """Parameters held in bf16 are averaged in fp32 (cast at each update); ``tracks`` says whether a module's
+    parameters are still the objects the EMA averages."""
+    net = _net().to(torch.bfloat16)
+    ema = EMA(net.named_parameters(), decay=0.5, warmup=False)
+    assert {v.dtype for v in ema.shadow.values()} == {torch.float32}
+    before = {n: v.clone() for n, v in ema.shadow.items()}
+    with torch.no_grad():
+        net[2].weight.add_(1.0)
+    ema.update()
+    expected = 0.5 * before["2.weight"] + 0.5 * net[2].weight.detach().float()
+    torch.testing.assert_close(ema.shadow["2.weight"], expected)
+    assert ema.tracks(net.named_parameters())
+    net[2].weight = nn.Parameter(net[2].weight.detach().clone())  # replaced: the EMA would average a stale tensor
+    assert not ema.tracks(net.named_parameters())
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path):
