@@ -1,36 +1,29 @@
-"""From prompts to images: text encoding, guided sampling in latent space, decoding.
+"""Sampling settings and guided sampling in latent space.
 
-``generate`` is shared by validation during training, ``loom sample`` and the quickstart report, so what the
-report measures is exactly what a user gets.
+:class:`SamplingConfig` is what a user sets (sampler, steps, guidance, seed, negative prompt); :func:`sample_latents`
+draws latents with the named sampler from :data:`training.diffusion.SAMPLERS` through a
+:class:`~training.diffusion.guidance.ClassifierFreeGuidance` guider. From prompts to pixels (text encoding, latent
+shape, decoding) is :meth:`training.inference.Inference.generate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from models.conditioning import Conditioning
-from training.diffusion import (
-    DiscreteDiffusion,
-    RectifiedFlow,
-    ddim_sample,
-    ddpm_sample,
-    dpm_solver_2m_sample,
-    euler_flow_sample,
-)
-
-SamplerName = Literal["ddim", "ddpm", "dpm_solver_2m", "euler"]
+from training.diffusion import SAMPLERS, ClassifierFreeGuidance, sampler_for
 
 
 @dataclass
 class SamplingConfig:
     """How images are drawn from a trained denoiser."""
 
-    sampler: SamplerName = "ddim"  # ddim | ddpm | dpm_solver_2m (discrete process) · euler (flow)
+    sampler: str = "ddim"  # in training.diffusion.SAMPLERS: ddim | ddpm | dpm_solver_2m (discrete) · euler (flow)
     steps: int = 50  # sampler steps
     guidance: float = 3.0  # classifier-free guidance scale (1: no guidance; 0: unconditional)
     eta: float = 0.0  # DDIM stochasticity (0: deterministic DDIM)
@@ -39,6 +32,10 @@ class SamplingConfig:
     clip_x0: Optional[float] = None  # clamp predicted x0 to [-v, v] (pixel-space models); null: off
 
     def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            hint = difflib.get_close_matches(self.sampler, list(SAMPLERS), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"sampler: got {self.sampler!r}; allowed: {', '.join(map(repr, SAMPLERS))}{extra}")
         if self.steps < 1:
             raise ValueError(f"steps: {self.steps} must be >= 1")
         if self.guidance < 0:
@@ -48,11 +45,8 @@ class SamplingConfig:
 
 
 def check_sampler(process: Any, sampler: str) -> None:
-    flow = isinstance(process, RectifiedFlow)
-    if flow and sampler != "euler":
-        raise ValueError(f"sampler: {sampler!r} is for the discrete process; a flow process samples with 'euler'")
-    if not flow and sampler == "euler":
-        raise ValueError("sampler: 'euler' is for the flow process; use ddim, ddpm or dpm_solver_2m")
+    """Raise a ValueError naming the fitting samplers unless ``sampler`` integrates ``process``."""
+    sampler_for(sampler, process)
 
 
 def sample_latents(
@@ -65,58 +59,19 @@ def sample_latents(
     device: torch.device,
     guidance: Optional[float] = None,
 ) -> Tensor:
-    """Latents ``shape`` drawn by the configured sampler with classifier-free guidance (all channels)."""
-    check_sampler(process, cfg.sampler)
+    """Latents ``shape`` drawn by the configured sampler with classifier-free guidance (all channels).
+
+    The sampler is looked up by name in :data:`training.diffusion.SAMPLERS` and given the settings it declares
+    (``eta``, ``clip_x0``, ...) from ``cfg``; the guider :class:`ClassifierFreeGuidance` builds its ``denoise(x, t)``
+    (``guidance`` overrides ``cfg.guidance``; ``null_cond`` None: no guidance).
+    """
+    spec = sampler_for(cfg.sampler, process)
+    missing = [name for name in spec.settings if not hasattr(cfg, name)]
+    if missing:
+        raise ValueError(f"sampler {cfg.sampler!r} needs the settings {missing}, which SamplingConfig does not have")
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     noise = torch.randn(tuple(shape), generator=g).to(device)
     scale = cfg.guidance if guidance is None else guidance
-    common = dict(cond=cond, null_cond=null_cond, guidance=scale, steps=cfg.steps, generator=g, clip_x0=cfg.clip_x0)
-    if cfg.sampler == "euler":
-        return euler_flow_sample(denoiser, process, noise, **common)
-    assert isinstance(process, DiscreteDiffusion)
-    if cfg.sampler == "ddim":
-        return ddim_sample(denoiser, process, noise, eta=cfg.eta, **common)
-    if cfg.sampler == "ddpm":
-        return ddpm_sample(denoiser, process, noise, **common)
-    return dpm_solver_2m_sample(denoiser, process, noise, **common)
-
-
-def trim_together(*conds: Conditioning) -> tuple[Conditioning, ...]:
-    """Cut every conditioning's context to the longest valid length among them (exact; see trim_context)."""
-    length = max(c.trim_context().context.shape[1] for c in conds)
-    return tuple(dataclasses.replace(c, context=c.context[:, :length], context_mask=c.context_mask[:, :length])
-                 for c in conds)
-
-
-@torch.no_grad()
-def generate(
-    denoiser: nn.Module,
-    process: Any,
-    text_encoder: Any,
-    autoencoder: Optional[nn.Module],
-    prompts: Sequence[str],
-    latent_shape: Sequence[int],
-    cfg: SamplingConfig,
-    guidance: Optional[float] = None,
-    vector: Optional[Tensor] = None,
-) -> Tensor:
-    """Images ``(B, C, H, W)`` in [-1, 1] for ``prompts``; ``latent_shape`` is one sample's ``(C, h, w)``.
-
-    Guidance 0 samples the unconditional model alone (the null conditioning on both branches).
-    """
-    device = next(denoiser.parameters()).device
-    scale = cfg.guidance if guidance is None else guidance
-    cond = text_encoder.encode(list(prompts)).to(device)
-    null = text_encoder.encode([cfg.negative_prompt] * len(prompts)).to(device)
-    cond, null = trim_together(cond, null)
-    if vector is not None:
-        cond.vector = vector.to(device)
-        null.vector = vector.to(device)
-    if scale == 0.0:
-        cond, null_cond, scale = null, None, 1.0
-    else:
-        null_cond = null
-    latents = sample_latents(denoiser, process, cond, null_cond, (len(prompts), *latent_shape), cfg, device, scale)
-    if autoencoder is None:
-        return latents.clamp(-1, 1)
-    return autoencoder.pixels_from_latents(latents.to(next(autoencoder.parameters()).dtype)).float().clamp(-1, 1)
+    denoise = ClassifierFreeGuidance(denoiser, cond, null_cond, scale)
+    settings = {name: getattr(cfg, name) for name in spec.settings}
+    return spec.fn(denoise, process, noise, steps=cfg.steps, generator=g, **settings)

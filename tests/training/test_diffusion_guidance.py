@@ -1,4 +1,6 @@
-"""Conditioning batch ops, classifier-free guidance and conditioning dropout, with a tiny real denoiser."""
+"""Classifier-free guidance as a guider object building ``denoise(x, t)``, with a tiny real denoiser.
+
+(Conditioning batch ops and dropout are tested in tests/models/test_conditioning.py.)"""
 
 from __future__ import annotations
 
@@ -10,18 +12,18 @@ import torch
 from torch import Tensor, nn
 
 from training.diffusion import (
+    ClassifierFreeGuidance,
     DiffusionConfig,
     build_process,
-    cat_conditioning,
-    cfg_denoise,
     ddim_sample,
-    drop_conditioning,
     euler_flow_sample,
-    expand_batch,
-    select,
-    where,
+    frame_guidance_scale,
 )
-from training.diffusion.cond_ops import batch_size_of
+
+
+def cfg(net, x, t, cond, null, scale, rescale=0.0):
+    """The guided output of one call of the guider."""
+    return ClassifierFreeGuidance(net, cond, null, scale, rescale)(x, t)
 
 
 @dataclass
@@ -87,55 +89,6 @@ def net() -> TinyDenoiser:
     return TinyDenoiser()
 
 
-# --------------------------------------------------------------------------------------------- cond ops
-
-
-def test_cat_select_where_field_by_field():
-    a, b = make_cond(2, 1), make_cond(3, 2, pooled=True)
-    both = cat_conditioning(a, b)
-    assert both.context.shape == (5, 5, 8) and both.mask.dtype == torch.bool and both.num_frames == 3
-    assert torch.equal(both.context[:2], a.context) and torch.equal(both.pooled[2:], b.pooled)
-    back = select(both, slice(2, None))
-    assert torch.equal(back.context, b.context) and torch.equal(back.mask, b.mask)
-    picked = select(both, torch.tensor([True, False, False, False, True]))
-    assert torch.equal(picked.context, torch.stack([a.context[0], b.context[2]]))
-    assert select(both, 4).context.shape[0] == 1
-    mask = torch.tensor([True, False, True])
-    null = null_of(3)
-    mixed = where(mask, null, b)
-    assert torch.equal(mixed.context[0], null.context[0]) and torch.equal(mixed.context[1], b.context[1])
-    assert torch.equal(mixed.mask[1], b.mask[1]) and mixed.num_frames == 3
-    assert batch_size_of(mixed) == 3
-
-
-def test_none_fields_stay_none_and_mismatches_are_errors():
-    a, b = make_cond(2, 1, pooled=False), make_cond(2, 2, pooled=False)
-    assert cat_conditioning(a, b).pooled is None
-    with pytest.raises(ValueError, match="pooled"):
-        cat_conditioning(a, make_cond(2, 3, pooled=True))
-    other = make_cond(2, 2, pooled=False)
-    other.num_frames = 4
-    with pytest.raises(ValueError, match="num_frames"):
-        cat_conditioning(a, other)
-
-
-def test_expand_batch_broadcasts_a_single_null():
-    null = expand_batch(null_of(1), 4)
-    assert null.context.shape == (4, 5, 8) and null.mask.shape == (4, 5)
-    with pytest.raises(ValueError, match="broadcast"):
-        expand_batch(make_cond(2, 0), 4)
-
-
-def test_ops_work_on_the_project_conditioning_type():
-    conditioning = pytest.importorskip("models.conditioning")
-    c = conditioning.Conditioning(context=torch.randn(2, 3, 4), pooled=torch.randn(2, 4), num_frames=5)
-    n = conditioning.Conditioning(context=torch.zeros(1, 3, 4), pooled=torch.zeros(1, 4), num_frames=5)
-    both = cat_conditioning(expand_batch(n, 2), c)
-    assert both.batch_size == 4 and both.context_mask is None and both.num_frames == 5
-    dropped, mask = drop_conditioning(c, n, p=1.0)
-    assert mask.all() and torch.equal(dropped.context, torch.zeros(2, 3, 4))
-
-
 # --------------------------------------------------------------------------------------------- guidance
 
 
@@ -143,8 +96,8 @@ def test_guidance_one_is_the_conditional_output_in_one_forward(net):
     x, t, cond = torch.randn(3, 4, 6, 6), torch.tensor([10, 500, 999]), make_cond(3, 1)
     expected = net(x, t, cond)
     net.calls.clear()
-    assert torch.equal(cfg_denoise(net, x, t, cond, null_of(3), guidance=1.0), expected)
-    assert torch.equal(cfg_denoise(net, x, t, cond, None, guidance=7.5), expected)
+    assert torch.equal(cfg(net, x, t, cond, null_of(3), 1.0), expected)
+    assert torch.equal(cfg(net, x, t, cond, None, 7.5), expected)
     assert net.calls == [3, 3]  # single forwards on the conditional batch only
 
 
@@ -154,35 +107,35 @@ def test_batched_cfg_equals_two_separate_forwards(net, shape):
     cond, null = make_cond(3, 1), null_of(3)
     uncond_out, cond_out = net(x, t, null), net(x, t, cond)
     net.calls.clear()
-    guided = cfg_denoise(net, x, t, cond, null, guidance=5.0)
+    guided = cfg(net, x, t, cond, null, 5.0)
     assert net.calls == [6]  # one batched forward
     assert torch.allclose(guided, uncond_out + 5.0 * (cond_out - uncond_out), atol=1e-5)
     # guidance acts on every channel, not only the first ones
     changed = (guided - cond_out).abs().flatten(2).amax(-1)  # (B, C)
     assert bool((changed > 1e-3).all())
     # guidance 0 gives the unconditional output
-    assert torch.allclose(cfg_denoise(net, x, t, cond, null, guidance=0.0), uncond_out, atol=1e-6)
+    assert torch.allclose(cfg(net, x, t, cond, null, 0.0), uncond_out, atol=1e-6)
 
 
 def test_single_null_is_broadcast_and_negative_prompt_is_just_another_null(net):
     x, t, cond = torch.randn(3, 4, 6, 6), torch.tensor([1, 2, 3]), make_cond(3, 1)
     assert torch.allclose(
-        cfg_denoise(net, x, t, cond, null_of(1), 4.0), cfg_denoise(net, x, t, cond, null_of(3), 4.0), atol=1e-6
+        cfg(net, x, t, cond, null_of(1), 4.0), cfg(net, x, t, cond, null_of(3), 4.0), atol=1e-6
     )
     negative = make_cond(3, 9)
     expected = net(x, t, negative) + 4.0 * (net(x, t, cond) - net(x, t, negative))
-    got = cfg_denoise(net, x, t, cond, negative, 4.0)
+    got = cfg(net, x, t, cond, negative, 4.0)
     assert torch.allclose(got, expected, atol=1e-5)
-    assert not torch.allclose(got, cfg_denoise(net, x, t, cond, null_of(3), 4.0), atol=1e-3)
+    assert not torch.allclose(got, cfg(net, x, t, cond, null_of(3), 4.0), atol=1e-3)
 
 
 def test_guidance_rescale_restores_conditional_std(net):
     x, t, cond, null = torch.randn(2, 4, 6, 6), torch.tensor([5, 5]), make_cond(2, 1), null_of(2)
     cond_std = net(x, t, cond).flatten(1).std(1)
-    full = cfg_denoise(net, x, t, cond, null, 7.0, guidance_rescale=1.0)
+    full = cfg(net, x, t, cond, null, 7.0, rescale=1.0)
     assert torch.allclose(full.flatten(1).std(1), cond_std, rtol=1e-4)
-    plain = cfg_denoise(net, x, t, cond, null, 7.0)
-    half = cfg_denoise(net, x, t, cond, null, 7.0, guidance_rescale=0.5)
+    plain = cfg(net, x, t, cond, null, 7.0)
+    half = cfg(net, x, t, cond, null, 7.0, rescale=0.5)
     assert torch.allclose(half, 0.5 * full + 0.5 * plain, atol=1e-5)
 
 
@@ -191,49 +144,90 @@ def test_samplers_use_batched_guidance(net):
     noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     proc = build_process(DiffusionConfig(prediction="v_prediction"))
     net.calls.clear()
-    guided = ddim_sample(net, proc, noise, cond, null, guidance=3.0, steps=4)
+    guided = ddim_sample(ClassifierFreeGuidance(net, cond, null, 3.0), proc, noise, steps=4)
     assert net.calls == [4, 4, 4, 4]
-    unguided = ddim_sample(net, proc, noise, cond, null, guidance=1.0, steps=4)
+    unguided = ddim_sample(ClassifierFreeGuidance(net, cond, null, 1.0), proc, noise, steps=4)
     assert torch.isfinite(guided).all() and not torch.allclose(guided, unguided)
     flow = build_process(DiffusionConfig(kind="flow"))
     net.calls.clear()
-    out = euler_flow_sample(net, flow, noise, cond, null, guidance=3.0, steps=3)
+    out = euler_flow_sample(ClassifierFreeGuidance(net, cond, null, 3.0), flow, noise, steps=3)
     assert net.calls == [4, 4, 4] and out.shape == noise.shape
 
 
-# --------------------------------------------------------------------------------------------- dropout
+# --------------------------------------------------------------------------------------------- per-frame scale
 
 
-def test_dropout_rate_and_exact_replacement():
-    n = 20000
-    cond = TinyCond(context=torch.randn(n, 2, 3), mask=torch.ones(n, 2, dtype=torch.bool), pooled=torch.randn(n, 3))
-    null = TinyCond(context=torch.full((1, 2, 3), -7.0), mask=torch.tensor([[True, False]]), pooled=torch.zeros(1, 3))
-    new, dropped = drop_conditioning(cond, null, p=0.1, generator=torch.Generator().manual_seed(0))
-    assert dropped.dtype == torch.bool and dropped.shape == (n,)
-    assert abs(dropped.float().mean().item() - 0.1) < 0.01
-    assert bool((new.context[dropped] == -7.0).all())
-    assert bool((new.mask[dropped] == torch.tensor([True, False])).all())
-    assert bool((new.pooled[dropped] == 0).all())
-    assert torch.equal(new.context[~dropped], cond.context[~dropped])
-    assert torch.equal(new.mask[~dropped], cond.mask[~dropped])
-    assert torch.equal(new.pooled[~dropped], cond.pooled[~dropped])
-    assert new.num_frames == cond.num_frames
+def test_per_frame_scale_guides_each_frame_with_its_own_scale(net):
+    x, t = torch.randn(2, 4, 3, 5, 5), torch.tensor([100, 800])
+    cond, null = make_cond(2, 1), null_of(2)
+    scales = frame_guidance_scale(1.0, 3.0, 3)
+    assert torch.allclose(scales, torch.tensor([1.0, 2.0, 3.0]))
+    uncond_out, cond_out = net(x, t, null), net(x, t, cond)
+    net.calls.clear()
+    guided = cfg(net, x, t, cond, null, scales)
+    assert net.calls == [4]  # still one batched forward
+    for f, w in enumerate(scales.tolist()):
+        expected = uncond_out[:, :, f] + w * (cond_out[:, :, f] - uncond_out[:, :, f])
+        assert torch.allclose(guided[:, :, f], expected, atol=1e-5), f
+    # a constant per-frame scale is the float scale; all ones is the single conditional forward
+    assert torch.allclose(cfg(net, x, t, cond, null, torch.full((3,), 4.0)), cfg(net, x, t, cond, null, 4.0), atol=1e-6)
+    net.calls.clear()
+    assert torch.equal(cfg(net, x, t, cond, null, [1.0, 1.0, 1.0]), cond_out) and net.calls == [2]
+    with pytest.raises(ValueError, match=r"3 per-frame scales need samples shaped \(B, C, 3, H, W\)"):
+        cfg(net, torch.randn(2, 4, 5, 5), t, cond, null, scales)
+    with pytest.raises(ValueError, match="expected a float or"):
+        ClassifierFreeGuidance(net, cond, null, torch.ones(2, 3))
 
 
-def test_dropout_is_reproducible_and_respects_fields():
-    cond, null = make_cond(64, 1), null_of(64)
-    a, mask_a = drop_conditioning(cond, null, 0.5, torch.Generator().manual_seed(3))
-    b, mask_b = drop_conditioning(cond, null, 0.5, torch.Generator().manual_seed(3))
-    assert torch.equal(mask_a, mask_b) and torch.equal(a.context, b.context)
-    only_text, mask = drop_conditioning(cond, null, 0.5, torch.Generator().manual_seed(3), fields=("context", "mask"))
-    assert torch.equal(mask, mask_a)
-    assert torch.equal(only_text.pooled, cond.pooled)  # untouched field
-    assert torch.equal(only_text.context, a.context)
-    none, m0 = drop_conditioning(cond, null, 0.0)
-    assert not m0.any() and torch.equal(none.context, cond.context)
-    all_, m1 = drop_conditioning(cond, null, 1.0)
-    assert m1.all() and torch.equal(all_.context, null.context)
-    with pytest.raises(ValueError, match="p: got 1.5"):
-        drop_conditioning(cond, null, 1.5)
-    with pytest.raises(ValueError, match="unknown conditioning fields"):
-        drop_conditioning(cond, null, 0.5, fields=("text",))
+def test_plain_denoise_without_a_guider_is_a_lambda(net):
+    cond = make_cond(2, 1)
+    noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    proc = build_process(DiffusionConfig(prediction="v_prediction"))
+    plain = ddim_sample(lambda x, t: net(x, t, cond), proc, noise, steps=3)
+    assert torch.equal(plain, ddim_sample(ClassifierFreeGuidance(net, cond), proc, noise, steps=3))
+
+
+def test_sample_latents_dispatches_by_registry_name(net):
+    """training.sampling picks the sampler by name and hands it the guider; a newly registered sampler is reached
+    without any change to guidance or to sample_latents."""
+    from models.conditioning import Conditioning
+    from training.diffusion import SAMPLERS, DiscreteDiffusion, ddim_sample, register_sampler, sampler_for
+    from training.sampling import SamplingConfig, sample_latents
+
+    class TextNet(nn.Module):
+        def forward(self, x, t, c: Conditioning):
+            return torch.tanh(x) * c.pooled.reshape(-1, 1, 1, 1) + t.float().reshape(-1, 1, 1, 1) / 1000
+
+    cond = Conditioning(pooled=torch.tensor([[0.5], [1.5]]))
+    null = Conditioning(pooled=torch.zeros(1, 1))
+    proc = build_process(DiffusionConfig())
+    cfg_ = SamplingConfig(sampler="ddim", steps=3, guidance=2.0, eta=0.5, seed=4)
+    got = sample_latents(TextNet(), proc, cond, null, (2, 1, 4, 4), cfg_, torch.device("cpu"))
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, 1, 4, 4, generator=g)
+    expected = ddim_sample(ClassifierFreeGuidance(TextNet(), cond, null, 2.0), proc, noise, steps=3, eta=0.5,
+                           generator=g)
+    assert torch.equal(got, expected)
+    seen = {}
+
+    @register_sampler("test_only_identity", DiscreteDiffusion)
+    def identity_sample(denoise, process, noise, *, steps, generator=None, callback=None):
+        seen["out"] = denoise(noise, torch.zeros(noise.shape[0], dtype=torch.long))
+        return noise
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_sampler("test_only_identity", DiscreteDiffusion)(identity_sample)
+        out = sample_latents(TextNet(), proc, cond, null, (2, 1, 4, 4),
+                             SamplingConfig(sampler="test_only_identity", steps=2, seed=1), torch.device("cpu"))
+        assert out.shape == (2, 1, 4, 4) and seen["out"].shape == (2, 1, 4, 4)
+    finally:
+        del SAMPLERS["test_only_identity"]
+    flow = build_process(DiffusionConfig(kind="flow"))
+    with pytest.raises(ValueError, match="sampler: 'ddim' is for the discrete process; a flow process samples with "
+                                         "'euler'"):
+        sampler_for("ddim", flow)
+    with pytest.raises(ValueError, match="sampler: 'euler' is for the flow process"):
+        sampler_for("euler", proc)
+    with pytest.raises(ValueError, match="did you mean 'ddim'"):
+        SamplingConfig(sampler="dim")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from torch import Tensor, nn
 
 from training.diffusion import (
+    SAMPLERS,
     DiscreteDiffusion,
     NoiseSchedule,
     RectifiedFlow,
@@ -58,6 +61,26 @@ class ConvNet(nn.Module):
         return torch.tanh(self.conv(x)) * scale
 
 
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_holds_every_sampler_with_its_process_and_one_calling_convention():
+    assert {name: (spec.fn, spec.process) for name, spec in SAMPLERS.items()} == {
+        "ddpm": (ddpm_sample, DiscreteDiffusion),
+        "ddim": (ddim_sample, DiscreteDiffusion),
+        "dpm_solver_2m": (dpm_solver_2m_sample, DiscreteDiffusion),
+        "euler": (euler_flow_sample, RectifiedFlow),
+    }
+    assert SAMPLERS["ddim"].settings == ("eta", "clip_x0")
+    for name, spec in SAMPLERS.items():
+        params = inspect.signature(spec.fn).parameters
+        assert list(params)[:3] == ["denoise", "process", "noise"], name
+        keyword_only = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert keyword_only[:3] == ["steps", "generator", "callback"], name
+        assert not {"cond", "null_cond", "guidance", "guidance_rescale"} & set(params), name  # guidance is a guider
+        assert set(spec.settings) <= set(keyword_only), name
+
+
 # --------------------------------------------------------------------------------------------- timestep grids
 
 
@@ -87,9 +110,9 @@ def test_timestep_argument_checks():
     with pytest.raises(ValueError, match="steps: got 0"):
         discrete_timesteps(1000, 0)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        ddim_sample(lambda x, t, c: x, sd_process(), torch.zeros(1, 1), None, timesteps=[10, 20])
+        ddim_sample(lambda x, t: x, sd_process(), torch.zeros(1, 1), timesteps=[10, 20])
     with pytest.raises(TypeError, match="RectifiedFlow"):
-        euler_flow_sample(lambda x, t, c: x, sd_process(), torch.zeros(1, 1), None)
+        euler_flow_sample(lambda x, t: x, sd_process(), torch.zeros(1, 1))
 
 
 # --------------------------------------------------------------------------------------------- single steps
@@ -191,7 +214,7 @@ def test_dpm_solver_2m_trajectory_matches_diffusers(prediction, spacing):
     with torch.no_grad():
         for t in ref.timesteps:
             x = ref.step(net(x, t.expand(2)), t, x).prev_sample
-    got = dpm_solver_2m_sample(net, proc, noise, None, steps=steps, spacing=spacing)
+    got = dpm_solver_2m_sample(net, proc, noise, steps=steps, spacing=spacing)
     # diffusers rounds the sample to float32 inside every step; the rest is float64 on both sides,
     # so the trajectories agree to float32 precision relative to the sample's magnitude.
     assert (got - x).abs().max() <= 1e-6 * max(1.0, x.abs().max().item())
@@ -209,7 +232,7 @@ def test_euler_flow_trajectory_matches_diffusers():
     with torch.no_grad():
         for t in ref.timesteps:
             x = ref.step(net(x, t.expand(2)), t, x).prev_sample
-    got = euler_flow_sample(net, flow, noise, None, steps=steps)
+    got = euler_flow_sample(net, flow, noise, steps=steps)
     assert (got - x).abs().max() <= 1e-5  # 5 steps of float32 rounding on each side
 
 
@@ -224,7 +247,7 @@ def test_x0_clipping_keeps_x0_in_range_and_consistent():
 
     seen: list[Tensor] = []
     noise = rand((2, 3, 8, 8), 9, torch.float32)
-    out = ddim_sample(wild, proc, noise, None, steps=10, clip_x0=1.0, callback=lambda i, t, x, x0: seen.append(x0))
+    out = ddim_sample(wild, proc, noise, steps=10, clip_x0=1.0, callback=lambda i, t, x, x0: seen.append(x0))
     assert len(seen) == 10 and all(x0.abs().max() <= 1.0 for x0 in seen)
     assert torch.isfinite(out).all() and out.abs().max() <= 1.0 + 1e-5  # the last step lands on x0 itself
     # the (x0, eps) pair used by a clipped step reproduces x_t exactly
@@ -238,7 +261,7 @@ def test_x0_clipping_keeps_x0_in_range_and_consistent():
     # clipping x0 but keeping the raw eps would not: the step would no longer follow the model's own x_t
     assert not torch.allclose(a.sqrt() * x0 + (1 - a).sqrt() * eps, x_t, atol=1e-3)
     for sampler in (ddpm_sample, dpm_solver_2m_sample):
-        out = sampler(wild, proc, noise, None, steps=10, clip_x0=1.0)
+        out = sampler(wild, proc, noise, steps=10, clip_x0=1.0)
         assert torch.isfinite(out).all() and out.abs().max() <= 1.0 + 1e-5
 
 
@@ -253,7 +276,7 @@ def test_stochastic_samplers_are_deterministic_given_a_generator():
 
     def run(sampler, seed, **kw):
         torch.manual_seed(1234 + seed)  # the global RNG must not matter
-        return sampler(net, proc, noise, None, steps=6, generator=torch.Generator().manual_seed(seed), **kw)
+        return sampler(net, proc, noise, steps=6, generator=torch.Generator().manual_seed(seed), **kw)
 
     for sampler, kw in ((ddpm_sample, {}), (ddim_sample, {"eta": 1.0})):
         a, b, c = run(sampler, 0, **kw), run(sampler, 0, **kw), run(sampler, 1, **kw)
@@ -285,7 +308,6 @@ def test_oracle_denoiser_recovers_the_data_point(sampler, prediction):
         point_mass_oracle(proc, 0.6),
         proc,
         noise,
-        None,
         steps=8,
         generator=torch.Generator().manual_seed(0),
         callback=lambda i, t, x, x0: steps.append(t),
@@ -300,7 +322,7 @@ def test_oracle_on_zero_terminal_snr_with_trailing_spacing():
     oracle = point_mass_oracle(proc, -0.3)
     for sampler in (ddim_sample, ddpm_sample, dpm_solver_2m_sample):
         g = torch.Generator().manual_seed(0)
-        out = sampler(oracle, proc, noise, None, steps=6, spacing="trailing", generator=g)
+        out = sampler(oracle, proc, noise, steps=6, spacing="trailing", generator=g)
         assert torch.isfinite(out).all() and (out + 0.3).abs().max() <= 1e-4
 
 
@@ -308,5 +330,5 @@ def test_oracle_on_zero_terminal_snr_with_trailing_spacing():
 def test_oracle_flow_recovers_the_data_point(shift):
     flow = RectifiedFlow(shift=shift)
     noise = rand((2, 4, 3, 8, 8), 14, torch.float32)  # video
-    out = euler_flow_sample(point_mass_oracle(flow, 0.25), flow, noise, None, steps=4)
+    out = euler_flow_sample(point_mass_oracle(flow, 0.25), flow, noise, steps=4)
     assert (out - 0.25).abs().max() <= 1e-5

@@ -5,16 +5,15 @@ Small, separate pieces (in the spirit of k-diffusion / EDM / generative-models):
 * :mod:`.schedules`  beta schedules and :class:`NoiseSchedule`;
 * :mod:`.process`    :class:`DiscreteDiffusion` (DDPM) and :class:`RectifiedFlow` behind one
   training interface (:meth:`DiffusionProcess.training_loss_terms` / :meth:`DiffusionProcess.loss`);
-* :mod:`.config`     :class:`DiffusionConfig` (validated) and :func:`build_process`;
-* :mod:`.samplers`   DDPM, DDIM, DPM-Solver++(2M) and flow Euler samplers;
-* :mod:`.guidance`   batched classifier-free guidance;
-* :mod:`.dropout`    conditioning dropout for CFG training;
-* :mod:`.cond_ops`   batch operations on any dataclass-of-tensors conditioning.
+* :mod:`.process_config` :class:`DiffusionConfig` (validated) and :func:`build_process`;
+* :mod:`.samplers`   DDPM, DDIM, DPM-Solver++(2M) and flow Euler samplers, functions of ``denoise(x, t)``,
+  registered by name in :data:`SAMPLERS`;
+* :mod:`.guidance`   guiders that build ``denoise(x, t)``: batched classifier-free guidance.
+
+Conditioning (its fields, batch ops, trimming and CFG dropout) lives in :mod:`models.conditioning`.
 """
 
-from .cond_ops import batch_size_of, cat_conditioning, expand_batch, map_batched, select, where
-from .dropout import drop_conditioning, dropout_mask
-from .guidance import Denoiser, cfg_denoise, rescale_guidance
+from .guidance import ClassifierFreeGuidance, Denoiser, frame_guidance_scale, rescale_guidance, stacked_forward
 from .process import (
     DiffusionProcess,
     DiscreteDiffusion,
@@ -26,6 +25,9 @@ from .process import (
 )
 from .process_config import DiffusionConfig
 from .samplers import (
+    SAMPLERS,
+    DenoiseFn,
+    SamplerSpec,
     ddim_sample,
     ddim_step,
     ddpm_sample,
@@ -35,11 +37,16 @@ from .samplers import (
     dpm_solver_timesteps,
     euler_flow_sample,
     euler_flow_step,
+    register_sampler,
+    sampler_for,
 )
 from .schedules import SCHEDULE_NAMES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
 
 __all__ = [
+    "SAMPLERS",
     "SCHEDULE_NAMES",
+    "ClassifierFreeGuidance",
+    "DenoiseFn",
     "Denoiser",
     "DiffusionConfig",
     "DiffusionProcess",
@@ -47,10 +54,8 @@ __all__ = [
     "LossTerms",
     "NoiseSchedule",
     "RectifiedFlow",
-    "batch_size_of",
+    "SamplerSpec",
     "build_process",
-    "cat_conditioning",
-    "cfg_denoise",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
@@ -58,17 +63,15 @@ __all__ = [
     "discrete_timesteps",
     "dpm_solver_2m_sample",
     "dpm_solver_timesteps",
-    "drop_conditioning",
-    "dropout_mask",
     "euler_flow_sample",
     "euler_flow_step",
-    "expand_batch",
+    "frame_guidance_scale",
     "make_betas",
-    "map_batched",
+    "register_sampler",
     "rescale_guidance",
     "rescale_zero_terminal_snr",
     "resolution_shift",
-    "select",
+    "sampler_for",
     "shift_time",
-    "where",
+    "stacked_forward",
 ]

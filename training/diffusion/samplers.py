@@ -1,15 +1,19 @@
 """Samplers for the discrete (DDPM) process and for rectified flow.
 
-All samplers share one calling convention::
+All samplers share one calling convention (the shape of k-diffusion's samplers)::
 
-    x0 = sampler(denoiser, process, noise, cond, null_cond=None, guidance=1.0,
-                 steps=..., generator=None, callback=None, ...)
+    x0 = sampler(denoise, process, noise, *, steps=..., generator=None, callback=None, **own_settings)
 
-``noise`` is the starting point (pure noise at the first timestep), the
-denoiser is called through :func:`~training.diffusion.guidance.cfg_denoise`
-(one batched forward for classifier-free guidance), and the optional
-``callback(i, t, x, x0)`` receives the step index, the timestep, the new
-sample after the step and the current clean-data estimate.
+``denoise(x, t)`` returns the model output in the process's parameterisation for the batch ``x`` at the ``(B,)``
+timesteps ``t`` exactly as the denoiser takes them; a guider builds it (:mod:`.guidance`, e.g.
+``ClassifierFreeGuidance(denoiser, cond, null_cond, scale)``), or plainly ``lambda x, t: denoiser(x, t, cond)``.
+Samplers know nothing of conditioning or guidance. ``noise`` is the starting point (pure noise at the first
+timestep), and the optional ``callback(i, t, x, x0)`` receives the step index, the timestep, the new sample after
+the step and the current clean-data estimate.
+
+Every sampler is registered in :data:`SAMPLERS` by name (:func:`register_sampler`) with the process class it
+integrates and the settings it reads from a sampling config, so ``training.sampling.sample_latents`` dispatches by
+name. A new sampler is a function here (or anywhere) with the decorator; guidance does not change.
 
 Single steps are public too (``ddpm_step``, ``ddim_step``, ``euler_flow_step``)
 so that they can be tested and reused in isolation; unlike the samplers, which
@@ -26,13 +30,13 @@ live in a bounded range (pixels in [-1, 1]); latents usually should not be clipp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .guidance import Denoiser, cfg_denoise
 from .process import DiscreteDiffusion, RectifiedFlow, randn
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
@@ -40,6 +44,58 @@ TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
 
 #: ``callback(step_index, timestep, x_after_step, x0_estimate)``
 Callback = Callable[[int, Any, Tensor, Tensor], None]
+
+#: ``denoise(x, t) -> model output``: the model prediction (in the process's parameterisation) for the batch ``x``
+#: at the ``(B,)`` timesteps ``t`` as the denoiser takes them; built by a guider (:mod:`.guidance`).
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: the function, the process it integrates, and the settings it takes from a config."""
+
+    name: str  # the registry key (``SamplingConfig.sampler``)
+    fn: Callable[..., Tensor]  # fn(denoise, process, noise, *, steps, generator, callback, **settings)
+    process: type  # the DiffusionProcess subclass it needs
+    settings: tuple[str, ...] = ()  # its own keyword settings a sampling config supplies (e.g. "eta")
+
+    @property
+    def process_kind(self) -> str:
+        return PROCESS_KINDS.get(self.process, self.process.__name__)
+
+
+#: Every sampler by name, in registration order.
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+#: How errors name a process class.
+PROCESS_KINDS: dict[type, str] = {DiscreteDiffusion: "discrete", RectifiedFlow: "flow"}
+
+
+def register_sampler(name: str, process: type, settings: Sequence[str] = ()) -> Callable[[Callable], Callable]:
+    """Decorator adding a sampler to :data:`SAMPLERS` under ``name`` (a name may be registered once)."""
+
+    def add(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} is already registered ({SAMPLERS[name].fn.__qualname__})")
+        SAMPLERS[name] = SamplerSpec(name, fn, process, tuple(settings))
+        return fn
+
+    return add
+
+
+def sampler_for(name: str, process: Any) -> SamplerSpec:
+    """The registered sampler ``name``, checked against ``process``; errors name the samplers that would fit."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler: got {name!r}; expected one of {list(SAMPLERS)}")
+    spec = SAMPLERS[name]
+    if not isinstance(process, spec.process):
+        kind = next((k for cls, k in PROCESS_KINDS.items() if isinstance(process, cls)), type(process).__name__)
+        fits = ", ".join(repr(n) for n, s in SAMPLERS.items() if isinstance(process, s.process)) or "none"
+        raise ValueError(f"sampler: {name!r} is for the {spec.process_kind} process; a {kind} process samples "
+                         f"with {fits}")
+    return spec
+
 
 #: Smallest alphas_cumprod used by DPM-Solver, so that log-SNR stays finite on a
 #: zero-terminal-SNR schedule (the value diffusers uses for the same purpose).
@@ -189,35 +245,33 @@ def ddpm_step(
     return x_prev, x0
 
 
+@register_sampler("ddpm", DiscreteDiffusion, settings=("clip_x0",))
 @torch.no_grad()
 def ddpm_sample(
-    denoiser: Denoiser,
+    denoise: DenoiseFn,
     process: DiscreteDiffusion,
     noise: Tensor,
-    cond: Any,
-    null_cond: Optional[Any] = None,
-    guidance: float = 1.0,
+    *,
     steps: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
     spacing: str = "leading",
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
-    guidance_rescale: float = 0.0,
-    callback: Optional[Callback] = None,
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`ddpm_step`.
 
     ``steps`` defaults to the full chain (``process.num_timesteps``); fewer steps
-    use strided posteriors over :func:`discrete_timesteps`.  ``generator`` drives
-    the per-step noise.
+    use strided posteriors over :func:`discrete_timesteps` (or the explicit
+    decreasing ``timesteps``).  ``generator`` drives the per-step noise.
     """
     _require(process, DiscreteDiffusion, "ddpm_sample")
     ts = _resolve_timesteps(process, steps, process.num_timesteps, spacing, steps_offset, timesteps, discrete_timesteps)
     x = noise
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        out = denoise(x, _tvec(x, t))
         x, x0 = ddpm_step(process, out, x, t, t_prev, generator=generator, clip_x0=clip_x0)
         if callback is not None:
             callback(i, t, x, x0)
@@ -257,25 +311,24 @@ def ddim_step(
     return x_prev, x0
 
 
+@register_sampler("ddim", DiscreteDiffusion, settings=("eta", "clip_x0"))
 @torch.no_grad()
 def ddim_sample(
-    denoiser: Denoiser,
+    denoise: DenoiseFn,
     process: DiscreteDiffusion,
     noise: Tensor,
-    cond: Any,
-    null_cond: Optional[Any] = None,
-    guidance: float = 1.0,
+    *,
     steps: int = 50,
     generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
     eta: float = 0.0,
     spacing: str = "leading",
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
-    guidance_rescale: float = 0.0,
-    callback: Optional[Callback] = None,
 ) -> Tensor:
-    """DDIM sampling (Song et al. 2020) over :func:`discrete_timesteps`.
+    """DDIM sampling (Song et al. 2020, "Denoising Diffusion Implicit Models") over :func:`discrete_timesteps`,
+    with :func:`ddim_step` (``eta`` its stochasticity; ``generator`` drives the noise when ``eta > 0``).
 
     Each step goes to the next timestep of the grid, and the last one to the
     clean end (``alphas_cumprod = 1``).  Use ``spacing="trailing"`` with a
@@ -288,7 +341,7 @@ def ddim_sample(
     x = noise
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        out = denoise(x, _tvec(x, t))
         x, x0 = ddim_step(process, out, x, t, t_prev, eta=eta, generator=generator, clip_x0=clip_x0)
         if callback is not None:
             callback(i, t, x, x0)
@@ -296,22 +349,20 @@ def ddim_sample(
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++(2M)
+@register_sampler("dpm_solver_2m", DiscreteDiffusion, settings=("clip_x0",))
 @torch.no_grad()
 def dpm_solver_2m_sample(
-    denoiser: Denoiser,
+    denoise: DenoiseFn,
     process: DiscreteDiffusion,
     noise: Tensor,
-    cond: Any,
-    null_cond: Optional[Any] = None,
-    guidance: float = 1.0,
+    *,
     steps: int = 20,
     generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
     spacing: str = "linspace",
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
-    guidance_rescale: float = 0.0,
-    callback: Optional[Callback] = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
     of Diffusion Probabilistic Models", Algorithm 2), the multistep second-order
@@ -342,7 +393,7 @@ def dpm_solver_2m_sample(
     prev_x0: Optional[Tensor] = None
     prev_h = 0.0
     for i, t in enumerate(ts):
-        out = cfg_denoise(denoiser, x, _tvec(x, t), cond, null_cond, guidance, guidance_rescale)
+        out = denoise(x, _tvec(x, t))
         x0 = process.to_x0(out, x, _tvec(x, t))
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
@@ -371,21 +422,19 @@ def euler_flow_step(model_output: Tensor, x: Tensor, sigma: float, sigma_next: f
     return x + (sigma_next - sigma) * model_output
 
 
+@register_sampler("euler", RectifiedFlow, settings=("clip_x0",))
 @torch.no_grad()
 def euler_flow_sample(
-    denoiser: Denoiser,
+    denoise: DenoiseFn,
     process: RectifiedFlow,
     noise: Tensor,
-    cond: Any,
-    null_cond: Optional[Any] = None,
-    guidance: float = 1.0,
+    *,
     steps: int = 28,
     generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
     sigmas: Optional[Sequence[float] | Tensor] = None,
     shift: Optional[float] = None,
     clip_x0: Optional[float] = None,
-    guidance_rescale: float = 0.0,
-    callback: Optional[Callback] = None,
 ) -> Tensor:
     """Euler integration of the rectified-flow ODE from t = 1 (noise) to t = 0.
 
@@ -394,6 +443,7 @@ def euler_flow_sample(
     ``sigmas`` (decreasing, ending at 0) defaults to
     :meth:`RectifiedFlow.sampling_sigmas` ``(steps, shift)``.  With ``clip_x0`` the
     velocity is re-derived from the clamped x0, ``v = (x - x0) / t``.
+    ``denoise`` is called with the denoiser's timesteps, ``process.model_timesteps(t)``.
     ``generator`` is unused (deterministic sampler).
     """
     del generator
@@ -407,7 +457,7 @@ def euler_flow_sample(
     x = noise
     for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
         t_vec = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
-        out = cfg_denoise(denoiser, x, process.model_timesteps(t_vec), cond, null_cond, guidance, guidance_rescale)
+        out = denoise(x, process.model_timesteps(t_vec))
         x0 = process.to_x0(out, x, t_vec)
         if clip_x0 is not None and sigma > 0:
             x0 = x0.clamp(-clip_x0, clip_x0)
