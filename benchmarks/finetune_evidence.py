@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_pipeline.demo import DIGIT_WORDS, caption_for_digit, load_digits_split  # noqa: E402
 from data_pipeline.sources import Sample, SkipLog  # noqa: E402
-from data_pipeline.writer import write_shards  # noqa: E402
+from data_pipeline.writer import WriterOptions, write_shards  # noqa: E402
 from training.evaluation import DigitClassifier, save_grid, to_uint8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def write_mirrored_shards(out: Path = MIRRORED_DIR, seed: int = 0) -> dict[str, 
         samples = [Sample(np.ascontiguousarray(img[:, ::-1]), mirrored_caption(int(y)),
                           {"label": int(y), "mirrored": True}, f"mirrored/{split}/{i}")
                    for i, (img, y) in enumerate(zip(images, labels))]
-        summary = write_shards(samples, out, split, max_samples_per_shard=1000, image_format="png", overwrite=True,
+        summary = write_shards(samples, out, split, WriterOptions(1000, image_format="png", overwrite=True),
                                skips=SkipLog(), total=len(samples))
         counts[split] = summary.samples
     return counts
@@ -110,35 +110,31 @@ class MirrorReader:
 # ----------------------------------------------------------------------------------------------- the models
 
 
-def base_stage(run_dir: Path = BASE_RUN) -> Any:
-    """The quickstart run's diffusion stage with its exported EMA weights, in eval mode on the CPU."""
-    from launch.commands.sample import SampleCommandConfig, _run_config
-    from training.builders import diffusion_stage
-    from training.weights import load_weights
+def base_pipeline(run_dir: Path = BASE_RUN) -> Any:
+    """The quickstart run opened for inference with its exported EMA weights, on the CPU."""
+    from training.builders import open_run
 
-    run_cfg = _run_config(SampleCommandConfig(run_dir=str(run_dir)))
-    stage, _ = diffusion_stage(run_cfg, run_dir, with_validation_data=False)
-    load_weights(stage.model, run_dir / "diffusion" / "export" / "model.safetensors", kind=run_cfg.diffusion.denoiser)
-    stage.model.eval()
-    return stage
+    return open_run(run_dir, weights="export", device="cpu")
 
 
-def with_adapter(stage: Any, adapter: Path, scale: float = 1.0) -> torch.nn.Module:
+def with_adapter(pipe: Any, adapter: Path, scale: float = 1.0) -> torch.nn.Module:
+    """A copy of the base denoiser with ``adapter`` merged in."""
     from training.finetune import attach_adapters, load_adapter, merge_adapters
 
-    model = attach_adapters(copy.deepcopy(stage.model), [(load_adapter(adapter), scale)])
+    model = attach_adapters(copy.deepcopy(pipe.denoiser), [(load_adapter(adapter), scale)])
     merge_adapters(model)
     return model
 
 
 @torch.no_grad()
-def draw(stage: Any, model: torch.nn.Module, prompts: list[str], seed: int, guidance: float = 3.0,
+def draw(pipe: Any, model: torch.nn.Module, prompts: list[str], seed: int, guidance: float = 3.0,
          steps: int = 25, chunk: int = 250) -> torch.Tensor:
     """Samples for ``prompts``; the i-th prompt's starting noise depends only on (seed, i // chunk, i % chunk)."""
     out = []
+    with_model = dataclasses.replace(pipe, denoiser=model)
     for k in range(0, len(prompts), chunk):
-        stage.cfg.sampling = dataclasses.replace(stage.cfg.sampling, seed=seed + k, steps=steps, sampler="ddim")
-        out.append(stage.samples(model, prompts[k:k + chunk], guidance=guidance))
+        sampling = dataclasses.replace(pipe.sampling, seed=seed + k, steps=steps, sampler="ddim")
+        out.append(with_model.generate(prompts[k:k + chunk], guidance=guidance, sampling=sampling))
     return torch.cat(out)
 
 
@@ -169,17 +165,17 @@ def lora_experiment(results: dict, n_per_digit: int, skip_train: bool) -> None:
     print(f"[lora] reader (digit x mirrored) on held-out real digits {ASYMMETRIC}: {reader.val_accuracy:.1%} "
           f"(mirrored-or-not alone: {reader.val_mirror_accuracy:.1%})")
 
-    stage = base_stage()
-    lora_model = with_adapter(stage, adapter)
+    pipe = base_pipeline()
+    lora_model = with_adapter(pipe, adapter)
     digits = np.repeat(np.array(ASYMMETRIC), n_per_digit)
     out: dict[str, Any] = {"adapter_parameters": meta["parameters"], "adapter_file_bytes": meta["file_bytes"],
                            "base_unchanged_verified": meta["base_unchanged_verified"],
                            "reader_val_accuracy": reader.val_accuracy,
                            "reader_val_mirror_accuracy": reader.val_mirror_accuracy, "train_seconds": train_s}
     rows = []
-    for name, model in (("base", stage.model), ("lora", lora_model)):
+    for name, model in (("base", pipe.denoiser), ("lora", lora_model)):
         for kind, caption in (("mirrored prompt", mirrored_caption), ("plain prompt", caption_for_digit)):
-            images = draw(stage, model, [caption(int(d)) for d in digits], seed=100)
+            images = draw(pipe, model, [caption(int(d)) for d in digits], seed=100)
             pred_digit, pred_mirror = reader.read(images)
             three = digits == 3
             entry = {"mirrored": float(pred_mirror.mean()), "right_digit": float((pred_digit == digits).mean()),
@@ -202,7 +198,7 @@ def lora_experiment(results: dict, n_per_digit: int, skip_train: bool) -> None:
 # ------------------------------------------------------------------------------------------------- (b) DPO
 
 
-def write_preference_pairs(stage: Any, pairs_per_digit: int, seed: int = 7) -> dict[str, Any]:
+def write_preference_pairs(pipe: Any, pairs_per_digit: int, seed: int = 7) -> dict[str, Any]:
     """Base-model sample pairs ranked by ink, as image files + JSONL tables, then Pick-a-Pic shards."""
     from PIL import Image
 
@@ -211,7 +207,7 @@ def write_preference_pairs(stage: Any, pairs_per_digit: int, seed: int = 7) -> d
     img_dir = PREFS_DIR / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     digits = np.repeat(np.arange(10), 2 * pairs_per_digit)
-    images = draw(stage, stage.model, [caption_for_digit(int(d)) for d in digits], seed=seed)
+    images = draw(pipe, pipe.denoiser, [caption_for_digit(int(d)) for d in digits], seed=seed)
     arr = to_uint8(images)
     rewards = ink(images)
     rows: dict[str, list[dict]] = {"train": [], "val": []}
@@ -251,13 +247,13 @@ def write_preference_pairs(stage: Any, pairs_per_digit: int, seed: int = 7) -> d
 
 def dpo_experiment(results: dict, n_per_digit: int, pairs_per_digit: int, skip_train: bool,
                    skip_data: bool = False) -> None:
-    stage = base_stage()
+    pipe = base_pipeline()
     t0 = time.perf_counter()
     if skip_data and (PREFS_DIR / "train.shardindex.json").exists():
         data = {split: json.loads((PREFS_DIR / f"{split}.shardindex.json").read_text())["total_samples"]
                 for split in ("train", "val")}
     else:
-        data = write_preference_pairs(stage, pairs_per_digit)
+        data = write_preference_pairs(pipe, pairs_per_digit)
     print(f"[dpo] preference pairs (more ink wins; held-out digits {HELD_OUT} in val): {data}")
     runs = {"dpo": "dpo-thick", "sft": "dpo-thick-sft"}
     timings = {}
@@ -273,15 +269,15 @@ def dpo_experiment(results: dict, n_per_digit: int, pairs_per_digit: int, skip_t
                                                                tuple(d for d in range(10) if d not in HELD_OUT))):
         digits = np.repeat(np.array(digit_set), n_per_digit)
         prompts = [caption_for_digit(int(d)) for d in digits]
-        base_images = draw(stage, stage.model, prompts, seed=1000)
+        base_images = draw(pipe, pipe.denoiser, prompts, seed=1000)
         base_ink = ink(base_images)
         base_acc = float((clf.predict(base_images) == digits).mean())
         entry: dict[str, Any] = {"samples": len(digits), "base_ink": float(base_ink.mean()), "base_accuracy": base_acc}
         for name, config in runs.items():
             run_dir = Path("runs") / config
             logs = json.loads((run_dir / "dpo" / "export" / "adapter.json").read_text())
-            model = with_adapter(stage, run_dir / "dpo" / "export" / "adapter.safetensors")
-            images = draw(stage, model, prompts, seed=1000)
+            model = with_adapter(pipe, run_dir / "dpo" / "export" / "adapter.safetensors")
+            images = draw(pipe, model, prompts, seed=1000)
             tuned_ink = ink(images)
             entry[name] = {"win_rate": float((tuned_ink > base_ink).mean()), "ink": float(tuned_ink.mean()),
                            "accuracy": float((clf.predict(images) == digits).mean()),
@@ -306,14 +302,14 @@ def dpo_experiment(results: dict, n_per_digit: int, pairs_per_digit: int, skip_t
 
 def memory_comparison(results: dict) -> None:
     """Parameter bytes held by each fine-tuning stage (trainable module + frozen modules), from the real stages."""
-    from launch.commands.sample import SampleCommandConfig, _run_config
-    from training.builders import frozen_parts
+    from training.builders import frozen_parts, run_config_of, square
     from training.finetune import LoraAdapterConfig, parameter_bytes
     from training.stages.dpo import DpoStage
     from training.stages.lora import LoraStage, finetune_diffusion_config
 
-    cfg = _run_config(SampleCommandConfig(run_dir=str(BASE_RUN)))
-    te, ae, shape = frozen_parts(cfg, BASE_RUN, cfg.data.resolution)
+    cfg = run_config_of(BASE_RUN)
+    te, ae = frozen_parts(cfg, BASE_RUN)
+    shape = square(cfg.data.resolution)
     dcfg = finetune_diffusion_config(cfg.diffusion, str(BASE_RUN / "diffusion/export/model.safetensors"), None, [])
 
     def held(stage: Any) -> int:

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import torch
 
     sys.path.insert(0, str(REPO))
+    from data_pipeline.memory import InMemoryLoader
     from models.autoencoder import AutoencoderKL, tiny_vae_config
     from models.dit import DiTConfig
     from models.text_encoder import TextEncoder, TextEncoderConfig
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from training.trainer import OptimConfig, TrainConfig, Trainer
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from common import MemoryLoader, make_batches, profiled
+    from common import make_batches, profiled
 
     cuda = torch.cuda.is_available() and not args.cpu
     distributed_position()  # the process group, created as `loom train` creates it (gloo where there is no GPU)
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     steps = args.warmup + args.steps + 1  # the last loss call closes the last measured step
     cfg = DiffusionStageConfig(
-        dit=dit, text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
+        model={"dit": dit}, text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
         process=DiffusionConfig(schedule="cosine", prediction="v_prediction"), latents="cache",
         # cpu=False even with --cpu: Accelerate turns DeepSpeed off when asked for the CPU (the GPUs are hidden)
         train=TrainConfig(max_steps=steps, cpu=False, mixed_precision=args.precision or ("no" if args.cpu else "bf16"),
@@ -150,9 +151,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     )
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(tiny_vae_config())  # frozen; only its latent scaling is used
-    stage = Timed(cfg, text, autoencoder, (4, side, side))
+    stage = Timed(cfg, text, autoencoder, (side * autoencoder.config.downsample_factor,) * 2)
     n_params = sum(p.numel() for p in stage.model.parameters())
-    trainer = Trainer(cfg.train, stage, MemoryLoader(batches), tmp / "run", seed=0)
+    trainer = Trainer(cfg.train, stage, InMemoryLoader(batches), tmp / "run", micro_batch_size=batch, seed=0)
     started = time.perf_counter()
     with profiled(args.profile, f"{args.strategy}, {steps} steps (set-up, checkpoint and export included)", cuda, 20):
         result = trainer.fit()
@@ -172,10 +173,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     resume_ok, resume_s = None, float("nan")
     if not args.no_resume:  # a second trainer loads the sharded checkpoint and takes one more step
         torch.manual_seed(0)
-        again = DiffusionStage(cfg, text, autoencoder, (4, side, side))
+        again = DiffusionStage(cfg, text, autoencoder, (side * autoencoder.config.downsample_factor,) * 2)
         resumed_cfg = dataclasses.replace(cfg.train, max_steps=steps + 1, resume="latest")
         t0 = time.perf_counter()
-        resumed = Trainer(resumed_cfg, again, MemoryLoader(batches), tmp / "run", seed=0).fit()
+        resumed = Trainer(resumed_cfg, again, InMemoryLoader(batches), tmp / "run", micro_batch_size=batch,
+                          seed=0).fit()
         resume_s = time.perf_counter() - t0
         resume_ok = resumed.step == steps + 1 and math.isfinite(resumed.metrics.get("loss", math.nan))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"

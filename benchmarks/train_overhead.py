@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import logging
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_pipeline.batch import Batch  # noqa: E402
+from data_pipeline.memory import InMemoryLoader  # noqa: E402
 from models.autoencoder import AutoencoderKL, tiny_vae_config  # noqa: E402
 from models.dit import DiTConfig  # noqa: E402
 from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
@@ -39,7 +41,7 @@ from training.stages.diffusion import DiffusionStage, DiffusionStageConfig  # no
 from training.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MemoryLoader, make_batches, profiled  # noqa: E402
+from common import make_batches, profiled  # noqa: E402
 
 MODELS = {  # name: (DiT config keywords, latent side)
     "tiny": (dict(sample_size=8, patch_size=2, hidden_size=128, depth=4, num_heads=4), 8),
@@ -49,7 +51,7 @@ MODELS = {  # name: (DiT config keywords, latent side)
 
 def stage_config(device: str, model: str = "tiny") -> DiffusionStageConfig:
     return DiffusionStageConfig(
-        dit=DiTConfig(in_channels=4, context_dim=64, pooled_dim=32, **MODELS[model][0]),
+        model={"dit": DiTConfig(in_channels=4, context_dim=64, pooled_dim=32, **MODELS[model][0])},
         text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
         process=DiffusionConfig(schedule="cosine", prediction="v_prediction"),
         train=TrainConfig(cpu=device == "cpu", optim=OptimConfig(lr=1e-4, max_grad_norm=1.0), ema_decay=0.999,
@@ -60,8 +62,8 @@ def stage_config(device: str, model: str = "tiny") -> DiffusionStageConfig:
 def build_stage(cfg: DiffusionStageConfig, text: TextEncoder, device: torch.device) -> DiffusionStage:
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(tiny_vae_config()).to(device).eval()  # only its latent scaling is used here
-    side = cfg.dit.sample_size
-    stage = DiffusionStage(cfg, text, autoencoder, (4, side, side))
+    side = cfg.model_config.sample_size
+    stage = DiffusionStage(cfg, text, autoencoder, (side * autoencoder.config.downsample_factor,) * 2)
     stage.device = device
     return stage
 
@@ -75,7 +77,7 @@ def bare_loop(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batch]
     ema = EMA(model.named_parameters(), 0.999).to(device)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else contextlib.nullcontext())
-    it = iter(MemoryLoader(batches))
+    it = itertools.cycle(batches)
 
     def step() -> None:
         batch = next(it).to(device)
@@ -111,7 +113,7 @@ def trainer_run(cfg: DiffusionStageConfig, text: TextEncoder, batches: list[Batc
         start = time.perf_counter()
         with profiled(profile, f"trainer, {steps} steps (set-up, checkpoint and export included)",
                       device.type == "cuda"):
-            Trainer(run_cfg, stage, MemoryLoader(batches), Path(tmp)).fit()
+            Trainer(run_cfg, stage, InMemoryLoader(batches), Path(tmp), micro_batch_size=len(batches[0])).fit()
         return time.perf_counter() - start
 
 

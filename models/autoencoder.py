@@ -9,13 +9,18 @@ two numbers are properties of a trained autoencoder and live in :class:`Autoenco
 
 Video: every method accepts ``(B, C, T, H, W)`` as well. Frames are folded into the batch and go through the very
 same image code one by one (there is no temporal mixing in this autoencoder), then unfolded again, so a clip's
-latents are ``(B, C_latent, T, H/f, W/f)`` and equal the per-frame latents.
+latents are ``(B, C_latent, T, H/f, W/f)`` and equal the per-frame latents: the spatial factor is f, the temporal
+factor 1. Callers take the latent shape of a request from :meth:`AutoencoderKL.latent_shape` (and, for a
+pixel-space model without an autoencoder, from :func:`latent_shape_for` with factors 1), never from a square guess.
+
+Registered as the architecture ``"autoencoder-kl"`` (:mod:`models.registry`) with the diffusers and LDM weight
+namings of :mod:`models.convert`; its repeated blocks (``_no_split_modules``) are the ResBlocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from models.attention import BACKENDS, Attention
 from models.blocks import Downsample, ResBlock, Upsample, fold_frames, group_norm, unfold_frames
-from models.presets import register_model_type, register_preset
+from models.registry import register_architecture, register_preset
 from models.utils import checkpointed
 
 # The posterior's log-variance is clamped to this range (as in the LDM code) so exp() stays finite.
@@ -74,6 +79,41 @@ class AutoencoderConfig:
     def downsample_factor(self) -> int:
         """Pixels per latent along each side: 2 ** (number of levels - 1)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width (the same as :attr:`downsample_factor`)."""
+        return self.downsample_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame: 1, every frame is encoded on its own."""
+        return 1
+
+
+def latent_shape_for(
+    channels: int,
+    height: int,
+    width: int,
+    num_frames: Optional[int] = None,
+    spatial_factor: int = 1,
+    temporal_factor: int = 1,
+) -> Union[tuple[int, int, int], tuple[int, int, int, int]]:
+    """One sample's latent shape: ``(C, H/s, W/s)`` for an image (``num_frames`` None), ``(C, T/t, H/s, W/s)`` for a
+    clip of ``num_frames`` frames. With the default factors it is the pixel-space shape (no autoencoder).
+
+    Sizes that the factors do not divide are refused (the decoder could not give them back)."""
+    for what, size, factor in (("height", height, spatial_factor), ("width", width, spatial_factor),
+                               ("num_frames", num_frames, temporal_factor)):
+        if size is None:
+            continue
+        if size < 1 or size % factor:
+            raise ValueError(f"{what}={size}: must be a positive multiple of the autoencoder's "
+                             f"{'temporal' if what == 'num_frames' else 'spatial'} factor {factor}")
+    hw = (height // spatial_factor, width // spatial_factor)
+    if num_frames is None:
+        return (channels, *hw)
+    return (channels, num_frames // temporal_factor, *hw)
 
 
 class DiagonalGaussian:
@@ -248,6 +288,8 @@ class AutoencoderKL(nn.Module):
     frame by frame through the same code (see the module docstring).
     """
 
+    _no_split_modules = ("ResBlock",)  # its repeated blocks: FSDP2 units, activation-checkpointing units
+
     def __init__(self, config: Optional[AutoencoderConfig] = None):
         super().__init__()
         self.config = config if config is not None else AutoencoderConfig()
@@ -272,6 +314,27 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent z."""
+        return self.config.latent_channels
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width."""
+        return self.config.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (1: frame by frame)."""
+        return self.config.temporal_factor
+
+    def latent_shape(self, height: int, width: int, num_frames: Optional[int] = None) -> tuple[int, ...]:
+        """One sample's latent shape for ``height`` × ``width`` pixels: ``(C, h, w)`` for an image (``num_frames``
+        None), ``(C, T', h, w)`` for a clip of ``num_frames`` frames (see :func:`latent_shape_for`)."""
+        return latent_shape_for(self.latent_channels, height, width, num_frames, self.spatial_factor,
+                                self.temporal_factor)
+
     def _encode_images(self, x: Tensor) -> Tensor:
         moments = self.encoder(x)  # (B, 2*Cz, h, w)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
@@ -288,7 +351,8 @@ class AutoencoderKL(nn.Module):
         elif x.ndim == 4:
             moments = self._encode_images(x)  # (B, 2*Cz, h, w)
         else:
-            raise ValueError(f"encode expects (B, C, H, W) or (B, C, T, H, W) pixels, got shape {tuple(x.shape)}")
+            raise ValueError(f"encode takes (B, C, H, W) images or (B, C, T, H, W) clips of pixels; got shape "
+                             f"{tuple(x.shape)} ({x.ndim}-D)")
         return DiagonalGaussian(moments)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -297,7 +361,8 @@ class AutoencoderKL(nn.Module):
             return unfold_frames(self._decode_images(fold_frames(z)), z.shape[2])  # (B, Cout, T, H, W)
         if z.ndim == 4:
             return self._decode_images(z)  # (B, Cout, H, W)
-        raise ValueError(f"decode expects (B, C, h, w) or (B, C, T, h, w) latents, got shape {tuple(z.shape)}")
+        raise ValueError(f"decode takes (B, C, h, w) image or (B, C, T, h, w) clip latents; got shape "
+                         f"{tuple(z.shape)} ({z.ndim}-D)")
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
@@ -368,6 +433,19 @@ AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderConfig]] = {
 }
 
 
-register_model_type(AutoencoderConfig, AutoencoderKL)
+def _from_diffusers(state: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    from models.convert import from_diffusers_vae_state_dict  # lazily: models.convert imports this module
+
+    return from_diffusers_vae_state_dict(state, config)
+
+
+def _from_ldm(state: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    from models.convert import from_ldm_vae_state_dict
+
+    return from_ldm_vae_state_dict(state, config)
+
+
+register_architecture("autoencoder-kl", AutoencoderConfig, AutoencoderKL,
+                      converters={"diffusers": _from_diffusers, "ldm": _from_ldm}, role="autoencoder")
 for _name, _builder in AUTOENCODER_PRESETS.items():
     register_preset(_name, _builder)

@@ -11,10 +11,18 @@ Video uses the same code path. A ``(B, C, T, H, W)`` latent is patchified frame 
 tokens ordered (frame, row, column); every token attends to every other (full spatio-temporal attention). The
 position embedding is separable: the 2-D spatial sin-cos embedding of the token's (row, column), plus, when
 ``T > 1``, a 1-D sin-cos embedding of its frame index over the whole width (as in Latte, Ma et al. 2024). With
-``T == 1`` no temporal term is added, so a one-frame clip and an image give the same tokens.
+``T == 1`` no temporal term is added, so a one-frame clip and an image give the same tokens. The layout is read from
+the tensor alone: an image model (``video=False``) takes ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` clips, a
+video model (``video=True``) only clips; nothing else is accepted (in particular not frames folded into the batch).
+The position table is cached per (grid, device, dtype), as it depends on nothing else.
 
 Calling convention (see :mod:`models.conditioning`): ``model(x_t, timesteps, cond) -> out``, ``out`` shaped like
 ``x_t`` (with ``learn_sigma`` it has twice the channels: see :meth:`DiT.split_learned_sigma`).
+
+Presets: the paper's S/B/L/XL × patch 2/4/8 class-conditional models (Peebles & Xie 2023, Table 1; ImageNet 256 px →
+32×32×4 latents, 1000 classes, learned sigma), text-conditioned variants ``DiT-XL/2-text`` etc. (PixArt-α style:
+cross-attention, caption MLP, adaLN-single; ``context_dim`` 1024 = the OpenCLIP ViT-H/14 text width, override it,
+e.g. 4096 for T5-XXL), and tiny ones for tests; the architecture is registered as ``"dit"`` (:mod:`models.registry`).
 """
 
 from __future__ import annotations
@@ -26,10 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import BACKENDS, Attention, FeedForward
-from models.blocks import fold_frames, unfold_frames
+from models.blocks import fold_frames
 from models.conditioning import Conditioning
 from models.embeddings import TimestepMLP, broadcast_timesteps, timestep_embedding
+from models.registry import register_architecture, register_preset
 from models.utils import checkpointed
+
+POS_CACHE_SIZE = 16  # position tables kept per model (one per grid shape, device and dtype: buckets × devices)
 
 
 @dataclass
@@ -78,6 +89,9 @@ class DiTConfig:
     """Patches each axis's positions are rescaled to span (PixArt multi-resolution); None: raw indices (DiT)."""
     pos_embed_interpolation: float = 1.0
     """Divide spatial positions by this (PixArt's ``pe_interpolation``, e.g. 2 for its 1024 px model)."""
+    video: bool = False
+    """A video model: ``x_t`` must be a ``(B, C, T, H, W)`` clip (a 4-D input is refused); False: an image model,
+    taking ``(B, C, H, W)`` images (or ``(B, C, T, H, W)`` clips, a one-frame clip being an image)."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -268,15 +282,16 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer (Peebles & Xie 2023) with optional PixArt-α text cross-attention; images and video.
 
-    ``forward(x_t, timesteps, cond)``: ``x_t`` is ``(B, C, H, W)`` or ``(B, C, T, H, W)`` with ``H, W`` divisible
-    by ``patch_size`` (any size and aspect ratio: position embeddings are computed for the actual grid). A 4-D
-    ``x_t`` with ``cond.num_frames = T > 1`` is read as ``(B·T, C, H, W)`` clip-major frames and returned in that
-    layout. Per-sample inputs (timesteps, context, labels) have one row per clip.
+    ``forward(x_t, timesteps, cond)``: ``x_t`` is ``(B, C, H, W)`` (image models only) or ``(B, C, T, H, W)``
+    with ``H, W`` divisible by ``patch_size`` (any size and aspect ratio: position embeddings are computed for the
+    actual grid, and cached). Per-sample inputs (timesteps, context, labels) have one row per image or clip.
 
     With ``learn_sigma`` the output has ``2 × out_channels`` channels: the first half is the prediction the
     diffusion process uses (ε, v or x₀ as trained), the second half the learned variance interpolation of Nichol &
     Dhariwal (2021); a process without learned variances uses only the first half (:meth:`split_learned_sigma`).
     """
+
+    _no_split_modules = ("DiTBlock",)  # its repeated blocks: FSDP2 units, activation-checkpointing units
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -309,6 +324,8 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(dim, p, self.out_channels, config.adaln_single)
         self.initialize_weights()
+        # (frames, grid_h, grid_w, device, dtype) -> (T*h*w, D) position table; not state (recomputed on demand)
+        self._pos_cache: dict[tuple, Tensor] = {}
 
     # ---- initialisation ---------------------------------------------------------------------------------------
 
@@ -364,27 +381,34 @@ class DiT(nn.Module):
 
     # ---- helpers ----------------------------------------------------------------------------------------------
 
-    def _as_clips(self, x_t: Tensor, cond: Conditioning) -> tuple[Tensor, str]:
-        """Bring ``x_t`` to ``(B, C, T, H, W)``; also return its layout ("image", "video" or "frames")."""
-        p = self.config.patch_size
-        if x_t.ndim not in (4, 5):
-            raise ValueError(f"DiT expects x_t of shape (B, C, H, W) or (B, C, T, H, W), got {tuple(x_t.shape)}")
+    def _as_clips(self, x_t: Tensor) -> Tensor:
+        """Check ``x_t``'s layout and bring it to ``(B, C, T, H, W)`` (an image becomes a one-frame clip)."""
+        p, shape = self.config.patch_size, tuple(x_t.shape)
+        accepted = "(B, C, T, H, W) clips" if self.config.video else "(B, C, H, W) images or (B, C, T, H, W) clips"
+        if x_t.ndim != 5 and (x_t.ndim != 4 or self.config.video):
+            kind = "video" if self.config.video else "image"
+            raise ValueError(f"this {kind} DiT takes {accepted}; got x_t of shape {shape} ({x_t.ndim}-D)")
         if x_t.shape[1] != self.config.in_channels:
-            raise ValueError(f"DiT expects {self.config.in_channels} input channels, got x_t {tuple(x_t.shape)}")
+            raise ValueError(f"DiT expects {self.config.in_channels} input channels, got x_t {shape}")
         if x_t.shape[-2] % p or x_t.shape[-1] % p:
-            raise ValueError(
-                f"DiT latent height and width must be divisible by patch_size={p}, got x_t {tuple(x_t.shape)}"
-            )
-        frames = cond.num_frames
-        if x_t.ndim == 5:
-            if frames not in (1, x_t.shape[2]):
-                raise ValueError(f"cond.num_frames={frames} disagrees with x_t's {x_t.shape[2]} frames")
-            return x_t, "video"
-        if frames == 1:
-            return x_t[:, :, None], "image"  # (B, C, 1, H, W)
-        if x_t.shape[0] % frames:
-            raise ValueError(f"x_t batch {x_t.shape[0]} is not a multiple of cond.num_frames={frames}")
-        return unfold_frames(x_t, frames), "frames"  # (B, C, T, H, W)
+            raise ValueError(f"DiT latent height and width must be divisible by patch_size={p}, got x_t {shape}")
+        return x_t if x_t.ndim == 5 else x_t[:, :, None]  # (B, C, T, H, W)
+
+    def position_table(self, frames: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
+                       ) -> Tensor:
+        """The ``(T·h·w, D)`` sin-cos position table of a token grid (:func:`spatiotemporal_sincos`), cached per
+        (grid, device, dtype): it depends on nothing else, so it is built once instead of every forward."""
+        key = (frames, grid_h, grid_w, torch.device(device), dtype)
+        table = self._pos_cache.get(key)
+        if table is None:
+            cfg = self.config
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later under autograd too
+                table = spatiotemporal_sincos(frames, grid_h, grid_w, cfg.hidden_size, cfg.pos_embed_base_size,
+                                              cfg.pos_embed_interpolation, device=device).to(dtype)  # (N, D)
+            if len(self._pos_cache) >= POS_CACHE_SIZE:
+                self._pos_cache.pop(next(iter(self._pos_cache)))  # the oldest
+            self._pos_cache[key] = table
+        return table
 
     def embed_conditioning(self, timesteps: Tensor, cond: Conditioning, batch: int) -> Tensor:
         """The vector that drives adaLN: timestep MLP (+ class embedding, + pooled / vector MLPs) → ``(B, D)``."""
@@ -427,20 +451,18 @@ class DiT(nn.Module):
     def forward(
         self, x_t: Tensor, timesteps: Union[Tensor, float, int], cond: Optional[Conditioning] = None
     ) -> Tensor:
-        """``x_t`` ``(B, C, H, W)`` / ``(B, C, T, H, W)`` / ``(B·T, C, H, W)`` with ``cond.num_frames=T``;
-        ``timesteps`` ``(B,)`` or a scalar → same layout as ``x_t`` with ``model_out_channels`` channels."""
+        """``x_t`` ``(B, C, H, W)`` (image models) or ``(B, C, T, H, W)``; ``timesteps`` ``(B,)`` or a scalar →
+        same layout as ``x_t`` with ``model_out_channels`` channels."""
         cond = cond if cond is not None else Conditioning()
         cfg, dim, p = self.config, self.config.hidden_size, self.config.patch_size
-        x, layout = self._as_clips(x_t, cond)  # (B, C, T, H, W)
+        x = self._as_clips(x_t)  # (B, C, T, H, W)
         b, c, frames, h, w = x.shape
         gh, gw = h // p, w // p
         timesteps = broadcast_timesteps(timesteps, b, x.device)  # (B,)
 
         tokens = self.x_embedder(fold_frames(x))  # (B*T, D, h, w)
         tokens = tokens.flatten(2).transpose(1, 2).reshape(b, frames * gh * gw, dim)  # (B, N, D), N = T*h*w
-        pos = spatiotemporal_sincos(frames, gh, gw, dim, cfg.pos_embed_base_size, cfg.pos_embed_interpolation,
-                                    device=x.device)  # (N, D)
-        tokens = tokens + pos.to(tokens.dtype)[None]  # (B, N, D)
+        tokens = tokens + self.position_table(frames, gh, gw, tokens.device, tokens.dtype)[None]  # (B, N, D)
 
         emb = self.embed_conditioning(timesteps, cond, b)  # (B, D)
         mod = self.t_block(emb).view(b, 6, dim) if self.t_block is not None else emb  # (B, 6, D) or (B, D)
@@ -459,8 +481,56 @@ class DiT(nn.Module):
                                   enabled=self.gradient_checkpointing)  # (B, N, D)
         out = self.final_layer(tokens, emb)  # (B, N, p*p*C_out)
         out = self.unpatchify(out, frames, gh, gw)  # (B, C_out, T, H, W)
-        if layout == "image":
-            return out[:, :, 0]  # (B, C_out, H, W)
-        if layout == "frames":
-            return fold_frames(out)  # (B*T, C_out, H, W)
-        return out  # (B, C_out, T, H, W)
+        return out if x_t.ndim == 5 else out[:, :, 0]  # like x_t: (B, C_out, T, H, W) or (B, C_out, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration and presets
+# --------------------------------------------------------------------------------------------------------------
+
+register_architecture("dit", DiTConfig, DiT)
+
+# Peebles & Xie (2023), Table 1: name -> (depth, hidden size, heads).
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DIT_PATCHES: tuple[int, ...] = (2, 4, 8)
+TEXT_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14 text width (Stable Diffusion 2.x); override for other encoders
+
+
+def dit_class_conditional(size: str, patch: int) -> DiTConfig:
+    """The paper's ImageNet 256×256 model: 32×32×4 latents, 1000 classes (+ null), learned sigma."""
+    depth, hidden, heads = DIT_SIZES[size]
+    return DiTConfig(sample_size=32, patch_size=patch, in_channels=4, learn_sigma=True, hidden_size=hidden,
+                     depth=depth, num_heads=heads, num_classes=1000)
+
+
+def dit_text_conditional(size: str, patch: int, context_dim: int = TEXT_CONTEXT_DIM) -> DiTConfig:
+    """PixArt-α-style text-to-image DiT: cross-attention to ``context_dim``-wide text states through a caption
+    MLP, adaLN-single; predicts ``in_channels`` channels (no learned sigma)."""
+    depth, hidden, heads = DIT_SIZES[size]
+    return DiTConfig(sample_size=32, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
+                     num_heads=heads, context_dim=context_dim, caption_projection=True, adaln_single=True)
+
+
+for _size in DIT_SIZES:
+    for _patch in DIT_PATCHES:
+        register_preset(f"DiT-{_size}/{_patch}", lambda s=_size, p=_patch: dit_class_conditional(s, p))
+        register_preset(f"DiT-{_size}/{_patch}-text", lambda s=_size, p=_patch: dit_text_conditional(s, p))
+
+
+@register_preset("dit-tiny")
+def _dit_tiny() -> DiTConfig:
+    """Class-conditional toy DiT for tests (10 classes, learned sigma)."""
+    return DiTConfig(sample_size=8, patch_size=2, in_channels=4, learn_sigma=True, hidden_size=32, depth=2,
+                     num_heads=2, num_classes=10)
+
+
+@register_preset("dit-tiny-text")
+def _dit_tiny_text() -> DiTConfig:
+    """Text-conditional toy DiT matching ``models/configs/openclip-tiny-text.json`` (width 64, embed 32)."""
+    return DiTConfig(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                     context_dim=64, pooled_dim=32, caption_projection=True, adaln_single=True)

@@ -62,3 +62,11 @@ class TimestepMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+def micro_vector(original_size: Tensor, crop_top_left: Tensor, target_size: Tensor,
+                 dim: int = 256) -> Tensor:
+    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size (each
+    ``(B, 2)``), each number as ``dim`` Fourier features."""
+    values = torch.cat([original_size, crop_top_left, target_size], dim=1).float()  # (B, 6)
+    return fourier_features(values, dim)  # (B, 6*dim)

@@ -181,6 +181,8 @@ def _tokenizer_for(model: str, builtin: bool, context_length: int) -> Any:
 class TextEncoder(nn.Module):
     """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``."""
 
+    _no_split_modules = ("ResidualAttentionBlock",)  # open_clip's transformer blocks (FSDP2 / checkpointing units)
+
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = config

@@ -8,7 +8,7 @@ embedding (Podell et al. 2023, "SDXL", Sec. 2.2).
 Calling convention (every denoiser in :mod:`models`): ``unet(x_t, timesteps, cond) -> tensor shaped like x_t``,
 ``cond`` a :class:`~models.conditioning.Conditioning`. Fields read: ``context`` / ``context_mask`` (cross-attention,
 when ``cross_attention_dim`` is set), ``class_labels`` (when ``num_classes`` is set), ``pooled`` and ``vector``
-(when ``addition_embed_type="text_time"``), ``num_frames`` (video).
+(when ``addition_embed_type="text_time"``).
 
 Heads — a naming quirk worth knowing. In diffusers' ``UNet2DConditionModel`` config, ``attention_head_dim`` is in
 fact the number of *heads* (SD 1.5: ``8`` → 8 heads of 40/80/160 channels; SD 2.x: ``[5, 10, 20, 20]`` → heads of
@@ -16,9 +16,12 @@ fact the number of *heads* (SD 1.5: ``8`` → 8 heads of 40/80/160 channels; SD 
 SDXL). This config follows LDM: set exactly one of ``num_heads`` (heads per level) or ``head_dim`` (channels per
 head); :func:`models.convert.config_from_diffusers_unet` translates diffusers' field.
 
-Video: ``x_t`` may be ``(B, C, T, H, W)``. The frames are folded into the batch (timesteps and every conditioning
-tensor repeated per frame) and denoised *independently* by this image U-Net; there is no temporal layer yet, so
-frames do not exchange information.
+Video: ``x_t`` may be ``(B, C, T, H, W)`` (an image is ``(B, C, H, W)``; the layout is read from the tensor's rank
+alone). The frames are folded into the batch (timesteps and every conditioning tensor repeated per frame) and
+denoised *independently* by this image U-Net; there is no temporal layer yet, so frames do not exchange information.
+
+Registered as the architecture ``"unet"`` (:mod:`models.registry`), with the diffusers and LDM weight namings of
+:mod:`models.convert`; its repeated blocks (``_no_split_modules``) are the ResBlocks and transformer blocks.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from models.attention import BACKENDS, Attention, FeedForward
 from models.blocks import Downsample, ResBlock, Upsample, fold_frames, group_norm, unfold_frames
 from models.conditioning import Conditioning
 from models.embeddings import TimestepMLP, broadcast_timesteps, timestep_embedding
-from models.presets import register_model_type, register_preset
+from models.registry import register_architecture, register_preset
 from models.utils import checkpointed
 
 # GroupNorm epsilon in front of every spatial transformer (fixed in LDM and diffusers alike).
@@ -329,6 +332,8 @@ class MidBlock(nn.Module):
 class UNet(nn.Module):
     """Text-conditioned latent U-Net (SD 1.x/2.x, SDXL). ``forward(x_t, timesteps, cond) -> (B, C_out, ...)``."""
 
+    _no_split_modules = ("ResBlock", "TransformerBlock")  # its repeated blocks: FSDP2 and checkpointing units
+
     def __init__(self, config: Optional[UNetConfig] = None):
         super().__init__()
         self.config = cfg = config if config is not None else UNetConfig()
@@ -405,14 +410,13 @@ class UNet(nn.Module):
 
         if x_t.ndim == 5:
             frames = x_t.shape[2]
-            if cond.num_frames not in (1, frames):
-                raise ValueError(f"x_t has {frames} frames but cond.num_frames={cond.num_frames}")
             per_frame = {k: v.repeat_interleave(frames, dim=0) for k, v in cond.tensors().items()}
-            frame_cond = dataclasses.replace(cond, num_frames=1, **per_frame)
+            frame_cond = dataclasses.replace(cond, **per_frame)  # one row per frame
             out = self._forward_images(fold_frames(x_t), t.repeat_interleave(frames), frame_cond)  # (B*T, C, H, W)
             return unfold_frames(out, frames)  # (B, C, T, H, W)
         if x_t.ndim != 4:
-            raise ValueError(f"x_t must be (B, C, H, W) or (B, C, T, H, W); got shape {tuple(x_t.shape)}")
+            raise ValueError(f"the U-Net takes (B, C, H, W) images or (B, C, T, H, W) clips; got x_t of shape "
+                             f"{tuple(x_t.shape)} ({x_t.ndim}-D)")
         return self._forward_images(x_t, t, cond)
 
     def _forward_images(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -489,6 +493,18 @@ UNET_PRESETS: dict[str, Callable[[], UNetConfig]] = {
 }
 
 
-register_model_type(UNetConfig, UNet)
+def _from_diffusers(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    from models.convert import from_diffusers_unet_state_dict  # lazily: models.convert imports this module
+
+    return from_diffusers_unet_state_dict(state, config)
+
+
+def _from_ldm(state: dict[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
+    from models.convert import from_ldm_unet_state_dict
+
+    return from_ldm_unet_state_dict(state, config)
+
+
+register_architecture("unet", UNetConfig, UNet, converters={"diffusers": _from_diffusers, "ldm": _from_ldm})
 for _name, _builder in UNET_PRESETS.items():
     register_preset(_name, _builder)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -22,7 +22,9 @@ from data_pipeline.loader import build_loader
 from models.autoencoder import AutoencoderConfig, AutoencoderKL
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from training.config_io import from_dict
+from training.inference import Inference, denoiser_weights, load_denoiser_weights
 from training.run_config import RunConfig
+from training.sampling import SamplingConfig
 from training.sharding import wait_for_main_process
 from training.stages.cache import (
     cache_data_config,
@@ -86,7 +88,7 @@ def load_autoencoder(weights: str | Path) -> AutoencoderKL:
         raise FileNotFoundError(f"autoencoder weights {weights}: its config {config_file.name} is missing beside it")
     config = from_dict(AutoencoderConfig, json.loads(config_file.read_text()))
     model = AutoencoderKL(config)
-    load_weights(model, weights, kind="autoencoder")
+    load_weights(model, weights)
     return model.eval().requires_grad_(False)
 
 
@@ -101,6 +103,11 @@ def first_batches(data: DataConfig, n_samples: int, batch_size: int) -> list[Any
         if seen >= n_samples:
             break
     return out
+
+
+def square(resolution: int) -> tuple[int, int]:
+    """The ``(height, width)`` of the square images a data config's ``resolution`` makes."""
+    return resolution, resolution
 
 
 def with_batch(data: DataConfig, batch_size: Optional[int]) -> DataConfig:
@@ -134,10 +141,10 @@ def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 def diffusion_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[DiffusionStage, Any]:
     """The diffusion stage as configured (frozen parts loaded) and its training data config."""
     st = cfg.diffusion
-    te, ae, latent_shape = frozen_parts(cfg, run_dir, cfg.data.resolution)
+    te, ae = frozen_parts(cfg, run_dir)
     train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
     torch.manual_seed(cfg.run.seed)
-    stage = DiffusionStage(st, te, ae, latent_shape, val_batches)
+    stage = DiffusionStage(st, te, ae, square(cfg.data.resolution), val_batches)
     return stage, with_batch(train_data, st.batch_size)
 
 
@@ -171,16 +178,9 @@ def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
     return cfg.diffusion.weights
 
 
-def frozen_parts(cfg: RunConfig, run_dir: Path, res: int
-                 ) -> tuple[TextEncoder, Optional[AutoencoderKL], tuple[int, ...]]:
-    """The frozen text encoder and autoencoder of the denoising stages, and the latent shape of a ``res``² image."""
-    st = cfg.diffusion
-    te = build_text_encoder(st.text_encoder, run_dir, cfg.run.seed)
-    ae = resolve_autoencoder(cfg, run_dir)
-    if ae is None:
-        return te, None, (st.model_config.in_channels, res, res)
-    f = ae.config.downsample_factor
-    return te, ae, (ae.config.latent_channels, res // f, res // f)
+def frozen_parts(cfg: RunConfig, run_dir: Path) -> tuple[TextEncoder, Optional[AutoencoderKL]]:
+    """The frozen text encoder and autoencoder (None for a pixel-space denoiser) of the denoising stages."""
+    return build_text_encoder(cfg.diffusion.text_encoder, run_dir, cfg.run.seed), resolve_autoencoder(cfg, run_dir)
 
 
 def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
@@ -189,11 +189,11 @@ def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True)
 
     st = cfg.diffusion
     weights = finetune_base_weights(cfg, run_dir)
-    te, ae, latent_shape = frozen_parts(cfg, run_dir, cfg.data.resolution)
+    te, ae = frozen_parts(cfg, run_dir)
     train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(st, weights, cfg.lora.cond_dropout, cfg.lora.validation_prompts)
-    stage = LoraStage(dcfg, cfg.lora, te, ae, latent_shape, val_batches)
+    stage = LoraStage(dcfg, cfg.lora, te, ae, square(cfg.data.resolution), val_batches)
     return stage, with_batch(train_data, cfg.lora.batch_size)
 
 
@@ -236,12 +236,59 @@ def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) 
 
     st = cfg.dpo
     weights = finetune_base_weights(cfg, run_dir)
-    te, ae, latent_shape = frozen_parts(cfg, run_dir, st.data.resolution)
+    te, ae = frozen_parts(cfg, run_dir)
     out = cache_dpo_pairs(cfg, run_dir, te, ae)
     val_pairs = []
     if with_validation_data and st.validation_pairs and (out / "val.shardindex.json").exists():
         val_pairs = first_batches(pair_cache_data_config(out, "val", st.val_data), st.validation_pairs, 64)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(cfg.diffusion, weights, st.cond_dropout, st.validation_prompts)
-    stage = DpoStage(dcfg, st, te, ae, latent_shape, val_pairs)
+    stage = DpoStage(dcfg, st, te, ae, square(st.data.resolution), val_pairs)
     return stage, with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)
+
+
+def run_config_of(run_dir: str | Path) -> Any:
+    """The resolved ``RunConfig`` a ``loom train`` run wrote into ``run_dir/config.yaml``, pointing at ``run_dir``."""
+    from training.config_io import load_config
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r}: no config.yaml there (is it a `loom train` run?)")
+    cfg = load_config(RunConfig, [path])
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(run_dir.parent),
+                                                            name=run_dir.name))
+
+
+def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str | torch.device] = None,
+             sampling: Optional[SamplingConfig] = None, adapters: Sequence[str] = (),
+             merge_adapters: bool = True, cfg: Any = None) -> Inference:
+    """An :class:`~training.inference.Inference` for a trained run: its config, frozen text encoder and autoencoder,
+    the denoiser with ``weights`` (:data:`training.inference.WEIGHTS_CHOICES`), LoRA ``adapters`` (``path[:scale]``,
+    added up; merged into the weights unless ``merge_adapters`` is False), on ``device`` (default: CUDA when
+    available), in eval mode. ``cfg`` is the run's ``RunConfig`` when the caller holds it (default: read back from
+    ``run_dir/config.yaml``)."""
+    from training.diffusion import build_process
+    from training.stages.diffusion import build_denoiser, micro_fourier_dim
+
+    run_dir = Path(run_dir)
+    cfg = cfg if cfg is not None else run_config_of(run_dir)
+    path, is_ema = denoiser_weights(run_dir, weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    st = cfg.diffusion
+    text_encoder, autoencoder = frozen_parts(cfg, run_dir)
+    micro = micro_fourier_dim(st.model_config) if st.micro_conditioning else None
+    pipe = Inference(build_denoiser(dataclasses.replace(st, weights=None)), build_process(st.process), text_encoder,
+                     autoencoder, sampling or st.sampling, (cfg.data.resolution, cfg.data.resolution), micro)
+    load_denoiser_weights(pipe.denoiser, path, is_ema)
+    if adapters:
+        from training.finetune import AdapterSpec, attach_adapters, load_adapter
+        from training.finetune import merge_adapters as merge
+
+        specs = [AdapterSpec.parse(a) for a in adapters]
+        pipe.denoiser = attach_adapters(pipe.denoiser, [(load_adapter(s.path), s.scale) for s in specs])
+        if merge_adapters:
+            merge(pipe.denoiser)
+    pipe.denoiser.eval()
+    return pipe.to(pick_device(None if device is None else str(device)))

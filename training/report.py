@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.builders import open_run
 from training.evaluation import DigitClassifier, psnr, save_grid
 from training.run_config import RunConfig
-from training.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,10 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
 
 def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     from data_pipeline.demo import caption_for_digit
-    from training.builders import diffusion_stage, pick_device
 
     start = time.perf_counter()
-    stage, _ = diffusion_stage(cfg, run_dir, with_validation_data=False)
-    export = run_dir / "diffusion" / "export" / "model.safetensors"
-    load_weights(stage.model, export, kind=cfg.diffusion.denoiser)
-    device = pick_device(cfg.device)
-    model = stage.model.to(device).eval()
-    stage.text_encoder.to(device)
-    if stage.autoencoder is not None:
-        stage.autoencoder.to(device)
+    pipe = open_run(run_dir, weights="export", device=cfg.device, cfg=cfg)
+    model = pipe.denoiser
 
     out: dict[str, Any] = {"run": str(run_dir)}
     lines = [f"# latentloom report — {cfg.run.name}", "",
@@ -64,7 +57,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
              f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), process "
              f"{cfg.diffusion.process.kind}/{cfg.diffusion.process.prediction}, "
              f"sampler {cfg.diffusion.sampling.sampler} {cfg.diffusion.sampling.steps} steps, EMA weights.", ""]
-    _autoencoder_section(cfg, run_dir, stage.autoencoder, lines, out)
+    _autoencoder_section(cfg, run_dir, pipe.autoencoder, lines, out)
 
     if cfg.report.digits_check:
         clf, clf_acc = DigitClassifier.for_demo(cfg.data.seed)
@@ -79,8 +72,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
         out["classifier_val_accuracy"] = clf_acc
         grids = []
         for g in cfg.report.guidance_scales:
-            with torch.no_grad():
-                images = stage.samples(model, prompts, guidance=g)
+            images = pipe.generate(prompts, guidance=g)
             pred = clf.predict(images)
             acc = float((pred == labels).mean())
             per = [float((pred[labels == d] == d).mean()) for d in range(10)]

@@ -14,12 +14,14 @@ The EMA keeps the average of :func:`local_shard` (no communication per step, mem
 uses the other two to write and read a consolidated EMA; the trainer builds evaluation copies from a meta-device
 skeleton of the model taken before it was wrapped (:func:`meta_skeleton`, :func:`materialize`). The DeepSpeed
 config's ``auto`` values are filled from our config (:func:`fill_deepspeed_config`) because our data loader is not
-prepared by Accelerate, which would otherwise infer them.
+prepared by Accelerate, which would otherwise infer them. Under FSDP2 each model's own repeated blocks become the
+FSDP units (:func:`prepare_fsdp2_wrapping`), whatever model the process prepared before.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from datetime import timedelta
@@ -217,6 +219,50 @@ def prepare_deepspeed_config(accelerator: Any, micro_batch_size: Optional[int], 
     cfg.clear()
     cfg.update(copy.deepcopy(template))
     return fill_deepspeed_config(cfg, micro_batch_size, grad_accum, accelerator.num_processes, max_grad_norm)
+
+
+# ----------------------------------------------------------------------------------------- FSDP2 wrapping
+
+
+def set_fsdp_block_classes(plugin: Any, model: nn.Module) -> Optional[list[str]]:
+    """Point an Accelerate ``FullyShardedDataParallelPlugin`` with ``TRANSFORMER_BASED_WRAP`` at ``model``'s own
+    repeated blocks (the classes it names in ``_no_split_modules``, :func:`models.utils.block_class_names`), so that
+    ``prepare`` shards each block as its own FSDP unit and the rest of the model as the root unit. Returns the
+    class names, or None when the plugin wraps by another policy (left as configured).
+
+    A class list given in the launch file (``fsdp_transformer_layer_cls_to_wrap``) is kept. Needed before every
+    ``prepare``: Accelerate writes the first model's classes into the plugin, which every Accelerator of the process
+    shares (one per stage), so a second model — the DiT after the autoencoder — would be searched for the
+    autoencoder's blocks. The first call keeps the plugin's configured policy and list; each call starts from them.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from models.utils import block_class_names
+
+    template = getattr(plugin, "_latentloom_wrap_template", None)
+    if template is None:
+        template = (plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap)
+        plugin._latentloom_wrap_template = template
+    policy, configured = template
+    plugin.auto_wrap_policy = policy  # undo the previous prepare's functools.partial
+    if (policy.func if isinstance(policy, functools.partial) else policy) is not transformer_auto_wrap_policy:
+        plugin.transformer_cls_names_to_wrap = configured
+        return None
+    names = list(configured) if configured else block_class_names(model)
+    if not names:
+        log.warning("FSDP2: %s names no repeated blocks (_no_split_modules): it is sharded as a single unit",
+                    type(model).__name__)
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+def prepare_fsdp2_wrapping(accelerator: Any, model: nn.Module) -> Optional[list[str]]:
+    """Before ``accelerator.prepare(model, ...)`` under FSDP: :func:`set_fsdp_block_classes` on the active plugin
+    (no-op, None, without FSDP)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None:
+        return None
+    return set_fsdp_block_classes(plugin, model)
 
 
 # ------------------------------------------------------------------------------------ one parameter's shards

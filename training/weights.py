@@ -7,7 +7,7 @@ run code. A file that matches none of the known namings fails with the first mis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -28,28 +28,28 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _converters(module: nn.Module, kind: str) -> list[tuple[str, Callable[[dict], dict]]]:
-    from models import convert
+def _converters(module: nn.Module) -> list[tuple[str, Callable[[dict], dict]]]:
+    """The foreign namings the module's registered architecture knows (:mod:`models.registry`), each as a
+    function of the state dict; none for a module of no registered architecture."""
+    from models.registry import find_architecture
 
+    arch = find_architecture(module)
+    if arch is None:
+        return []
     config = getattr(module, "config", None)
-    if kind == "autoencoder":
-        return [("diffusers", lambda sd: convert.from_diffusers_vae_state_dict(sd, config)),
-                ("ldm", lambda sd: convert.from_ldm_vae_state_dict(sd, config))]
-    if kind == "unet":
-        return [("diffusers", lambda sd: convert.from_diffusers_unet_state_dict(sd, config)),
-                ("ldm", lambda sd: convert.from_ldm_unet_state_dict(sd, config))]
-    return []
+    return [(naming, lambda sd, fn=fn: fn(sd, config)) for naming, fn in arch.converters.items()]
 
 
-def load_weights(module: nn.Module, path: str | Path, kind: Optional[str] = None) -> str:
-    """Load ``path`` into ``module`` strictly; returns the naming it matched (``ours``, ``diffusers``, ``ldm``)."""
+def load_weights(module: nn.Module, path: str | Path) -> str:
+    """Load ``path`` into ``module`` strictly; returns the naming it matched: ``ours``, or one of the namings its
+    registered architecture converts from (``diffusers``, ``ldm``)."""
     state = read_state_dict(path)
     own = set(module.state_dict())
     if set(state) == own:
         module.load_state_dict(state, strict=True)
         return "ours"
     errors = []
-    for naming, convert in _converters(module, kind or ""):
+    for naming, convert in _converters(module):
         try:
             converted = convert(state)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -62,6 +62,7 @@ def load_weights(module: nn.Module, path: str | Path, kind: Optional[str] = None
     missing = sorted(own - set(state))[:3]
     unexpected = sorted(set(state) - own)[:3]
     raise ValueError(
-        f"weights file {path}: its parameter names match none of the known namings for this {kind or 'module'} "
-        f"(missing e.g. {missing}, unexpected e.g. {unexpected}; {'; '.join(errors) or 'no converter'})"
+        f"weights file {path}: its parameter names match none of the known namings for this "
+        f"{type(module).__name__} (missing e.g. {missing}, unexpected e.g. {unexpected}; "
+        f"{'; '.join(errors) or 'no converter'})"
     )

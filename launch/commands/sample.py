@@ -16,7 +16,6 @@ plain-Linear speed).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,31 +56,11 @@ class SampleCommandConfig:
             raise ValueError(f"num_per_prompt: {self.num_per_prompt} must be >= 1")
 
 
-def _run_config(cfg: SampleCommandConfig):
-    from training.config_io import load_config
-    from training.run_config import RunConfig
-
-    path = Path(cfg.run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"run_dir={cfg.run_dir!r}: no config.yaml there (is it a `loom train` run?)")
-    run_cfg = load_config(RunConfig, [path])
-    return dataclasses.replace(run_cfg, run=dataclasses.replace(run_cfg.run, output_dir=str(Path(cfg.run_dir).parent),
-                                                                name=Path(cfg.run_dir).name))
-
-
 def _weights_path(cfg: SampleCommandConfig) -> tuple[Path, bool]:
-    """(file, is_ema_checkpoint)."""
-    from training.checkpoint import latest_checkpoint
+    """(file, is_checkpoint_ema)."""
+    from training.inference import denoiser_weights
 
-    stage_dir = Path(cfg.run_dir) / "diffusion"
-    if cfg.weights == "export":
-        return stage_dir / "export" / "model.safetensors", False
-    if cfg.weights == "latest":
-        ckpt = latest_checkpoint(stage_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"weights=latest: no checkpoint under {stage_dir / 'checkpoints'}")
-        return ckpt / "ema.safetensors", True
-    return Path(cfg.weights), False
+    return denoiser_weights(cfg.run_dir, cfg.weights)
 
 
 def _adapter_specs(cfg: SampleCommandConfig) -> list:
@@ -105,53 +84,25 @@ def plan(cfg: SampleCommandConfig) -> str:
 
 
 def run(cfg: SampleCommandConfig) -> int:
-    import torch
-    from safetensors.torch import load_file
-
-    from training.builders import diffusion_stage
-    from training.ema import ema_weights
+    from training.builders import open_run
     from training.evaluation import save_grid
-    from training.weights import load_weights
 
-    run_cfg = _run_config(cfg)
-    run_cfg = dataclasses.replace(run_cfg, diffusion=dataclasses.replace(run_cfg.diffusion, sampling=cfg.sampling))
-    path, is_ema = _weights_path(cfg)
-    if not path.exists():
-        print(f"loom sample: weights file {path} does not exist", file=sys.stderr)
+    try:
+        pipe = open_run(cfg.run_dir, weights=cfg.weights, device=cfg.device, sampling=cfg.sampling,
+                        adapters=cfg.lora, merge_adapters=cfg.lora_merge)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"loom sample: {e}", file=sys.stderr)
         return 1
-    stage, _ = diffusion_stage(run_cfg, Path(cfg.run_dir), with_validation_data=False)
-    if is_ema:  # a checkpoint's EMA file
-        stage.model.load_state_dict(ema_weights(load_file(str(path))), strict=True)
-    else:  # our export, or a diffusers / original-LDM file
-        load_weights(stage.model, path, kind=run_cfg.diffusion.denoiser)
     if cfg.lora:
-        from training.finetune import attach_adapters, load_adapter, merge_adapters
-
-        try:
-            adapters = [(load_adapter(spec.path), spec.scale) for spec in _adapter_specs(cfg)]
-            stage.model = attach_adapters(stage.model, adapters)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"loom sample: {e}", file=sys.stderr)
-            return 1
-        if cfg.lora_merge:
-            merge_adapters(stage.model)
-        print("LoRA: " + ", ".join(f"{a.path} x {s:g}" for a, s in adapters)
+        print("LoRA: " + ", ".join(f"{a.path} x {a.scale:g}" for a in _adapter_specs(cfg))
               + (" (merged)" if cfg.lora_merge else " (unmerged)"))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stage.model.to(device).eval()
-    stage.text_encoder.to(device)
-    if stage.autoencoder is not None:
-        stage.autoencoder.to(device)
-    c, h, w = stage.latent_shape
-    f = 1 if stage.autoencoder is None else stage.autoencoder.config.downsample_factor
-    if cfg.height or cfg.width:
-        height, width = cfg.height or h * f, cfg.width or w * f
-        if height % f or width % f:
-            print(f"loom sample: height/width must be multiples of the autoencoder factor {f}", file=sys.stderr)
-            return 2
-        stage.latent_shape = (c, height // f, width // f)
+    height, width = cfg.height or pipe.image_size[0], cfg.width or pipe.image_size[1]
+    f = 1 if pipe.autoencoder is None else pipe.autoencoder.config.downsample_factor
+    if height % f or width % f:
+        print(f"loom sample: height/width must be multiples of the autoencoder factor {f}", file=sys.stderr)
+        return 2
     prompts = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
-    images = stage.samples(stage.model, prompts)
+    images = pipe.generate(prompts, height=height, width=width)
     out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)
     print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")
     return 0

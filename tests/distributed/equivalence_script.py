@@ -63,7 +63,7 @@ def main() -> None:
     cfg = TrainConfig(max_steps=STEPS, cpu=True, progress=False, log_every=1, checkpoint_every=10_000,
                       ema_decay=None, resume="none",
                       optim=OptimConfig(lr=1.0, eps=1.0, max_grad_norm=1.0e6))  # clipping off, norm logged
-    Trainer(cfg, stage, build_loader(data, rank, world), out, seed=0).fit()
+    Trainer(cfg, stage, build_loader(data, rank, world), out, micro_batch_size=batch, seed=0).fit()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "keys": stage.keys}))
 

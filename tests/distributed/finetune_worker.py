@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from data_pipeline.batch import Batch  # noqa: E402
+from data_pipeline.memory import InMemoryLoader  # noqa: E402
 from models.dit import DiT, DiTConfig  # noqa: E402
 from models.text_encoder import TextEncoder, TextEncoderConfig  # noqa: E402
 from training.builders import distributed_position  # noqa: E402
@@ -166,39 +167,23 @@ def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
                                keys=[batch.keys[i] for i in idx], metadata=[batch.metadata[i] for i in idx])
 
 
-class RankLoader:
-    """This rank's share of the fixed global batches, with a position the trainer saves and restores."""
-
-    def __init__(self, stage: str, rank: int, world: int):
-        self.batches = [rank_slice(b, rank, world) for b in global_batches(stage)]
-        self.batch_size = len(self.batches[0])
-        self.pos = 0
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = state["pos"]
+def rank_loader(stage: str, rank: int, world: int) -> InMemoryLoader:
+    """This rank's share of every fixed global batch (samples ``rank::world`` of each), in order."""
+    return InMemoryLoader([rank_slice(b, rank, world) for b in global_batches(stage)])
 
 
 def build_stage(stage: str, weights: str) -> Any:
-    cfg = DiffusionStageConfig(denoiser="dit", dit=dit_config(), weights=weights, text_encoder=TE, latents="pixels",
-                               cond_dropout=0.0, validation_prompts=[],
+    cfg = DiffusionStageConfig(denoiser="dit", model={"dit": dit_config()}, weights=weights, text_encoder=TE,
+                               latents="pixels", cond_dropout=0.0, validation_prompts=[],
                                process=DiffusionConfig(schedule="cosine", prediction="v_prediction"))
     adapter = LoraAdapterConfig(rank=4, alpha=4.0, targets=["attention", "feedforward"])
     torch.manual_seed(1234)
     text_encoder = TextEncoder(TE)
     torch.manual_seed(0)  # the same adapter initialisation in every process
     if stage == "lora":
-        return recording(LoraStage)(cfg, LoraStageConfig(adapter=adapter), text_encoder, None, (3, SIZE, SIZE))
+        return recording(LoraStage)(cfg, LoraStageConfig(adapter=adapter), text_encoder, None, (SIZE, SIZE))
     return recording(DpoStage)(cfg, DpoStageConfig(adapter=adapter, beta=200.0, cond_dropout=0.0), text_encoder,
-                               None, (3, SIZE, SIZE))
+                               None, (SIZE, SIZE))
 
 
 def train_config(steps: int, precision: str, deepspeed: bool) -> TrainConfig:
@@ -227,8 +212,8 @@ def run(stage_name: str, out: Path, scenario: str, precision: str) -> dict[str, 
     initial = adapter_digest(stage.model)
     steps = CHECKPOINT if scenario == "head" else STEPS
     run_dir = out / f"{stage_name}_{'full' if scenario == 'full' else 'split'}"
-    trainer = Trainer(train_config(steps, precision, deepspeed), stage, RankLoader(stage_name, rank, world), run_dir,
-                      seed=0)
+    trainer = Trainer(train_config(steps, precision, deepspeed), stage, rank_loader(stage_name, rank, world), run_dir,
+                      micro_batch_size=GLOBAL_BATCH // world, seed=0)
     result = trainer.fit()
     acc = trainer.accelerator
     model = acc._models[-1]

@@ -80,16 +80,18 @@ def main() -> None:
             loss.backward()
             o.step()
             o.zero_grad(set_to_none=True)
-        ema.update(model.named_parameters())
-        ema_ref.update(reference.named_parameters())
+        ema.update()
+        ema_ref.update()
+    if not ema.tracks(model.named_parameters()):  # the pairs resolved before FSDP2's lazy init still hold
+        raise RuntimeError("FSDP2 replaced the parameter objects the EMA was built on")
 
     live_mine = {n: gather_full(p, local_shard(p).detach(), dst=0) for n, p in model.named_parameters()}
     live_torch = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    ema_full = ema.full_state_dict(model.named_parameters(), dst=0)
+    ema_full = ema.full_state_dict(dst=0)
 
     # round trips on every rank: whole → this rank's part, and part → whole → part
     restored = EMA(model.named_parameters(), decay=0.7, warmup=False)
-    restored.load_full_state_dict(ema_ref.state_dict(), model.named_parameters())
+    restored.load_full_state_dict(ema_ref.state_dict())
     own_part_ok = all(
         torch.equal(restored.shadow[n], fsdp_chunk(ema_ref.shadow[n], world, rank))
         for n in restored.shadow

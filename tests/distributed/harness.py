@@ -38,8 +38,8 @@ def tiny_config(path: Path, demo: Path, output_dir: Path, name: str = "tiny", **
         "pipeline": ["diffusion"],
         "diffusion": {
             "denoiser": "dit", "latents": "pixels",
-            "dit": {"sample_size": 8, "patch_size": 2, "in_channels": 3, "hidden_size": 32, "depth": 1,
-                    "num_heads": 2, "context_dim": 64, "pooled_dim": 32},
+            "model": {"dit": {"sample_size": 8, "patch_size": 2, "in_channels": 3, "hidden_size": 32, "depth": 1,
+                              "num_heads": 2, "context_dim": 64, "pooled_dim": 32}},
             "text_encoder": {"model": "openclip-tiny-text", "layer": "last"},
             "process": {"kind": "discrete", "schedule": "cosine", "prediction": "v_prediction"},
             "train": {"max_steps": STEPS, "cpu": True, "progress": False, "log_every": 1,

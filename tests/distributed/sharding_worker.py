@@ -100,8 +100,9 @@ def build_stage(shards: str | Path, first_call: int = 1) -> RecordingDiffusion:
     """A pixel-space DiT with cross-attention to the tiny OpenCLIP tower (both seeded: identical in every process)."""
     cfg = DiffusionStageConfig(
         denoiser="dit",
-        dit=DiTConfig(sample_size=8, patch_size=1, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                      context_dim=64, pooled_dim=32, attention_backend="math" if DEVICE == "cuda" else "sdpa"),
+        model={"dit": DiTConfig(sample_size=8, patch_size=1, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                                context_dim=64, pooled_dim=32,
+                                attention_backend="math" if DEVICE == "cuda" else "sdpa")},
         text_encoder=TextEncoderConfig(model="openclip-tiny-text", layer="last"),
         process=DiffusionConfig(kind="discrete", schedule="cosine", prediction="v_prediction"),
         latents="pixels", cond_dropout=0.2, validation_loss_batches=1,
@@ -112,7 +113,7 @@ def build_stage(shards: str | Path, first_call: int = 1) -> RecordingDiffusion:
     text_encoder = TextEncoder(cfg.text_encoder)
     val = first_batches(data_config(shards, "val"), 8, 8)
     torch.manual_seed(0)
-    return RecordingDiffusion(cfg, text_encoder, None, (3, 8, 8), val, first_call=first_call)
+    return RecordingDiffusion(cfg, text_encoder, None, (8, 8), val, first_call=first_call)
 
 
 def train_config(steps: int, cpu: bool = False) -> TrainConfig:
@@ -148,10 +149,13 @@ def train(shards: str | Path, run_dir: Path, steps: int, first_call: int = 1,
     rank, world = distributed_position()
     stage = build_stage(shards, first_call)
     loader = build_loader(data_config(shards), rank=rank, world_size=world)
-    trainer = Trainer(train_config(steps, cpu), stage, loader, run_dir, seed=0)
+    trainer = Trainer(train_config(steps, cpu), stage, loader, run_dir, micro_batch_size=BATCH, seed=0)
     result = trainer.fit()
     acc = trainer.accelerator
     model, opt = acc._models[-1], acc._optimizers[-1]
+    ema = trainer.state.ema
+    if not ema.tracks(acc.unwrap_model(model).named_parameters()):  # resolved once after prepare: still the same
+        raise RuntimeError(f"{strategy_name(acc)}: the module's parameter objects changed after the EMA was built")
     inner = innermost_optimizer(opt)
     report: dict[str, Any] = {
         "rank": rank, "world": world, "strategy": strategy_name(acc), "step": result.step,
@@ -197,7 +201,7 @@ def zero3_padding_check() -> dict[str, Any]:
     engine, *_ = deepspeed.initialize(model=net, config=config)
     params = dict(engine.module.named_parameters())
     ema = EMA(engine.module.named_parameters(), decay=0.9, warmup=False)
-    full_ema = ema.full_weights(engine.module.named_parameters(), dst=None)
+    full_ema = ema.full_weights(dst=None)
     out: dict[str, Any] = {"shard_numel": {}, "gather_ok": True, "shard_of_ok": True, "ema_ok": True}
     for name, p in params.items():
         local = local_shard(p)

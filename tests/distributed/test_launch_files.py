@@ -94,6 +94,11 @@ def test_accelerate_config_resolves_to_its_strategy(name, monkeypatch):
             plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
         assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+        # block by block, the blocks named by each model (test_fsdp2_wrapping.py runs it on two ranks)
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        assert plugin.auto_wrap_policy is transformer_auto_wrap_policy
+        assert plugin.transformer_cls_names_to_wrap is None
     else:
         from accelerate.utils import DeepSpeedPlugin
 

@@ -231,11 +231,11 @@ def test_ema_consolidated_form_without_sharding():
     ema = EMA(net.named_parameters(), decay=0.5, warmup=False)
     with torch.no_grad():
         net.weight.add_(1.0)
-    ema.update(net.named_parameters())
-    full = ema.full_state_dict(net.named_parameters())
+    ema.update()
+    full = ema.full_state_dict()
     assert set(full) == set(ema.state_dict())
     for k, v in ema.state_dict().items():
         assert torch.equal(full[k], v)
     other = EMA(net.named_parameters(), decay=0.5, warmup=False)
-    other.load_full_state_dict(full, net.named_parameters())
+    other.load_full_state_dict(full)
     assert other.num_updates == 1 and torch.equal(other.shadow["weight"], ema.shadow["weight"])

@@ -16,6 +16,7 @@ from models.autoencoder import (
     AutoencoderKL,
     DiagonalGaussian,
     flux_vae_config,
+    latent_shape_for,
     sd3_vae_config,
     sd_vae_config,
     sdxl_vae_config,
@@ -76,10 +77,31 @@ def test_video_is_encoded_and_decoded_frame_by_frame():
 
 def test_bad_ranks_are_refused():
     model = build(tiny())
-    with pytest.raises(ValueError, match="encode expects"):
+    with pytest.raises(ValueError, match=r"encode takes \(B, C, H, W\) images or \(B, C, T, H, W\) clips of pixels; "
+                                         r"got shape \(3, 16, 16\)"):
         model.encode(torch.randn(3, 16, 16))
-    with pytest.raises(ValueError, match="decode expects"):
+    with pytest.raises(ValueError, match=r"decode takes .* got shape \(4, 4, 4\)"):
         model.decode(torch.randn(4, 4, 4))
+    with pytest.raises(ValueError, match=r"got shape \(1, 1, 3, 2, 16, 16\)"):
+        model.encode(torch.randn(1, 1, 3, 2, 16, 16))
+
+
+@pytest.mark.parametrize("levels,latent_channels", [(3, 4), (2, 16)])
+def test_latent_shape_is_what_encode_gives(levels, latent_channels):
+    model = build(tiny(block_out_channels=[16] * levels, latent_channels=latent_channels))
+    f = 2 ** (levels - 1)
+    assert (model.latent_channels, model.spatial_factor, model.temporal_factor) == (latent_channels, f, 1)
+    assert (model.config.spatial_factor, model.config.temporal_factor) == (f, 1)
+    with torch.no_grad():
+        image = model.encode(torch.randn(1, 3, 16, 24)).mean  # (1, C, h, w)
+        clip = model.encode(torch.randn(1, 3, 2, 16, 24)).mean  # (1, C, T, h, w)
+    assert model.latent_shape(16, 24) == tuple(image.shape[1:]) == (latent_channels, 16 // f, 24 // f)
+    assert model.latent_shape(16, 24, num_frames=2) == tuple(clip.shape[1:]) == (latent_channels, 2, 16 // f, 24 // f)
+    with pytest.raises(ValueError, match=f"height=17: must be a positive multiple of the autoencoder's spatial "
+                                         f"factor {f}"):
+        model.latent_shape(17, 24)
+    # the pixel-space equivalent: factors 1
+    assert latent_shape_for(3, 16, 24) == (3, 16, 24) and latent_shape_for(3, 16, 24, 5) == (3, 5, 16, 24)
 
 
 def test_posterior_clamps_logvar_and_matches_torch_distributions():
@@ -225,7 +247,7 @@ def test_presets_carry_their_latent_statistics():
 
 
 def test_presets_are_registered_in_the_model_registry():
-    from models.presets import build_model, get_preset, list_presets
+    from models.registry import build_model, get_preset, list_presets
 
     assert {"sd-vae", "sdxl-vae", "sd3-vae", "flux-vae", "tiny-vae"} <= set(list_presets())
     assert get_preset("flux-vae") == flux_vae_config()

@@ -1,4 +1,5 @@
-"""DiT: shapes (image, non-square, video), adaLN-Zero init, conditioning paths, checkpointing, save/load, PE."""
+"""DiT: shapes (image, non-square, video), layouts, adaLN-Zero init, conditioning paths, checkpointing,
+save/load, position embeddings and their cache."""
 
 import copy
 import math
@@ -10,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from models.conditioning import Conditioning
 from models.dit import DiT, DiTConfig, sincos_1d, sincos_2d, spatiotemporal_sincos
-from models.presets import get_preset
+from models.registry import get_preset
 
 
 def tiny_text_config(**overrides) -> DiTConfig:
@@ -46,18 +47,18 @@ def test_image_shapes_square_and_non_square(adaln_single):
         assert model(x, torch.tensor([1, 999]), cond).shape == (2, 4, h, w)
 
 
-def test_video_shapes_and_frame_layouts():
+def test_video_shapes_and_one_layout():
     model = perturbed(DiT(tiny_text_config()))
     cond = text_cond()
     video = torch.randn(2, 4, 3, 6, 8)  # (B, C, T, H, W)
     out = model(video, torch.tensor([5, 50]), cond)
     assert out.shape == video.shape
-    # Same clips given as clip-major frames (B*T, C, H, W) with num_frames=3: same numbers, same layout back.
-    frames = video.transpose(1, 2).reshape(6, 4, 6, 8)
-    cond_frames = Conditioning(**cond.tensors(), num_frames=3)
-    out_frames = model(frames, torch.tensor([5, 50]), cond_frames)
-    assert out_frames.shape == frames.shape
-    torch.testing.assert_close(out_frames, out.transpose(1, 2).reshape(6, 4, 6, 8))
+    # A video model takes the same clips, gives the same numbers (same weights), and takes only clips.
+    video_model = DiT(tiny_text_config(video=True))
+    video_model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(video_model(video, torch.tensor([5, 50]), cond), out)
+    with pytest.raises(ValueError, match=r"video DiT takes \(B, C, T, H, W\) clips; got x_t of shape \(6, 4, 6, 8\)"):
+        video_model(video.transpose(1, 2).reshape(6, 4, 6, 8), torch.tensor([5, 50]), cond)  # frames in the batch
 
 
 def test_one_frame_clip_equals_image():
@@ -103,8 +104,10 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), Conditioning(pooled=torch.randn(2, 6)))
     with pytest.raises(ValueError, match="class_labels"):
         DiT(get_preset("dit-tiny"))(torch.randn(1, 4, 8, 8), torch.tensor([1]), Conditioning())
-    with pytest.raises(ValueError, match="num_frames"):
-        model(torch.randn(2, 4, 3, 8, 8), torch.tensor([1, 2]), Conditioning(**cond.tensors(), num_frames=2))
+    for bad in (torch.randn(4, 8, 8), torch.randn(1, 2, 4, 3, 8, 8)):
+        with pytest.raises(ValueError, match=rf"image DiT takes \(B, C, H, W\) images or \(B, C, T, H, W\) clips; "
+                                             rf"got x_t of shape \({', '.join(map(str, bad.shape))}\)"):
+            model(bad, torch.tensor([1, 2]), cond)
     with pytest.raises(ValueError, match="hidden_size"):
         DiTConfig(hidden_size=30, num_heads=3)
 
@@ -254,6 +257,41 @@ def test_spatiotemporal_embedding_is_separable():
         torch.testing.assert_close(emb[f], spatial + temporal[f])
     assert torch.equal(spatiotemporal_sincos(1, 2, 4, 16), spatial)
     assert math.isclose(float(sincos_1d(torch.tensor([0.0]), 4)[0, 2]), 1.0)  # cos(0) in the second half
+
+
+def test_position_table_is_cached_per_grid_device_and_dtype():
+    model = perturbed(DiT(tiny_text_config()))
+    cond, t = text_cond(), torch.tensor([3, 300])
+    calls = []
+    import models.dit as dit_module
+
+    real = dit_module.spatiotemporal_sincos
+
+    def counting(*args, **kwargs):
+        calls.append(args[:3])
+        return real(*args, **kwargs)
+
+    x, clip = torch.randn(2, 4, 8, 6), torch.randn(2, 4, 3, 4, 4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dit_module, "spatiotemporal_sincos", counting)
+        first = model(x, t, cond)
+        again = model(x, t, cond)
+        model(clip, t, cond)
+        model(clip, t, cond)
+        with torch.inference_mode():  # a table first built under inference mode still works under autograd
+            model(torch.randn(2, 4, 6, 6), t, cond)
+        model(torch.randn(2, 4, 6, 6, requires_grad=True), t, cond).sum().backward()
+        model.to(torch.float64)(x.double(), t, cond.to(dtype=torch.float64))  # another dtype: another table
+    assert calls == [(1, 4, 3), (3, 2, 2), (1, 3, 3), (1, 4, 3)]  # once per (grid, device, dtype)
+    assert torch.equal(first, again)
+    # the cached table is exactly the one built from scratch: outputs are bit-identical to an uncached model
+    uncached = copy.deepcopy(model).to(torch.float32)
+    uncached._pos_cache.clear()
+    model.to(torch.float32)
+    torch.testing.assert_close(uncached(x, t, cond), first, rtol=0, atol=0)
+    table = model.position_table(3, 2, 2, torch.device("cpu"), torch.float32)
+    assert torch.equal(table, spatiotemporal_sincos(3, 2, 2, 32))
+    assert "_pos_cache" not in str(model.state_dict().keys())  # not state: never saved or loaded
 
 
 def test_unpatchify_matches_dit_layout():

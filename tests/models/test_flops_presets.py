@@ -1,4 +1,4 @@
-"""Preset registry, parameter counts and FLOPs on the meta device (nothing is allocated)."""
+"""Architecture and preset registry, parameter counts and FLOPs on the meta device (nothing is allocated)."""
 
 import dataclasses
 
@@ -10,7 +10,16 @@ from models.attention import set_attention_backend
 from models.conditioning import Conditioning
 from models.dit import DiT, DiTConfig
 from models.flops import count_flops, count_macs, to_meta
-from models.presets import build_model, get_preset, list_presets, register_model_type, register_preset
+from models.registry import (
+    build_model,
+    get_architecture,
+    get_preset,
+    list_architectures,
+    list_presets,
+    register_architecture,
+    register_preset,
+    resolve,
+)
 from models.utils import count_parameters
 
 
@@ -119,14 +128,42 @@ def test_other_modules_can_register(monkeypatch):
             super().__init__()
             self.lin = nn.Linear(config.width, config.width)
 
-    register_model_type(ToyConfig, Toy)
+    register_architecture("toy-test-arch", ToyConfig, Toy, overwrite=True)
     register_preset("toy-test-preset", lambda: ToyConfig(width=5), overwrite=True)
     model = build_model("toy-test-preset", device="meta")
     assert isinstance(model, Toy) and model.lin.weight.shape == (5, 5) and model.lin.weight.is_meta
+    assert isinstance(build_model("toy-test-arch"), Toy)  # an architecture name builds its config's defaults
+    assert get_architecture(model).name == "toy-test-arch" and get_architecture(Toy).config_cls is ToyConfig
+    assert get_architecture(model).block_names == ()  # Toy names no repeated blocks
 
     @dataclasses.dataclass
     class Unregistered:
         x: int = 1
 
-    with pytest.raises(TypeError, match="no model type"):
+    with pytest.raises(KeyError, match="no architecture is registered for Unregistered"):
         build_model(Unregistered())
+    with pytest.raises(ValueError, match="clashes"):  # another module class under a taken name
+        register_architecture("toy-test-arch", ToyConfig, nn.Identity)
+    with pytest.raises(ValueError, match="taken by an architecture"):
+        register_preset("toy-test-arch", lambda: ToyConfig())
+
+
+def test_the_architectures_register_themselves_with_converters_and_blocks():
+    from models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from models.unet import UNet, UNetConfig
+
+    assert {"dit", "unet", "autoencoder-kl"} <= set(list_architectures())
+    expected = {"dit": (DiTConfig, DiT, (), ("DiTBlock",)),
+                "unet": (UNetConfig, UNet, ("diffusers", "ldm"), ("ResBlock", "TransformerBlock")),
+                "autoencoder-kl": (AutoencoderConfig, AutoencoderKL, ("diffusers", "ldm"), ("ResBlock",))}
+    for name, (config_cls, module_cls, namings, blocks) in expected.items():
+        arch = get_architecture(name.upper())  # case-insensitive
+        assert (arch.config_cls, arch.module_cls, tuple(arch.converters), arch.block_names) == (
+            config_cls, module_cls, namings, blocks)
+        assert get_architecture(config_cls()) is arch
+    arch, config = resolve("dit")  # an architecture name: its config class's defaults
+    assert arch.name == "dit" and config == DiTConfig()
+    arch, config = resolve("tiny-unet")  # a preset name: the preset's config, and the architecture of its class
+    assert arch.name == "unet" and config == get_preset("tiny-unet")
+    with pytest.raises(KeyError, match="neither an architecture"):
+        resolve("dti")

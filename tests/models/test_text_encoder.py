@@ -147,7 +147,7 @@ def test_config_validation_and_named_architecture():
 
 
 def test_drives_the_tiny_text_dit(encoder):
-    from models.presets import build_model
+    from models.registry import build_model
 
     dit = build_model("dit-tiny-text")
     assert dit.config.context_dim == encoder.context_dim and dit.config.pooled_dim == encoder.pooled_dim

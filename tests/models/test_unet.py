@@ -131,12 +131,14 @@ def test_video_is_denoised_frame_by_frame():
     video = torch.randn(2, 4, 3, 8, 8)  # (B, C, T, H, W)
     t, cond = torch.tensor([10, 600]), text()
     with torch.no_grad():
-        out = model(video, t, dataclasses.replace(cond, num_frames=3))
+        out = model(video, t, cond)
         assert out.shape == video.shape
         for f in range(3):
             torch.testing.assert_close(out[:, :, f], model(video[:, :, f], t, cond), rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="num_frames"):
-        model(video, t, dataclasses.replace(cond, num_frames=4))
+    for bad in (torch.randn(4, 8, 8), torch.randn(1, 2, 4, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"U-Net takes \(B, C, H, W\) images or \(B, C, T, H, W\) clips; got "
+                                             rf"x_t of shape \({', '.join(map(str, bad.shape))}\)"):
+            model(bad, 3, cond)
 
 
 def test_attention_backends_agree():
@@ -267,7 +269,7 @@ def test_presets_are_valid_configs():
 
 
 def test_presets_are_registered_in_the_model_registry():
-    from models.presets import build_model, get_preset, list_presets
+    from models.registry import build_model, get_preset, list_presets
 
     assert {"sd15-unet", "sd21-unet", "sdxl-unet", "tiny-unet"} <= set(list_presets())
     assert get_preset("SD21-unet") == sd21_unet_config()

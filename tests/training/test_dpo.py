@@ -18,7 +18,9 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from data_pipeline.demo import caption_for_digit, load_digits_split
+from data_pipeline.memory import InMemoryLoader
 from data_pipeline.preference import PreferenceSample, write_preference_shards
+from data_pipeline.writer import WriterOptions
 from models.dit import DiT, DiTConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from training.config_io import load_config
@@ -100,8 +102,8 @@ def base_weights(tmp_path_factory) -> str:
 
 
 def diffusion_cfg(weights: str) -> DiffusionStageConfig:
-    return DiffusionStageConfig(denoiser="dit", dit=dit_config(), weights=weights, text_encoder=TE, latents="pixels",
-                                process=DiffusionConfig(schedule="cosine", prediction="v_prediction"))
+    return DiffusionStageConfig(denoiser="dit", model={"dit": dit_config()}, weights=weights, text_encoder=TE,
+                                latents="pixels", process=DiffusionConfig(schedule="cosine", prediction="v_prediction"))
 
 
 def pair_batch(n: int = 4, same: bool = False) -> Batch:
@@ -117,7 +119,7 @@ def pair_batch(n: int = 4, same: bool = False) -> Batch:
 
 def dpo_stage(text_encoder, weights, **kw) -> DpoStage:
     torch.manual_seed(0)
-    stage = DpoStage(diffusion_cfg(weights), DpoStageConfig(**kw), text_encoder, None, (3, 8, 8))
+    stage = DpoStage(diffusion_cfg(weights), DpoStageConfig(**kw), text_encoder, None, (8, 8))
     stage.setup(torch.device("cpu"), torch.float32)
     return stage
 
@@ -174,9 +176,9 @@ def test_unet_policy_and_reference(text_encoder, tmp_path):
         for p in base.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     save_file(base.state_dict(), str(tmp_path / "unet.safetensors"))
-    dcfg = dataclasses.replace(diffusion_cfg(str(tmp_path / "unet.safetensors")), denoiser="unet", unet=ucfg)
+    dcfg = dataclasses.replace(diffusion_cfg(str(tmp_path / "unet.safetensors")), denoiser="unet", model={"unet": ucfg})
     stage = DpoStage(dcfg, DpoStageConfig(adapter=LoraAdapterConfig(rank=4, targets=["attention", "projection"])),
-                     text_encoder, None, (3, 8, 8))
+                     text_encoder, None, (8, 8))
     stage.setup(torch.device("cpu"), torch.float32)
     randomize_adapters(stage.model)
     batch = pair_batch()
@@ -195,7 +197,7 @@ def test_lora_dpo_holds_one_copy_of_the_base_weights(text_encoder, base_weights)
     denoiser; full-weight DPO holds one more denoiser (its frozen reference)."""
     adapter = LoraAdapterConfig(rank=4)
     torch.manual_seed(0)
-    lora = LoraStage(diffusion_cfg(base_weights), LoraStageConfig(adapter=adapter), text_encoder, None, (3, 8, 8))
+    lora = LoraStage(diffusion_cfg(base_weights), LoraStageConfig(adapter=adapter), text_encoder, None, (8, 8))
     dpo = dpo_stage(text_encoder, base_weights, adapter=adapter)
     full = dpo_stage(text_encoder, base_weights, policy="full")
 
@@ -209,24 +211,11 @@ def test_lora_dpo_holds_one_copy_of_the_base_weights(text_encoder, base_weights)
     assert held(full) == encoder + 2 * denoiser
 
 
-class PairLoader:
-    """Fixed cached-pair batches with a position the trainer saves and restores."""
+class PairLoader(InMemoryLoader):
+    """Fixed cached-pair batches of 4 pairs, in order, with a position the trainer saves and restores."""
 
     def __init__(self, n: int = 3):
-        self.batches = [pair_batch() for _ in range(n)]
-        self.pos = 0
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, sd):
-        self.pos = sd["pos"]
+        super().__init__([pair_batch() for _ in range(n)])
 
 
 def test_resumed_dpo_run_equals_uninterrupted(text_encoder, base_weights, tmp_path):
@@ -236,10 +225,10 @@ def test_resumed_dpo_run_equals_uninterrupted(text_encoder, base_weights, tmp_pa
         torch.manual_seed(0)  # the same adapter initialisation for every run
         stage = DpoStage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, cond_dropout=0.2,
                                                                       adapter=LoraAdapterConfig(rank=2)),
-                         text_encoder, None, (3, 8, 8))
+                         text_encoder, None, (8, 8))
         cfg = TrainConfig(max_steps=steps, cpu=True, progress=False, checkpoint_every=2, ema_decay=0.8,
                           optim=OptimConfig(lr=1e-2))
-        Trainer(cfg, stage, PairLoader(), out, seed=0).fit()
+        Trainer(cfg, stage, PairLoader(), out, micro_batch_size=4, seed=0).fit()
 
     fit(tmp_path / "straight", 4)
     fit(tmp_path / "cut", 2)
@@ -270,10 +259,10 @@ def test_bf16_mixed_precision_dpo(text_encoder, base_weights, tmp_path, policy, 
     torch.manual_seed(0)
     stage = DpoStage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, policy=policy,
                                                                   adapter=LoraAdapterConfig(rank=2)),
-                     text_encoder, None, (3, 8, 8), val_pairs=[pair_batch()])
+                     text_encoder, None, (8, 8), val_pairs=[pair_batch()])
     cfg = TrainConfig(max_steps=2, cpu=True, progress=False, mixed_precision="bf16", ema_decay=None,
                       optim=OptimConfig(lr=1e-3))
-    result = Trainer(cfg, stage, PairLoader(), tmp_path, seed=0).fit()
+    result = Trainer(cfg, stage, PairLoader(), tmp_path, micro_batch_size=4, seed=0).fit()
     assert np.isfinite(result.metrics["loss"]) and np.isfinite(result.metrics["val/dpo_loss"])
     frozen = stage.reference if policy == "full" else stage.model
     assert {p.dtype for n, p in frozen.named_parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -307,16 +296,16 @@ def ink_pairs(tmp_path_factory) -> Path:
             gap = _ink(x[i]) - _ink(x[j])
             label = 0.5 if abs(gap) < 0.5 else float(gap > 0)
             samples.append(PreferenceSample(x[i], x[j], caption_for_digit(d), label, source_id=f"{split}/{k}"))
-        write_preference_shards(samples, out, split, image_format="png")
+        write_preference_shards(samples, out, split, WriterOptions(image_format="png"))
     return out
 
 
 def _run_cfg(tmp: Path, pairs: Path, weights: str, name: str, *overrides: str) -> RunConfig:
     return load_config(RunConfig, [], [
-        "pipeline=[dpo]", "diffusion.denoiser=dit", "diffusion.latents=pixels", "diffusion.dit.sample_size=4",
-        "diffusion.dit.patch_size=2", "diffusion.dit.in_channels=3", "diffusion.dit.hidden_size=32",
-        "diffusion.dit.depth=2", "diffusion.dit.num_heads=2", "diffusion.dit.context_dim=64",
-        "diffusion.dit.pooled_dim=32", "diffusion.text_encoder.model=openclip-tiny-text",
+        "pipeline=[dpo]", "diffusion.denoiser=dit", "diffusion.latents=pixels", "diffusion.model.dit.sample_size=4",
+        "diffusion.model.dit.patch_size=2", "diffusion.model.dit.in_channels=3", "diffusion.model.dit.hidden_size=32",
+        "diffusion.model.dit.depth=2", "diffusion.model.dit.num_heads=2", "diffusion.model.dit.context_dim=64",
+        "diffusion.model.dit.pooled_dim=32", "diffusion.text_encoder.model=openclip-tiny-text",
         "diffusion.text_encoder.layer=last", "diffusion.process.schedule=cosine",
         "diffusion.process.prediction=v_prediction", f"diffusion.weights={weights}", "diffusion.validation_prompts=[]",
         f"dpo.data.urls={pairs}/train-*.tar", "dpo.data.resolution=8", "dpo.data.batch_size=32",

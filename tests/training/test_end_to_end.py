@@ -36,8 +36,9 @@ def test_pixel_space_dit_learns_the_digits(demo, tmp_path):
     far above chance (10%), while the unconditional model's are not."""
     cfg = _config(
         demo, tmp_path, "pixels", "pipeline=[diffusion]", "diffusion.latents=pixels",
-        "data.resolution=8", "val_data.resolution=8", "diffusion.dit.in_channels=3", "diffusion.dit.hidden_size=96",
-        "diffusion.dit.depth=3", "diffusion.train.max_steps=400", "diffusion.train.optim.lr=2.0e-3",
+        "data.resolution=8", "val_data.resolution=8", "diffusion.model.dit.in_channels=3",
+        "diffusion.model.dit.hidden_size=96", "diffusion.model.dit.depth=3", "diffusion.train.max_steps=400",
+        "diffusion.train.optim.lr=2.0e-3",
         "diffusion.train.optim.warmup_steps=20", "diffusion.train.ema_decay=0.99", "diffusion.train.log_every=20",
         "diffusion.sampling.steps=25", "report.samples_per_digit=6", "report.guidance_scales=[0.0, 3.0]",
         "diffusion.validation_prompts=[]",
@@ -75,7 +76,7 @@ def test_latent_chain_resume_equals_uninterrupted(demo, tmp_path):
     """autoencoder → cache → diffusion; stopping the diffusion stage after 3 steps and re-running the same command
     gives bit-identical weights to a run that never stopped (data position, RNG, optimizer and EMA restored)."""
     common = ["autoencoder.train.max_steps=4", "autoencoder.train.checkpoint_every=4", "diffusion.batch_size=32",
-              "diffusion.dit.hidden_size=32", "diffusion.dit.depth=1", "diffusion.dit.num_heads=2",
+              "diffusion.model.dit.hidden_size=32", "diffusion.model.dit.depth=1", "diffusion.model.dit.num_heads=2",
               "diffusion.train.checkpoint_every=3", "diffusion.validation_prompts=[]", "report.enabled=false",
               "data.num_workers=1", "diffusion.validation_loss_batches=1",
               "diffusion.train.optim.schedule=constant", "diffusion.train.optim.warmup_steps=0"]

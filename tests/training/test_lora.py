@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.memory import InMemoryLoader
 from models.attention import LORA_TARGETS
 from models.conditioning import Conditioning
 from models.dit import DiT, DiTConfig
@@ -192,8 +193,8 @@ def test_disabled_adapters_give_the_base_output_exactly(kind: str):
 # ------------------------------------------------------------------------------------------------ training
 
 
-class BatchLoader:
-    """Fixed pixel batches with captions, with a position the trainer saves and restores."""
+class BatchLoader(InMemoryLoader):
+    """Fixed pixel batches with captions (``.batches``), in order, with a position the trainer saves and restores."""
 
     def __init__(self, n_batches: int = 4, batch: int = 8, size: int = 8):
         g = torch.Generator().manual_seed(5)
@@ -204,19 +205,7 @@ class BatchLoader:
             zeros = torch.zeros(batch, 2, dtype=torch.int64)
             self.batches.append(Batch(pixels, captions, [str(j) for j in range(batch)], [{}] * batch, zeros,
                                       zeros, zeros))
-        self.pos = 0
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, sd):
-        self.pos = sd["pos"]
+        super().__init__(self.batches)
 
 
 @pytest.fixture(scope="module")
@@ -235,12 +224,13 @@ def base_weights(tmp_path_factory) -> str:
 
 
 def make_stage(text_encoder, weights: str, val_batches=None, checkpointing: bool = False, **lora_kw) -> LoraStage:
-    dcfg = DiffusionStageConfig(denoiser="dit", dit=dict_replace(dit_config(), gradient_checkpointing=checkpointing),
+    dcfg = DiffusionStageConfig(denoiser="dit",
+                                model={"dit": dict_replace(dit_config(), gradient_checkpointing=checkpointing)},
                                 weights=weights, text_encoder=TE, latents="pixels", cond_dropout=0.1,
                                 process=DiffusionConfig(schedule="cosine", prediction="v_prediction"),
                                 validation_prompts=[])
     torch.manual_seed(0)
-    return LoraStage(dcfg, LoraStageConfig(**lora_kw), text_encoder, None, (3, 8, 8), val_batches)
+    return LoraStage(dcfg, LoraStageConfig(**lora_kw), text_encoder, None, (8, 8), val_batches)
 
 
 def dict_replace(cfg, **kw):
@@ -252,7 +242,7 @@ def dict_replace(cfg, **kw):
 def fit(stage, tmp: Path, steps: int, **train_kw):
     cfg = TrainConfig(max_steps=steps, cpu=True, progress=False, log_every=1,
                       optim=OptimConfig(lr=3e-3, max_grad_norm=1.0), **{"ema_decay": None, **train_kw})
-    return Trainer(cfg, stage, BatchLoader(), tmp, seed=0).fit()
+    return Trainer(cfg, stage, BatchLoader(), tmp, micro_batch_size=8, seed=0).fit()
 
 
 def test_lora_stage_trains_only_adapters_leaves_base_unchanged_and_learns(text_encoder, base_weights, tmp_path):
@@ -370,9 +360,9 @@ def test_loom_sample_with_adapters(text_encoder, base_weights, tmp_path):
     run = tmp_path / "run"
     cfg = load_config(RunConfig, [], [
         "pipeline=[diffusion]", "diffusion.denoiser=dit", "diffusion.latents=pixels", "data.resolution=8",
-        "diffusion.dit.sample_size=4", "diffusion.dit.patch_size=2", "diffusion.dit.in_channels=3",
-        "diffusion.dit.hidden_size=32", "diffusion.dit.depth=2", "diffusion.dit.num_heads=2",
-        "diffusion.dit.context_dim=64", "diffusion.dit.pooled_dim=32",
+        "diffusion.model.dit.sample_size=4", "diffusion.model.dit.patch_size=2", "diffusion.model.dit.in_channels=3",
+        "diffusion.model.dit.hidden_size=32", "diffusion.model.dit.depth=2", "diffusion.model.dit.num_heads=2",
+        "diffusion.model.dit.context_dim=64", "diffusion.model.dit.pooled_dim=32",
         "diffusion.text_encoder.model=openclip-tiny-text", "diffusion.text_encoder.layer=last",
         f"run.output_dir={tmp_path}", "run.name=run"])
     save_config(cfg, run / "config.yaml")
@@ -408,11 +398,12 @@ def test_micro_conditioning_uses_the_unets_own_fourier_width(text_encoder):
                        attention_levels=[False, True], transformer_depth=[1, 1], num_heads=[2, 2],
                        cross_attention_dim=64, norm_num_groups=8, addition_embed_type="text_time",
                        addition_time_embed_dim=4, addition_embed_input_dim=32 + 6 * 4)
-    cfg = DiffusionStageConfig(denoiser="unet", unet=unet, text_encoder=TE, latents="pixels", micro_conditioning=True,
-                               validation_prompts=[], process=DiffusionConfig(schedule="cosine"))
+    cfg = DiffusionStageConfig(denoiser="unet", model={"unet": unet}, text_encoder=TE, latents="pixels",
+                               micro_conditioning=True, validation_prompts=[],
+                               process=DiffusionConfig(schedule="cosine"))
     assert micro_fourier_dim(unet) == 4 and micro_fourier_dim(dit_config()) == 256
     torch.manual_seed(0)
-    stage = DiffusionStage(cfg, text_encoder, None, (3, 8, 8))
+    stage = DiffusionStage(cfg, text_encoder, None, (8, 8))
     stage.setup(torch.device("cpu"), torch.float32)
     loss, _ = stage.loss(stage.model, BatchLoader(n_batches=1).batches[0])
     assert torch.isfinite(loss)

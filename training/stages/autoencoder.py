@@ -74,7 +74,7 @@ class AutoencoderStage(Stage):
         self.cfg = cfg
         self.model = AutoencoderKL(cfg.model)
         if cfg.weights:
-            load_weights(self.model, cfg.weights, kind="autoencoder")
+            load_weights(self.model, cfg.weights)
         self.val_pixels = val_pixels
         self.lpips = LPIPS.from_file(cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from data_pipeline.data_config import DataConfig
 from data_pipeline.loader import build_loader
-from data_pipeline.writer import ShardWriter
+from data_pipeline.writer import ShardWriter, WriterOptions
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def cache_shards(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"cache {prefix}", unit="img", dynamic_ncols=True)
-    with ShardWriter(out_dir, prefix, cfg.max_samples_per_shard, overwrite=True) as writer:
+    with ShardWriter(out_dir, prefix, WriterOptions(cfg.max_samples_per_shard, overwrite=True)) as writer:
         for batch in loader:
             moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w)
             cond = text_encoder.encode(list(batch.captions))

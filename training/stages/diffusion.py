@@ -11,26 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
 from models.autoencoder import DiagonalGaussian
-from models.conditioning import Conditioning
-from models.dit import DiT, DiTConfig
-from models.embeddings import fourier_features
+from models.conditioning import Conditioning, drop_conditioning, trim_together
+from models.embeddings import micro_vector
+from models.registry import build_model, get_architecture, list_architectures, resolve
 from models.text_encoder import TextEncoderConfig
-from models.unet import UNet, UNetConfig
-from training.diffusion import DiffusionConfig, build_process, drop_conditioning
+from training.config_io import ConfigError, from_dict, to_dict
+from training.diffusion import DiffusionConfig, build_process
 from training.evaluation import save_grid
-from training.sampling import SamplingConfig, check_sampler, generate, trim_together
+from training.inference import Inference
+from training.sampling import SamplingConfig, check_sampler
 from training.stages.autoencoder import export_module
 from training.stages.base import Stage
 from training.trainer import TrainConfig
 from training.weights import load_weights
 
-TEXT_FIELDS = ("context", "context_mask", "pooled")  # what conditioning dropout replaces
 MICRO_FOURIER_DIM = 256  # SDXL: 256 Fourier features per micro-conditioning number
 
 
@@ -38,9 +38,11 @@ MICRO_FOURIER_DIM = 256  # SDXL: 256 Fourier features per micro-conditioning num
 class DiffusionStageConfig:
     """Train the latent denoiser."""
 
-    denoiser: Literal["dit", "unet"] = "dit"  # which architecture trains
-    dit: DiTConfig = field(default_factory=DiTConfig)  # DiT architecture (denoiser=dit)
-    unet: UNetConfig = field(default_factory=UNetConfig)  # U-Net architecture (denoiser=unet)
+    denoiser: str = "dit"  # what trains: a registered architecture (dit, unet) or model preset (dit-tiny-text, ...)
+    # config fields over the named model's defaults, one section per denoiser name (model.dit.depth: 4; in Python
+    # also the typed config itself); the section `denoiser` names is used, every section is checked against its
+    # own config class (so a preset inheriting another's denoiser section may switch the denoiser)
+    model: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: Optional[str] = None  # initial denoiser weights (.safetensors; ours, diffusers' or LDM names)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # frozen OpenCLIP text tower
     process: DiffusionConfig = field(default_factory=DiffusionConfig)  # noise schedule, target, loss weighting
@@ -59,28 +61,54 @@ class DiffusionStageConfig:
             raise ValueError(f"cond_dropout: {self.cond_dropout} must be in [0, 1]")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1 or null")
-        if self.denoiser == "dit" and self.dit.learn_sigma:
-            raise ValueError("dit: learn_sigma=true predicts a variance the training loss does not use yet; "
-                             "set dit.learn_sigma=false")
+        configs = {name.lower(): denoiser_config(name, overrides, f"model.{name}")
+                   for name, overrides in self.model.items()}
+        active = configs.get(self.denoiser.lower())
+        self._model_config = active if active is not None else denoiser_config(self.denoiser, {}, "denoiser")
+        if getattr(self._model_config, "learn_sigma", False):
+            raise ValueError(f"model: {self.denoiser}.learn_sigma=true predicts a variance the training loss does "
+                             f"not use yet; set model.{self.denoiser}.learn_sigma=false")
         check_sampler(build_process(self.process), self.sampling.sampler)
 
     @property
     def model_config(self) -> Any:
-        return self.dit if self.denoiser == "dit" else self.unet
+        """The denoiser's typed config: the named architecture's defaults or preset, with its ``model`` section."""
+        return self._model_config
+
+    @property
+    def architecture(self) -> str:
+        """The registered architecture of the denoiser (``dit``, ``unet``), also when ``denoiser`` names a preset."""
+        return get_architecture(self._model_config).name
+
+
+def denoiser_config(name: str, overrides: Mapping[str, Any], key: str) -> Any:
+    """The typed config of the architecture or preset ``name`` with ``overrides`` over its fields, checked like
+    any config (unknown field, wrong type, failed check: a ``ValueError`` naming ``key`` and the field)."""
+    try:
+        arch, base = resolve(name)
+    except KeyError as e:
+        raise ValueError(f"{key}: {e.args[0]}") from None
+    if arch.role != "denoiser":
+        raise ValueError(f"{key}: {name!r} is registered as an architecture of role {arch.role!r}, not a "
+                         f"denoiser; denoiser architectures: {', '.join(list_architectures('denoiser'))}")
+    if isinstance(overrides, type(base)):  # Python callers may give the whole typed config
+        return overrides
+    if not overrides:
+        return base
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{key}: got {overrides!r}; expected a mapping of {type(base).__name__} fields")
+    try:
+        return from_dict(type(base), {**to_dict(base), **overrides}, key)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
-    model = DiT(cfg.dit) if cfg.denoiser == "dit" else UNet(cfg.unet)
+    """The denoiser ``cfg`` describes, built through the model registry, with ``cfg.weights`` loaded if set."""
+    model = build_model(cfg.model_config)
     if cfg.weights:
-        load_weights(model, cfg.weights, kind=cfg.denoiser)
+        load_weights(model, cfg.weights)
     return model
-
-
-def micro_vector(batch: Any, dim: int = MICRO_FOURIER_DIM) -> Tensor:
-    """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size, each as
-    ``dim`` Fourier features."""
-    values = torch.cat([batch.original_size, batch.crop_top_left, batch.target_size], dim=1).float()  # (B, 6)
-    return fourier_features(values, dim)  # (B, 6*dim)
 
 
 def micro_fourier_dim(model_config: Any) -> int:
@@ -100,15 +128,16 @@ class DiffusionStage(Stage):
         cfg: DiffusionStageConfig,
         text_encoder: nn.Module,
         autoencoder: Optional[nn.Module],
-        latent_shape: tuple[int, ...],
+        image_size: tuple[int, int],
         val_batches: Optional[list[Any]] = None,
     ):
+        """``image_size``: the ``(height, width)`` in pixels of the samples drawn at validation."""
         self.cfg = cfg
         self.model = build_denoiser(cfg)
         self.text_encoder = text_encoder
         self.autoencoder = autoencoder
         self.process = build_process(cfg.process)
-        self.latent_shape = tuple(latent_shape)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
         self.val_batches = val_batches or []
         self.device = torch.device("cpu")
 
@@ -159,7 +188,8 @@ class DiffusionStage(Stage):
         else:
             cond = self.text_encoder.encode(list(batch.captions)).to(self.device, torch.float32)
         if self.cfg.micro_conditioning:
-            cond.vector = micro_vector(batch, micro_fourier_dim(self.cfg.model_config)).to(self.device)
+            cond.vector = micro_vector(batch.original_size, batch.crop_top_left, batch.target_size,
+                                       micro_fourier_dim(self.cfg.model_config)).to(self.device)
         return cond.trim_context() if trim else cond
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
@@ -170,7 +200,7 @@ class DiffusionStage(Stage):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         x0 = self.latents_of(batch)  # (B, C, h, w)
         cond, null = trim_together(self.conditioning_of(batch, trim=False), self.null_conditioning(1))
-        cond, dropped = drop_conditioning(cond, null, self.cfg.cond_dropout, fields=TEXT_FIELDS)
+        cond, dropped = drop_conditioning(cond, null, self.cfg.cond_dropout)  # the text group (Ho & Salimans)
         terms = self.process.training_loss_terms(x0)
         out = model(terms.x_t, terms.timesteps, cond)  # (B, C, h, w)
         loss = self.process.loss(out, terms)
@@ -196,10 +226,12 @@ class DiffusionStage(Stage):
             n += len(batch)
         return total / n
 
-    @torch.no_grad()
-    def samples(self, model: nn.Module, prompts: list[str], guidance: Optional[float] = None) -> Tensor:
-        return generate(model, self.process, self.text_encoder, self.autoencoder if self.cfg.latents != "pixels"
-                        else None, prompts, self.latent_shape, self.cfg.sampling, guidance=guidance)
+    def inference(self, model: nn.Module) -> Inference:
+        """``model`` (an evaluation copy) with this stage's frozen parts and sampling settings, for drawing samples."""
+        micro = micro_fourier_dim(self.cfg.model_config) if self.cfg.micro_conditioning else None
+        return Inference(model, self.process, self.text_encoder,
+                         self.autoencoder if self.cfg.latents != "pixels" else None, self.cfg.sampling,
+                         self.image_size, micro)
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         metrics = {}
@@ -207,7 +239,7 @@ class DiffusionStage(Stage):
         if val is not None:
             metrics["loss"] = val
         if self.cfg.validation_prompts:
-            images = self.samples(model, list(self.cfg.validation_prompts))
+            images = self.inference(model).generate(list(self.cfg.validation_prompts))
             save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
         return metrics
 

@@ -52,15 +52,13 @@ from data_pipeline.data_config import DataConfig
 from data_pipeline.preference import iter_preference_pairs
 from data_pipeline.sources import SkipLog
 from data_pipeline.transforms import to_float_pixels
-from data_pipeline.writer import ShardWriter
-from models.conditioning import Conditioning
-from training.diffusion import cat_conditioning, drop_conditioning
+from data_pipeline.writer import ShardWriter, WriterOptions
+from models.conditioning import Conditioning, cat_conditioning, drop_conditioning, trim_together
 from training.evaluation import save_grid
 from training.finetune import LoraAdapterConfig, adapters_disabled, add_lora
-from training.sampling import trim_together
 from training.stages.autoencoder import export_module
 from training.stages.cache import cache_data_config, npy, posterior_moments
-from training.stages.diffusion import TEXT_FIELDS, DiffusionStage, DiffusionStageConfig
+from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
 from training.stages.lora import AdapterMixin
 from training.trainer import OptimConfig, TrainConfig
 
@@ -202,7 +200,7 @@ def cache_preference_pairs(
                                            "source_url": p.url, "winner": 0 if p.winner_is_0 else 1})
         return len(chunk)
 
-    with ShardWriter(out_dir, prefix, max_samples_per_shard, overwrite=True, skips=skips) as writer:
+    with ShardWriter(out_dir, prefix, WriterOptions(max_samples_per_shard, overwrite=True), skips) as writer:
         chunk: list = []
         for pair in iter_preference_pairs(data, ties, skips):  # type: ignore[arg-type]
             chunk.append(pair)
@@ -230,7 +228,7 @@ class DpoStage(AdapterMixin, DiffusionStage):
         dpo: DpoStageConfig,
         text_encoder: nn.Module,
         autoencoder: Optional[nn.Module],
-        latent_shape: tuple[int, ...],
+        image_size: tuple[int, int],
         val_pairs: Optional[list[Any]] = None,
     ):
         """``cfg.weights`` are the base weights; ``val_pairs`` are batches of cached held-out pairs."""
@@ -239,7 +237,7 @@ class DpoStage(AdapterMixin, DiffusionStage):
         if cfg.micro_conditioning:
             raise ValueError("diffusion.micro_conditioning: the dpo stage does not cache the pairs' size/crop "
                              "conditioning yet; set it to false")
-        super().__init__(cfg, text_encoder, autoencoder, latent_shape, [])
+        super().__init__(cfg, text_encoder, autoencoder, image_size, [])
         self.dpo = dpo
         self.val_pairs = val_pairs or []
         self.reference: Optional[nn.Module] = None
@@ -326,7 +324,7 @@ class DpoStage(AdapterMixin, DiffusionStage):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         xw, xl = self.pair_latents(batch)
         cond, null = trim_together(self.pair_conditioning(batch), self.null_conditioning(1))
-        cond, dropped = drop_conditioning(cond, null, self.dpo.cond_dropout, fields=TEXT_FIELDS)
+        cond, dropped = drop_conditioning(cond, null, self.dpo.cond_dropout)
         if self.dpo.objective == "sft":
             terms = self.process.training_loss_terms(xw)
             loss = self.process.loss(model(terms.x_t, terms.timesteps, cond), terms)
@@ -364,13 +362,13 @@ class DpoStage(AdapterMixin, DiffusionStage):
         with self.autocast(self.device):
             metrics = self.validation_scores(model)
             if self.cfg.validation_prompts:
-                images = self.samples(model, list(self.cfg.validation_prompts))
+                images = self.inference(model).generate(list(self.cfg.validation_prompts))
                 save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
         return metrics
 
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
         if self.dpo.policy == "lora":
-            return self.export_adapter(model, out_dir, self.dpo.adapter, self.cfg.denoiser,
+            return self.export_adapter(model, out_dir, self.dpo.adapter, self.cfg.architecture,
                                        {"stage": "dpo", "objective": self.dpo.objective, "beta": self.dpo.beta,
                                         "base_weights": str(self.cfg.weights)})
         return export_module(model, self.cfg.model_config, out_dir)

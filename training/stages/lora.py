@@ -7,9 +7,9 @@ optimizer, the gradient clipping, DDP's all-reduce and the EMA (which keeps para
 only). The loss is the diffusion stage's, unchanged: same process, target, weighting and conditioning dropout.
 
 Under mixed precision the frozen base weights are held in the compute dtype (``cast_base``): half their memory,
-while the adapters stay fp32. Gradient checkpointing is the denoiser's own (``diffusion.dit.gradient_checkpointing``
-or ``diffusion.unet.gradient_checkpointing``); its non-reentrant form gives the adapters their gradients even
-though every input of a checkpointed block is frozen.
+while the adapters stay fp32. Gradient checkpointing is the denoiser's own
+(``diffusion.model.dit.gradient_checkpointing`` or ``diffusion.model.unet.gradient_checkpointing``); its
+non-reentrant form gives the adapters their gradients even though every input of a checkpointed block is frozen.
 
 Export: ``lora/export/adapter.safetensors`` (+ ``adapter.json``) with the EMA adapter weights and a SHA-256
 fingerprint of the base weights; before writing it the stage recomputes the base fingerprint from the trained
@@ -151,13 +151,13 @@ class LoraStage(AdapterMixin, DiffusionStage):
         lora: LoraStageConfig,
         text_encoder: nn.Module,
         autoencoder: Optional[nn.Module],
-        latent_shape: tuple[int, ...],
+        image_size: tuple[int, int],
         val_batches: Optional[list[Any]] = None,
     ):
         """``cfg.weights`` are the base weights (see :func:`finetune_diffusion_config`)."""
         if not cfg.weights:
             raise ValueError("lora: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
-        super().__init__(cfg, text_encoder, autoencoder, latent_shape, val_batches)
+        super().__init__(cfg, text_encoder, autoencoder, image_size, val_batches)
         self.lora = lora
         self.fingerprint_base(self.model)
         self.model = add_lora(self.model, lora.adapter)
@@ -171,6 +171,6 @@ class LoraStage(AdapterMixin, DiffusionStage):
             return super().validate(model, step, out_dir)
 
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
-        return self.export_adapter(model, out_dir, self.lora.adapter, self.cfg.denoiser,
+        return self.export_adapter(model, out_dir, self.lora.adapter, self.cfg.architecture,
                                    {"stage": "lora", "base_weights": str(self.cfg.weights)},
                                    merged=self.lora.export_merged, model_config=self.cfg.model_config)

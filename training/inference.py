@@ -1,0 +1,139 @@
+"""Inference without training objects: open a finished run (or any weights) and turn prompts into images.
+
+:class:`Inference` holds what sampling needs and nothing a trainer does: the denoiser, the diffusion process, the
+frozen text encoder, the autoencoder (None for a pixel-space model) and the sampling defaults. Its
+:meth:`Inference.generate` is the one path from prompts to pixels, shared by validation during training, the
+end-of-run report, ``loom sample`` and ``benchmarks/finetune_evidence.py``, so what the report measures is exactly
+what a user gets. :func:`open_run` builds one from a run directory::
+
+    pipe = open_run("runs/quickstart")                       # the exported EMA weights, on the GPU when there is one
+    images = pipe.generate(["a handwritten digit four"])      # (1, 3, 32, 32) in [-1, 1]
+    pipe = open_run("runs/quickstart", weights="latest", adapters=["adapter.safetensors:0.8"])
+
+The latent shape of a request comes from the autoencoder (its channels and its spatial and temporal factors), so a
+clip is asked for with ``num_frames`` and an image without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models.conditioning import Conditioning, trim_together
+from models.embeddings import micro_vector
+from training.sampling import SamplingConfig, sample_latents
+
+WEIGHTS_CHOICES = "export (the finished stage's EMA export) | latest (EMA of the last checkpoint) | a weights file"
+
+
+@dataclass
+class Inference:
+    """A trained denoiser with the frozen parts and settings that turn prompts into images."""
+
+    denoiser: nn.Module  # called denoiser(x_t, timesteps, cond)
+    process: Any  # the diffusion process it was trained with (training.diffusion.build_process)
+    text_encoder: Any  # .encode(prompts) -> Conditioning, as in training
+    autoencoder: Optional[nn.Module]  # decodes latents to pixels; None: the denoiser works in pixel space
+    sampling: SamplingConfig  # sampler, steps, guidance, seed, negative prompt
+    image_size: tuple[int, int]  # default (height, width) in pixels
+    micro_fourier_dim: Optional[int] = None  # SDXL size/crop micro-conditioning width; None: not used
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def to(self, device: torch.device | str) -> "Inference":
+        """Move every module to ``device`` (in place) and return self."""
+        self.denoiser.to(device)
+        self.text_encoder.to(device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(device)
+        return self
+
+    def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None,
+                     num_frames: Optional[int] = None) -> tuple[int, ...]:
+        """One sample's latent shape for an image (``num_frames`` None: ``(C, h, w)``) or a clip (``(C, T', h, w)``)
+        of ``height`` × ``width`` pixels (default :attr:`image_size`), as the autoencoder maps pixels to latents."""
+        height = height or self.image_size[0]
+        width = width or self.image_size[1]
+        if self.autoencoder is not None:
+            return tuple(self.autoencoder.latent_shape(height, width, num_frames))
+        channels = int(self.denoiser.config.in_channels)
+        return (channels, height, width) if num_frames is None else (channels, num_frames, height, width)
+
+    def conditioning(self, prompts: Sequence[str], negative_prompt: str, height: int, width: int
+                     ) -> tuple[Conditioning, Conditioning]:
+        """(prompt, negative-prompt) conditioning for a batch, trimmed to their common token length, with the
+        micro-conditioning of an uncropped ``height`` × ``width`` image where the denoiser was trained with it."""
+        device = self.device
+        cond = self.text_encoder.encode(list(prompts)).to(device)
+        null = self.text_encoder.encode([negative_prompt] * len(prompts)).to(device)
+        cond, null = trim_together(cond, null)
+        if self.micro_fourier_dim is not None:
+            size = torch.tensor([[height, width]] * len(prompts), dtype=torch.int64)
+            vector = micro_vector(size, torch.zeros_like(size), size, self.micro_fourier_dim).to(device)
+            cond.vector, null.vector = vector, vector
+        return cond, null
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], guidance: Optional[float] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_frames: Optional[int] = None,
+                 sampling: Optional[SamplingConfig] = None) -> Tensor:
+        """Images ``(B, C, H, W)`` (or clips ``(B, C, T, H, W)`` with ``num_frames``) in [-1, 1] for ``prompts``.
+
+        ``guidance`` overrides the sampling config's scale; guidance 0 samples the unconditional model alone (the
+        null conditioning on both branches).
+        """
+        cfg = sampling or self.sampling
+        scale = cfg.guidance if guidance is None else guidance
+        height = height or self.image_size[0]
+        width = width or self.image_size[1]
+        shape = self.latent_shape(height, width, num_frames)
+        cond, null = self.conditioning(prompts, cfg.negative_prompt, height, width)
+        null_cond: Optional[Conditioning] = null
+        if scale == 0.0:
+            cond, null_cond, scale = null, None, 1.0
+        latents = sample_latents(self.denoiser, self.process, cond, null_cond, (len(prompts), *shape), cfg,
+                                 self.device, scale)
+        if self.autoencoder is None:
+            return latents.clamp(-1, 1)
+        dtype = next(self.autoencoder.parameters()).dtype
+        return self.autoencoder.pixels_from_latents(latents.to(dtype)).float().clamp(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def denoiser_weights(run_dir: str | Path, weights: str = "export", stage: str = "diffusion") -> tuple[Path, bool]:
+    """``(file, is_checkpoint_ema)`` for ``weights``: ``export``, ``latest`` or a path (see :data:`WEIGHTS_CHOICES`)."""
+    from training.checkpoint import latest_checkpoint
+
+    stage_dir = Path(run_dir) / stage
+    if weights == "export":
+        return stage_dir / "export" / "model.safetensors", False
+    if weights == "latest":
+        ckpt = latest_checkpoint(stage_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"weights=latest: no checkpoint under {stage_dir / 'checkpoints'}")
+        return ckpt / "ema.safetensors", True
+    return Path(weights), False
+
+
+def load_denoiser_weights(model: nn.Module, path: Path, is_checkpoint_ema: bool) -> None:
+    """Load our export, a diffusers / original-layout file, or a checkpoint's EMA file into ``model`` (strict)."""
+    from training.weights import load_weights
+
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if is_checkpoint_ema:
+        from safetensors.torch import load_file
+
+        from training.ema import ema_weights
+
+        model.load_state_dict(ema_weights(load_file(str(path))), strict=True)
+    else:
+        load_weights(model, path)
