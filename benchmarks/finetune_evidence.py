@@ -304,8 +304,8 @@ def memory_comparison(results: dict) -> None:
     """Parameter bytes held by each fine-tuning stage (trainable module + frozen modules), from the real stages."""
     from training.builders import frozen_parts, run_config_of, square
     from training.finetune import LoraAdapterConfig, parameter_bytes
-    from training.stages.dpo import DpoStage
-    from training.stages.lora import LoraStage, finetune_diffusion_config
+    from training.stages.dpo import make_dpo_stage
+    from training.stages.lora import finetune_diffusion_config, make_lora_stage
 
     cfg = run_config_of(BASE_RUN)
     te, ae = frozen_parts(cfg, BASE_RUN)
@@ -315,9 +315,9 @@ def memory_comparison(results: dict) -> None:
     def held(stage: Any) -> int:
         return parameter_bytes(stage.trainable(), *stage.frozen_modules().values())
 
-    lora = LoraStage(dcfg, dataclasses.replace(cfg.lora, adapter=LoraAdapterConfig(rank=8)), te, ae, shape)
-    dpo_lora = DpoStage(dcfg, dataclasses.replace(cfg.dpo, policy="lora"), te, ae, shape)
-    dpo_full = DpoStage(dcfg, dataclasses.replace(cfg.dpo, policy="full"), te, ae, shape)
+    lora = make_lora_stage(dcfg, dataclasses.replace(cfg.lora, adapter=LoraAdapterConfig(rank=8)), te, ae, shape)
+    dpo_lora = make_dpo_stage(dcfg, dataclasses.replace(cfg.dpo, policy="lora"), te, ae, shape)
+    dpo_full = make_dpo_stage(dcfg, dataclasses.replace(cfg.dpo, policy="full"), te, ae, shape)
     adapters = sum(p.numel() * p.element_size() for p in lora.model.parameters() if p.requires_grad)
     denoiser = parameter_bytes(lora.model) - adapters
     out = {"lora_finetune": held(lora), "lora_dpo": held(dpo_lora), "full_dpo": held(dpo_full),

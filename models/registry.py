@@ -17,7 +17,8 @@ A model module registers itself at its bottom, so adding a video U-Net or a DiT 
     register_architecture("video-unet", VideoUNetConfig, VideoUNet, converters={"diffusers": from_diffusers})
     register_preset("tiny-video-unet", lambda: VideoUNetConfig(...))
 
-and lists itself in :data:`PROVIDER_MODULES`, imported lazily the first time a name is looked up. Names are matched
+Every module of the ``models`` package that calls :func:`register_architecture` or :func:`register_preset` is found and
+imported the first time a name is looked up (:func:`provider_modules`: nothing to list by hand). Names are matched
 case-insensitively. :func:`resolve` turns a name (architecture or preset) into ``(architecture, fresh config)``;
 :func:`build_model` builds a module from a name or a config (on ``device="meta"`` to allocate nothing).
 """
@@ -37,8 +38,6 @@ ConfigBuilder = Callable[[], Any]
 # (foreign state dict, our config) -> state dict in our naming; raises KeyError/ValueError when it does not apply
 Converter = Callable[[Mapping[str, torch.Tensor], Any], dict[str, torch.Tensor]]
 
-# Modules imported (if they exist) before a lookup so that their module-level registrations have run.
-PROVIDER_MODULES: tuple[str, ...] = ("models.dit", "models.unet", "models.autoencoder")
 ROLES: tuple[str, ...] = ("denoiser", "autoencoder", "text_encoder")
 
 
@@ -137,18 +136,35 @@ def register_preset(name: str, builder: Optional[ConfigBuilder] = None, *, overw
     return builder
 
 
+def provider_modules() -> list[str]:
+    """The modules of the ``models`` package whose source registers an architecture or a preset (read as text, so
+    nothing is imported to find them), sorted by name."""
+    import pkgutil
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    found = []
+    for info in pkgutil.iter_modules([str(package)]):
+        source = package / f"{info.name}.py"
+        if info.name != "registry" and source.is_file():
+            text = source.read_text(encoding="utf-8")
+            if "register_architecture(" in text or "register_preset(" in text:
+                found.append(f"{__name__.rsplit('.', 1)[0]}.{info.name}")
+    return sorted(found)
+
+
 def _load_providers() -> None:
+    """Import every provider module once, so that its module-level registrations have run."""
     global _providers_loaded
     if _providers_loaded:
         return
     _providers_loaded = True  # set first: a provider importing this module must not recurse
-    for module in PROVIDER_MODULES:
-        try:
+    try:
+        for module in provider_modules():
             importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # the module exists but one of its imports is missing: a real error
-                _providers_loaded = False
-                raise
+    except Exception:
+        _providers_loaded = False
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ look-ups

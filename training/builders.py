@@ -185,7 +185,7 @@ def frozen_parts(cfg: RunConfig, run_dir: Path) -> tuple[TextEncoder, Optional[A
 
 def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
     """The ``lora`` stage as configured (base weights loaded, adapter attached) and its training data config."""
-    from training.stages.lora import LoraStage, finetune_diffusion_config
+    from training.stages.lora import finetune_diffusion_config, make_lora_stage
 
     st = cfg.diffusion
     weights = finetune_base_weights(cfg, run_dir)
@@ -193,7 +193,7 @@ def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True)
     train_data, val_batches = training_data(cfg, run_dir, with_validation_data)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(st, weights, cfg.lora.cond_dropout, cfg.lora.validation_prompts)
-    stage = LoraStage(dcfg, cfg.lora, te, ae, square(cfg.data.resolution), val_batches)
+    stage = make_lora_stage(dcfg, cfg.lora, te, ae, square(cfg.data.resolution), val_batches)
     return stage, with_batch(train_data, cfg.lora.batch_size)
 
 
@@ -231,7 +231,7 @@ def cache_dpo_pairs(cfg: RunConfig, run_dir: Path, te: TextEncoder, ae: Optional
 
 def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
     """The ``dpo`` stage (pairs cached first) and the data config streaming the cached training pairs."""
-    from training.stages.dpo import DpoStage, pair_cache_data_config
+    from training.stages.dpo import make_dpo_stage, pair_cache_data_config
     from training.stages.lora import finetune_diffusion_config
 
     st = cfg.dpo
@@ -243,7 +243,7 @@ def dpo_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) 
         val_pairs = first_batches(pair_cache_data_config(out, "val", st.val_data), st.validation_pairs, 64)
     torch.manual_seed(cfg.run.seed)  # the adapter's initialisation
     dcfg = finetune_diffusion_config(cfg.diffusion, weights, st.cond_dropout, st.validation_prompts)
-    stage = DpoStage(dcfg, st, te, ae, square(st.data.resolution), val_pairs)
+    stage = make_dpo_stage(dcfg, st, te, ae, square(st.data.resolution), val_pairs)
     return stage, with_batch(pair_cache_data_config(out, "train", st.data), st.batch_size)
 
 

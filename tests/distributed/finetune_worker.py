@@ -47,8 +47,8 @@ from training.diffusion import DiffusionConfig  # noqa: E402
 from training.finetune import LoraAdapterConfig, base_state_dict, is_adapter_name, unwrap  # noqa: E402
 from training.sharding import strategy_name  # noqa: E402
 from training.stages.diffusion import DiffusionStageConfig  # noqa: E402
-from training.stages.dpo import DpoStage, DpoStageConfig  # noqa: E402
-from training.stages.lora import LoraStage, LoraStageConfig  # noqa: E402
+from training.stages.dpo import DpoStageConfig, make_dpo_stage  # noqa: E402
+from training.stages.lora import LoraStageConfig, make_lora_stage  # noqa: E402
 from training.trainer import OptimConfig, TrainConfig, Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,23 +115,20 @@ class KeyedNoise:
         return torch.cat(draws).to(device)
 
 
-def recording(cls: type) -> type:
-    """``cls`` whose ``loss`` sets the keyed noise's keys and records each micro-batch's loss."""
+def recording(stage: Any) -> Any:
+    """``stage`` whose ``loss`` sets the keyed noise's keys and records each micro-batch's loss."""
+    stage.keyed = KeyedNoise(stage.process)
+    stage.losses = []
+    objective_loss = stage.loss
 
-    class Recording(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kw: Any):
-            super().__init__(*args, **kw)
-            self.keyed = KeyedNoise(self.process)
-            self.losses: list[float] = []
+    def loss(model, batch):
+        stage.keyed.keys = list(batch.keys)
+        value, logs = objective_loss(model, batch)
+        stage.losses.append(float(value.detach().float()))
+        return value, logs
 
-        def loss(self, model, batch):
-            self.keyed.keys = list(batch.keys)
-            loss, logs = super().loss(model, batch)
-            self.losses.append(float(loss.detach().float()))
-            return loss, logs
-
-    Recording.__name__ = f"Recording{cls.__name__}"
-    return Recording
+    stage.loss = loss
+    return stage
 
 
 def global_batches(stage: str) -> list[Batch]:
@@ -181,9 +178,9 @@ def build_stage(stage: str, weights: str) -> Any:
     text_encoder = TextEncoder(TE)
     torch.manual_seed(0)  # the same adapter initialisation in every process
     if stage == "lora":
-        return recording(LoraStage)(cfg, LoraStageConfig(adapter=adapter), text_encoder, None, (SIZE, SIZE))
-    return recording(DpoStage)(cfg, DpoStageConfig(adapter=adapter, beta=200.0, cond_dropout=0.0), text_encoder,
-                               None, (SIZE, SIZE))
+        return recording(make_lora_stage(cfg, LoraStageConfig(adapter=adapter), text_encoder, None, (SIZE, SIZE)))
+    return recording(make_dpo_stage(cfg, DpoStageConfig(adapter=adapter, beta=200.0, cond_dropout=0.0), text_encoder,
+                                    None, (SIZE, SIZE)))
 
 
 def train_config(steps: int, precision: str, deepspeed: bool) -> TrainConfig:

@@ -104,3 +104,12 @@ def test_load_weights_takes_the_namings_from_the_registry(tmp_path):
         load_weights(DiT(dit.config), tmp_path / "unet-diffusers.safetensors")
     with pytest.raises(ValueError, match=r"for this UNet .*diffusers: .*ldm: "):
         load_weights(UNet(tiny_unet_config()), tmp_path / "dit-ours.safetensors")
+
+
+def test_provider_modules_are_found_without_a_list():
+    """A model module that registers itself is found by reading the package (no list to edit when adding one)."""
+    from models.registry import provider_modules
+
+    found = provider_modules()
+    assert {"models.dit", "models.unet", "models.autoencoder"} <= set(found)
+    assert "models.attention" not in found and "models.registry" not in found

@@ -27,9 +27,9 @@ from training.config_io import load_config
 from training.diffusion import DiffusionConfig
 from training.finetune import LoraAdapterConfig, base_state_dict, parameter_bytes
 from training.run_config import RunConfig
-from training.stages.diffusion import DiffusionStageConfig
-from training.stages.dpo import DpoStage, DpoStageConfig, diffusion_dpo_terms, dpo_statistics
-from training.stages.lora import LoraStage, LoraStageConfig
+from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
+from training.stages.dpo import DpoStageConfig, diffusion_dpo_terms, dpo_statistics, make_dpo_stage
+from training.stages.lora import LoraStageConfig, make_lora_stage
 
 TE = TextEncoderConfig(model="openclip-tiny-text", layer="last")
 
@@ -117,9 +117,9 @@ def pair_batch(n: int = 4, same: bool = False) -> Batch:
                  latents=w, extras=extras)
 
 
-def dpo_stage(text_encoder, weights, **kw) -> DpoStage:
+def dpo_stage(text_encoder, weights, **kw) -> DiffusionStage:
     torch.manual_seed(0)
-    stage = DpoStage(diffusion_cfg(weights), DpoStageConfig(**kw), text_encoder, None, (8, 8))
+    stage = make_dpo_stage(diffusion_cfg(weights), DpoStageConfig(**kw), text_encoder, None, (8, 8))
     stage.setup(torch.device("cpu"), torch.float32)
     return stage
 
@@ -151,12 +151,12 @@ def test_reference_is_the_base_model_exactly(text_encoder, base_weights):
     randomize_adapters(stage.model)
     base = perturbed_dit()
     batch = pair_batch()
-    cond = stage.pair_conditioning(batch)
+    cond = stage.objective.pair_conditioning(batch)
     x, t = batch.latents, torch.tensor([3, 400, 700, 999])
-    assert torch.equal(stage.reference_output(stage.model, x, t, cond), base(x, t, cond))
+    assert torch.equal(stage.objective.reference_output(stage.model, x, t, cond), base(x, t, cond))
     assert not torch.equal(stage.model(x, t, cond), base(x, t, cond))
     full = dpo_stage(text_encoder, base_weights, policy="full")
-    assert torch.equal(full.reference_output(full.model, x, t, cond), base(x, t, cond))
+    assert torch.equal(full.objective.reference_output(full.model, x, t, cond), base(x, t, cond))
     # a fresh LoRA policy equals its reference: the loss starts at log 2 whatever the pairs
     fresh = dpo_stage(text_encoder, base_weights)
     loss, logs = fresh.loss(fresh.model, pair_batch())
@@ -177,15 +177,15 @@ def test_unet_policy_and_reference(text_encoder, tmp_path):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     save_file(base.state_dict(), str(tmp_path / "unet.safetensors"))
     dcfg = dataclasses.replace(diffusion_cfg(str(tmp_path / "unet.safetensors")), denoiser="unet", model={"unet": ucfg})
-    stage = DpoStage(dcfg, DpoStageConfig(adapter=LoraAdapterConfig(rank=4, targets=["attention", "projection"])),
+    stage = make_dpo_stage(dcfg, DpoStageConfig(adapter=LoraAdapterConfig(rank=4, targets=["attention", "projection"])),
                      text_encoder, None, (8, 8))
     stage.setup(torch.device("cpu"), torch.float32)
     randomize_adapters(stage.model)
     batch = pair_batch()
-    cond = stage.pair_conditioning(batch)
+    cond = stage.objective.pair_conditioning(batch)
     x, t = batch.latents, torch.tensor([3, 400, 700, 999])
     with torch.no_grad():
-        assert torch.equal(stage.reference_output(stage.model, x, t, cond), base.eval()(x, t, cond))
+        assert torch.equal(stage.objective.reference_output(stage.model, x, t, cond), base.eval()(x, t, cond))
     loss, logs = stage.loss(stage.model, batch)
     loss.backward()
     assert all(p.grad is not None for p in stage.model.parameters() if p.requires_grad)
@@ -197,7 +197,7 @@ def test_lora_dpo_holds_one_copy_of_the_base_weights(text_encoder, base_weights)
     denoiser; full-weight DPO holds one more denoiser (its frozen reference)."""
     adapter = LoraAdapterConfig(rank=4)
     torch.manual_seed(0)
-    lora = LoraStage(diffusion_cfg(base_weights), LoraStageConfig(adapter=adapter), text_encoder, None, (8, 8))
+    lora = make_lora_stage(diffusion_cfg(base_weights), LoraStageConfig(adapter=adapter), text_encoder, None, (8, 8))
     dpo = dpo_stage(text_encoder, base_weights, adapter=adapter)
     full = dpo_stage(text_encoder, base_weights, policy="full")
 
@@ -223,7 +223,7 @@ def test_resumed_dpo_run_equals_uninterrupted(text_encoder, base_weights, tmp_pa
 
     def fit(out: Path, steps: int) -> None:
         torch.manual_seed(0)  # the same adapter initialisation for every run
-        stage = DpoStage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, cond_dropout=0.2,
+        stage = make_dpo_stage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, cond_dropout=0.2,
                                                                       adapter=LoraAdapterConfig(rank=2)),
                          text_encoder, None, (8, 8))
         cfg = TrainConfig(max_steps=steps, cpu=True, progress=False, checkpoint_every=2, ema_decay=0.8,
@@ -257,14 +257,14 @@ def test_bf16_mixed_precision_dpo(text_encoder, base_weights, tmp_path, policy, 
     from training.trainer import OptimConfig, TrainConfig, Trainer
 
     torch.manual_seed(0)
-    stage = DpoStage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, policy=policy,
+    stage = make_dpo_stage(diffusion_cfg(base_weights), DpoStageConfig(beta=500.0, policy=policy,
                                                                   adapter=LoraAdapterConfig(rank=2)),
                      text_encoder, None, (8, 8), val_pairs=[pair_batch()])
     cfg = TrainConfig(max_steps=2, cpu=True, progress=False, mixed_precision="bf16", ema_decay=None,
                       optim=OptimConfig(lr=1e-3))
     result = Trainer(cfg, stage, PairLoader(), tmp_path, micro_batch_size=4, seed=0).fit()
     assert np.isfinite(result.metrics["loss"]) and np.isfinite(result.metrics["val/dpo_loss"])
-    frozen = stage.reference if policy == "full" else stage.model
+    frozen = stage.objective.reference if policy == "full" else stage.model
     assert {p.dtype for n, p in frozen.named_parameters() if not p.requires_grad} == {torch.bfloat16}
 
 
@@ -335,7 +335,7 @@ def test_lora_dpo_run_raises_held_out_implicit_accuracy(text_encoder, base_weigh
     # before training the same held-out pairs score exactly chance: policy == reference
     stage, _ = build_dpo_stage(cfg, run)
     stage.setup(torch.device("cpu"), torch.float32)
-    before = stage.validation_scores(stage.model)
+    before = stage.objective.validation_scores(stage.model)
     assert before["implicit_acc"] == 0.0 and before["reward_margin"] == 0.0
     assert before["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 

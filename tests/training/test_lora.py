@@ -37,8 +37,8 @@ from training.finetune import (
     unmerge_adapters,
     weights_fingerprint,
 )
-from training.stages.diffusion import DiffusionStageConfig
-from training.stages.lora import LoraStage, LoraStageConfig
+from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
+from training.stages.lora import LoraStageConfig, make_lora_stage
 from training.trainer import OptimConfig, TrainConfig, Trainer
 
 TE = TextEncoderConfig(model="openclip-tiny-text", layer="last")  # width 64, pooled 32
@@ -223,14 +223,14 @@ def base_weights(tmp_path_factory) -> str:
     return str(path)
 
 
-def make_stage(text_encoder, weights: str, val_batches=None, checkpointing: bool = False, **lora_kw) -> LoraStage:
+def make_stage(text_encoder, weights: str, val_batches=None, checkpointing: bool = False, **lora_kw) -> DiffusionStage:
     dcfg = DiffusionStageConfig(denoiser="dit",
                                 model={"dit": dict_replace(dit_config(), gradient_checkpointing=checkpointing)},
                                 weights=weights, text_encoder=TE, latents="pixels", cond_dropout=0.1,
                                 process=DiffusionConfig(schedule="cosine", prediction="v_prediction"),
                                 validation_prompts=[])
     torch.manual_seed(0)
-    return LoraStage(dcfg, LoraStageConfig(**lora_kw), text_encoder, None, (8, 8), val_batches)
+    return make_lora_stage(dcfg, LoraStageConfig(**lora_kw), text_encoder, None, (8, 8), val_batches)
 
 
 def dict_replace(cfg, **kw):
@@ -252,7 +252,7 @@ def test_lora_stage_trains_only_adapters_leaves_base_unchanged_and_learns(text_e
     initial_base = {k: v.clone() for k, v in base_state_dict(stage.model).items()}
     adapters_before = {n: p.detach().clone() for n, p in stage.model.named_parameters() if is_adapter_name(n)}
     stage.setup(torch.device("cpu"), torch.float32)
-    val_before = stage.validation_loss(stage.model)
+    val_before = stage.objective.validation_loss(stage.model)
     assert [n for n, p in stage.model.named_parameters() if p.requires_grad] == list(adapters_before)
     result = fit(stage, tmp_path, 40, ema_decay=0.9)
 
@@ -320,14 +320,14 @@ def test_bf16_mixed_precision_holds_the_base_in_bf16(text_encoder, base_weights,
     assert held_dtype({k: v.float() for k, v in base.items()}) == torch.bfloat16
     assert held_dtype({"w": torch.tensor([1.0, 1.0 + 2**-20])}) == torch.float32
     assert held_dtype({"a": torch.zeros(1, dtype=torch.bfloat16), "b": torch.zeros(1, dtype=torch.float16)}) is None
-    assert stage.check_base_unchanged(stage.model) is True
+    assert stage.adapters.check_base_unchanged(stage.model) is True
     with torch.no_grad():
         w = next(p for n, p in stage.model.named_parameters() if not is_adapter_name(n) and p.numel() > 1)
         flat = w.view(-1)
         i = int(flat.float().abs().argmax())
         flat[i] = flat[i] * 1.01  # one or two bf16 steps (8 bits of mantissa)
     with pytest.raises(RuntimeError, match="base weights changed.*bfloat16"):
-        stage.check_base_unchanged(stage.model)
+        stage.adapters.check_base_unchanged(stage.model)
 
 
 def test_resumed_lora_run_equals_uninterrupted(text_encoder, base_weights, tmp_path):

@@ -5,10 +5,14 @@ pixel-space model) and the text conditioning (cached, or from the frozen text en
 ``cond_dropout`` per sample the text conditioning is replaced by the null (empty-prompt) conditioning, exactly the
 one sampling uses for the unconditional branch (Ho & Salimans 2022) → the diffusion process draws t and noise →
 ``denoiser(x_t, t, cond)`` → the process's weighted MSE. U-Net and DiT, image and video, share this code.
+
+Fine-tuning reuses the same stage with other parts: :class:`~training.stages.lora.LoraAdapters` (the ``lora``
+stage) and :class:`~training.stages.dpo.DpoObjective` (the ``dpo`` stage) — composed, not subclassed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -120,7 +124,77 @@ def micro_fourier_dim(model_config: Any) -> int:
     return int(width or MICRO_FOURIER_DIM)
 
 
+class StagePart:
+    """What a stage takes besides its config and frozen encoders: an *objective* (the loss and its validation
+    metrics, e.g. :class:`DenoisingObjective` or :class:`training.stages.dpo.DpoObjective`) or *adapters*
+    (:class:`training.stages.lora.LoraAdapters`). Parts work for any denoiser, image or video, U-Net or DiT."""
+
+    def bind(self, stage: "DiffusionStage") -> None:
+        """Called once by the stage, after it built the denoiser and before adapters wrap it."""
+        self.stage = stage
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Extra frozen modules the part uses (e.g. DPO's reference copy)."""
+        return {}
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Extra fields for an exported adapter's metadata."""
+        return {}
+
+
+class DenoisingObjective(StagePart):
+    """The diffusion loss with classifier-free-guidance dropout (Ho & Salimans 2022): per sample, with probability
+    ``cond_dropout`` the dropout groups of the conditioning (the text) are replaced by the null conditioning; the
+    process draws t and noise; the loss is its weighted MSE. Validation: the same loss at fixed noise and t."""
+
+    autocast_eval = False  # an evaluation copy holds the trained weights whole: no autocast needed
+
+    def __init__(self, cond_dropout: float):
+        self.cond_dropout = cond_dropout
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        stage = self.stage
+        x0 = stage.latents_of(batch)  # (B, C, h, w) or (B, C, T, h, w)
+        cond, null = trim_together(stage.conditioning_of(batch, trim=False), stage.null_conditioning(1))
+        cond, dropped = drop_conditioning(cond, null, self.cond_dropout)  # the text group (Ho & Salimans)
+        terms = stage.process.training_loss_terms(x0)
+        out = model(terms.x_t, terms.timesteps, cond)  # shaped like x0
+        loss = stage.process.loss(out, terms)
+        return loss, {"dropped_fraction": float(dropped.float().mean())}
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module) -> Optional[float]:
+        """Loss on the validation batches at fixed noise and timesteps (comparable across steps and runs)."""
+        stage = self.stage
+        if not stage.val_batches:
+            return None
+        g = torch.Generator().manual_seed(1234)
+        total, n = 0.0, 0
+        for batch in stage.val_batches[: stage.cfg.validation_loss_batches]:
+            batch = batch.to(stage.device)
+            x0 = stage.latents_of(batch, generator=g)
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            t = stage.process.sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
+            terms = stage.process.training_loss_terms(x0, noise=noise, t=t)
+            out = model(terms.x_t, terms.timesteps, stage.conditioning_of(batch))
+            total += float(stage.process.loss(out, terms)) * len(batch)
+            n += len(batch)
+        return total / n
+
+    def validation_metrics(self, model: nn.Module) -> dict[str, float]:
+        val = self.validation_loss(model)
+        return {} if val is None else {"loss": val}
+
+
 class DiffusionStage(Stage):
+    """A denoiser trained on (cached or encoded) latents with frozen text encoder and autoencoder.
+
+    The same class is the ``diffusion``, ``lora`` and ``dpo`` stage: what differs are the parts it takes — the
+    ``objective`` (default :class:`DenoisingObjective`; Diffusion-DPO's :class:`~training.stages.dpo.DpoObjective`)
+    and optional ``adapters`` (:class:`~training.stages.lora.LoraAdapters`: LoRA on the frozen base, exported as
+    an adapter file).
+    """
+
     name = "diffusion"
 
     def __init__(
@@ -130,8 +204,13 @@ class DiffusionStage(Stage):
         autoencoder: Optional[nn.Module],
         image_size: tuple[int, int],
         val_batches: Optional[list[Any]] = None,
+        *,
+        name: str = "diffusion",
+        objective: Optional[StagePart] = None,
+        adapters: Optional[StagePart] = None,
     ):
         """``image_size``: the ``(height, width)`` in pixels of the samples drawn at validation."""
+        self.name = name
         self.cfg = cfg
         self.model = build_denoiser(cfg)
         self.text_encoder = text_encoder
@@ -140,6 +219,13 @@ class DiffusionStage(Stage):
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.val_batches = val_batches or []
         self.device = torch.device("cpu")
+        self.compute_dtype = torch.float32
+        self.objective = objective if objective is not None else DenoisingObjective(cfg.cond_dropout)
+        self.adapters = adapters
+        self.objective.bind(self)  # e.g. a frozen reference copy of the base, before adapters wrap it
+        if adapters is not None:
+            adapters.bind(self)
+            self.model = adapters.attach(self.model)
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -148,11 +234,21 @@ class DiffusionStage(Stage):
         frozen = {"text_encoder": self.text_encoder}
         if self.autoencoder is not None:
             frozen["autoencoder"] = self.autoencoder
-        return frozen
+        return {**frozen, **self.objective.frozen_modules()}
 
     def setup(self, device: torch.device, dtype: torch.dtype) -> None:
         super().setup(device, dtype)
         self.device = device
+        self.compute_dtype = dtype
+        if self.adapters is not None:
+            self.adapters.setup(self.model, dtype)
+
+    def autocast(self, device: torch.device) -> Any:
+        """Autocast to the compute dtype for modules held in it outside Accelerate's own autocast (a cast LoRA base
+        in evaluation copies, DPO's frozen reference); a no-op in fp32."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
     # ------------------------------------------------------------------------------------------- batch → inputs
 
@@ -198,33 +294,9 @@ class DiffusionStage(Stage):
     # --------------------------------------------------------------------------------------------------- loss
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        x0 = self.latents_of(batch)  # (B, C, h, w)
-        cond, null = trim_together(self.conditioning_of(batch, trim=False), self.null_conditioning(1))
-        cond, dropped = drop_conditioning(cond, null, self.cfg.cond_dropout)  # the text group (Ho & Salimans)
-        terms = self.process.training_loss_terms(x0)
-        out = model(terms.x_t, terms.timesteps, cond)  # (B, C, h, w)
-        loss = self.process.loss(out, terms)
-        return loss, {"dropped_fraction": float(dropped.float().mean())}
+        return self.objective.loss(model, batch)
 
     # ------------------------------------------------------------------------------------------ validation
-
-    @torch.no_grad()
-    def validation_loss(self, model: nn.Module) -> Optional[float]:
-        """Loss on the validation batches at fixed noise and timesteps (comparable across steps and runs)."""
-        if not self.val_batches:
-            return None
-        g = torch.Generator().manual_seed(1234)
-        total, n = 0.0, 0
-        for batch in self.val_batches[: self.cfg.validation_loss_batches]:
-            batch = batch.to(self.device)
-            x0 = self.latents_of(batch, generator=g)
-            noise = torch.randn(x0.shape, generator=g).to(x0.device)
-            t = self.process.sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
-            terms = self.process.training_loss_terms(x0, noise=noise, t=t)
-            out = model(terms.x_t, terms.timesteps, self.conditioning_of(batch))
-            total += float(self.process.loss(out, terms)) * len(batch)
-            n += len(batch)
-        return total / n
 
     def inference(self, model: nn.Module) -> Inference:
         """``model`` (an evaluation copy) with this stage's frozen parts and sampling settings, for drawing samples."""
@@ -234,14 +306,16 @@ class DiffusionStage(Stage):
                          self.image_size, micro)
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
-        metrics = {}
-        val = self.validation_loss(model)
-        if val is not None:
-            metrics["loss"] = val
-        if self.cfg.validation_prompts:
-            images = self.inference(model).generate(list(self.cfg.validation_prompts))
-            save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
+        autocast = self.adapters is not None or self.objective.autocast_eval
+        with self.autocast(self.device) if autocast else contextlib.nullcontext():
+            metrics = self.objective.validation_metrics(model)
+            if self.cfg.validation_prompts:
+                images = self.inference(model).generate(list(self.cfg.validation_prompts))
+                save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
         return metrics
 
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
+        if self.adapters is not None:
+            return self.adapters.export(model, out_dir, {"stage": self.name, "base_weights": str(self.cfg.weights),
+                                                         **self.objective.export_metadata()})
         return export_module(model, self.cfg.model_config, out_dir)

@@ -1,5 +1,8 @@
 """The ``dpo`` stage: align a trained denoiser with pairwise preferences by Diffusion-DPO (Wallace et al. 2023).
 
+The stage is the diffusion stage with :class:`DpoObjective` as its objective and, for ``policy: lora``, the
+:class:`~training.stages.lora.LoraAdapters` part (:func:`make_dpo_stage`): the same code for any denoiser.
+
 **Objective.** For a caption c with a preferred image x_w and a rejected one x_l, both are noised with the *same*
 noise ε and timestep t; the policy ε_θ and the frozen reference ε_ref each predict the noise, giving per-pair
 errors ``e = mean ‖ε − ε̂(x_t, t, c)‖²`` (mean over latent elements). With
@@ -54,12 +57,10 @@ from data_pipeline.sources import SkipLog
 from data_pipeline.transforms import to_float_pixels
 from data_pipeline.writer import ShardWriter, WriterOptions
 from models.conditioning import Conditioning, cat_conditioning, drop_conditioning, trim_together
-from training.evaluation import save_grid
-from training.finetune import LoraAdapterConfig, adapters_disabled, add_lora
-from training.stages.autoencoder import export_module
+from training.finetune import LoraAdapterConfig, adapters_disabled
 from training.stages.cache import cache_data_config, npy, posterior_moments
-from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
-from training.stages.lora import AdapterMixin
+from training.stages.diffusion import DiffusionStage, DiffusionStageConfig, StagePart
+from training.stages.lora import LoraAdapters
 from training.trainer import OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -217,71 +218,55 @@ def cache_preference_pairs(
 # ---------------------------------------------------------------------------------------------------- stage
 
 
-class DpoStage(AdapterMixin, DiffusionStage):
-    """Diffusion-DPO / SFT on cached preference pairs, with a LoRA or a fully trained policy."""
+class DpoObjective(StagePart):
+    """Diffusion-DPO (or the SFT baseline) as a stage's objective, on cached preference pairs.
 
-    name = "dpo"
+    The reference is the policy with its adapters disabled when the stage has LoRA adapters, else (``policy:
+    full``) a frozen copy of the base taken when the objective is bound, before any training.
+    """
 
-    def __init__(
-        self,
-        cfg: DiffusionStageConfig,
-        dpo: DpoStageConfig,
-        text_encoder: nn.Module,
-        autoencoder: Optional[nn.Module],
-        image_size: tuple[int, int],
-        val_pairs: Optional[list[Any]] = None,
-    ):
-        """``cfg.weights`` are the base weights; ``val_pairs`` are batches of cached held-out pairs."""
-        if not cfg.weights:
-            raise ValueError("dpo: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
-        if cfg.micro_conditioning:
-            raise ValueError("diffusion.micro_conditioning: the dpo stage does not cache the pairs' size/crop "
-                             "conditioning yet; set it to false")
-        super().__init__(cfg, text_encoder, autoencoder, image_size, [])
-        self.dpo = dpo
+    autocast_eval = True  # the frozen reference (and a cast LoRA base) are held in the compute dtype
+
+    def __init__(self, cfg: DpoStageConfig, val_pairs: Optional[list[Any]] = None):
+        """``val_pairs`` are batches of cached held-out pairs."""
+        self.cfg = cfg
         self.val_pairs = val_pairs or []
         self.reference: Optional[nn.Module] = None
-        if dpo.policy == "lora":  # the adapter's export checks the base against these fingerprints
-            self.fingerprint_base(self.model)
-            self.model = add_lora(self.model, dpo.adapter)
-        elif dpo.objective == "dpo":
-            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def bind(self, stage: DiffusionStage) -> None:
+        super().bind(stage)
+        if self.cfg.policy == "full" and self.cfg.objective == "dpo":
+            self.reference = copy.deepcopy(stage.model).requires_grad_(False).eval()
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        frozen = super().frozen_modules()
-        if self.reference is not None:
-            frozen["reference"] = self.reference
-        return frozen
+        return {} if self.reference is None else {"reference": self.reference}
 
-    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().setup(device, dtype)
-        self.compute_dtype = dtype
-        if self.dpo.policy == "lora":
-            self.cast_base_weights(dtype, self.dpo.cast_base)
+    def export_metadata(self) -> dict[str, Any]:
+        return {"objective": self.cfg.objective, "beta": self.cfg.beta}
 
     # ------------------------------------------------------------------------------------------- inputs
 
     def _sample(self, moments: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         """A latent drawn from cached posterior moments (or the cached pixels of a pixel-space model)."""
-        if self.cfg.latents == "pixels":
+        if self.stage.cfg.latents == "pixels":
             return moments.float()
-        return self.cached_latents(moments, generator)
+        return self.stage.cached_latents(moments, generator)
 
     def pair_latents(self, batch: Any, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        """(winner, loser) latents ``(B, C, h, w)`` each."""
+        """(winner, loser) latents, shaped ``(B, C, h, w)`` (or ``(B, C, T, h, w)``) each."""
         if batch.latents is None or "latent_l" not in batch.extras:
             raise ValueError("dpo: the batch holds no cached pair latents (latent.npy / latent_l.npy)")
         return self._sample(batch.latents, generator), self._sample(batch.extras["latent_l"], generator)
 
     def pair_conditioning(self, batch: Any) -> Conditioning:
-        ex = batch.extras
+        ex, device = batch.extras, self.stage.device
         pooled = ex.get("pooled")
-        return Conditioning(context=ex["context"].float().to(self.device),
-                            context_mask=ex["context_mask"].bool().to(self.device),
-                            pooled=pooled.float().to(self.device) if pooled is not None and pooled.shape[-1] else None)
+        return Conditioning(context=ex["context"].float().to(device),
+                            context_mask=ex["context_mask"].bool().to(device),
+                            pooled=pooled.float().to(device) if pooled is not None and pooled.shape[-1] else None)
 
     def preference_of(self, batch: Any) -> Tensor:
-        return torch.tensor([float(m.get("preference", 1.0)) for m in batch.metadata], device=self.device)
+        return torch.tensor([float(m.get("preference", 1.0)) for m in batch.metadata], device=self.stage.device)
 
     # ---------------------------------------------------------------------------------------------- loss
 
@@ -291,43 +276,46 @@ class DpoStage(AdapterMixin, DiffusionStage):
             if self.reference is None:
                 with adapters_disabled(model) as base:
                     return base(x_t, timesteps, cond)
-            with self.autocast(x_t.device):
+            with self.stage.autocast(x_t.device):
                 return self.reference(x_t, timesteps, cond).float()
 
     def errors(self, out: Tensor, terms: Any) -> Tensor:
         """Per-sample errors ``(N,)``: ε-space element-mean squared error, or the process's weighted loss."""
-        if self.dpo.error == "target":
-            return self.process.loss(out, terms, reduction="none")
-        eps = self.process.to_eps(out.float(), terms.x_t.float(), terms.t)
+        process = self.stage.process
+        if self.cfg.error == "target":
+            return process.loss(out, terms, reduction="none")
+        eps = process.to_eps(out.float(), terms.x_t.float(), terms.t)
         return (eps - terms.noise.float()).square().flatten(1).mean(1)
 
     def dpo_step(self, model: nn.Module, xw: Tensor, xl: Tensor, cond: Conditioning, preference: Tensor,
                  generator: Optional[torch.Generator] = None) -> tuple[DpoTerms, dict[str, float]]:
         """One Diffusion-DPO evaluation: shared noise and timestep per pair, policy and reference errors."""
+        process = self.stage.process
         b = xw.shape[0]
-        noise = self.process.sample_noise(xw, generator)  # (B, C, h, w), shared by winner and loser
-        t = self.process.sample_timesteps(b, generator, xw.device if generator is None else torch.device("cpu"))
+        noise = process.sample_noise(xw, generator)  # shaped like xw, shared by winner and loser
+        t = process.sample_timesteps(b, generator, xw.device if generator is None else torch.device("cpu"))
         t = t.to(xw.device)
-        terms = self.process.training_loss_terms(torch.cat([xw, xl]), noise=torch.cat([noise, noise]),
-                                                 t=torch.cat([t, t]))
+        terms = process.training_loss_terms(torch.cat([xw, xl]), noise=torch.cat([noise, noise]),
+                                            t=torch.cat([t, t]))
         cond2 = cat_conditioning(cond, cond)
         ref = self.reference_output(model, terms.x_t, terms.timesteps, cond2)
-        out = model(terms.x_t, terms.timesteps, cond2)  # (2B, C, h, w)
+        out = model(terms.x_t, terms.timesteps, cond2)  # (2B, ...) like x_t
         err_w, err_l = self.errors(out, terms).chunk(2)
         ref_w, ref_l = self.errors(ref, terms).detach().chunk(2)
-        dpo = diffusion_dpo_terms(err_w, err_l, ref_w, ref_l, self.dpo.beta, preference)
+        dpo = diffusion_dpo_terms(err_w, err_l, ref_w, ref_l, self.cfg.beta, preference)
         logs = dpo_statistics(dpo, preference)
         logs["model_mse"] = float(0.5 * (err_w.detach().mean() + err_l.detach().mean()))
         logs["ref_mse"] = float(0.5 * (ref_w.mean() + ref_l.mean()))
         return dpo, logs
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        stage = self.stage
         xw, xl = self.pair_latents(batch)
-        cond, null = trim_together(self.pair_conditioning(batch), self.null_conditioning(1))
-        cond, dropped = drop_conditioning(cond, null, self.dpo.cond_dropout)
-        if self.dpo.objective == "sft":
-            terms = self.process.training_loss_terms(xw)
-            loss = self.process.loss(model(terms.x_t, terms.timesteps, cond), terms)
+        cond, null = trim_together(self.pair_conditioning(batch), stage.null_conditioning(1))
+        cond, dropped = drop_conditioning(cond, null, self.cfg.cond_dropout)  # the text group, winner and loser
+        if self.cfg.objective == "sft":
+            terms = stage.process.training_loss_terms(xw)
+            loss = stage.process.loss(model(terms.x_t, terms.timesteps, cond), terms)
             return loss, {"dropped_fraction": float(dropped.float().mean())}
         preference = self.preference_of(batch)
         dpo, logs = self.dpo_step(model, xw, xl, cond, preference)
@@ -339,15 +327,15 @@ class DpoStage(AdapterMixin, DiffusionStage):
     @torch.no_grad()
     def validation_scores(self, model: nn.Module) -> dict[str, float]:
         """DPO loss, implicit accuracy and reward margin on the held-out pairs at fixed noise and timesteps."""
-        if not self.val_pairs or not self.dpo.validation_pairs:
+        if not self.val_pairs or not self.cfg.validation_pairs:
             return {}
         g = torch.Generator().manual_seed(1234)
         sums: dict[str, float] = {}
         n = 0
         for batch in self.val_pairs:
-            if n >= self.dpo.validation_pairs:
+            if n >= self.cfg.validation_pairs:
                 break
-            batch = batch.to(self.device)
+            batch = batch.to(self.stage.device)
             xw, xl = self.pair_latents(batch, g)
             cond = self.pair_conditioning(batch).trim_context()
             preference = self.preference_of(batch)
@@ -358,21 +346,24 @@ class DpoStage(AdapterMixin, DiffusionStage):
             n += len(batch)
         return {k: v / n for k, v in sums.items()}
 
-    def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
-        with self.autocast(self.device):
-            metrics = self.validation_scores(model)
-            if self.cfg.validation_prompts:
-                images = self.inference(model).generate(list(self.cfg.validation_prompts))
-                save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
-        return metrics
-
-    def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
-        if self.dpo.policy == "lora":
-            return self.export_adapter(model, out_dir, self.dpo.adapter, self.cfg.architecture,
-                                       {"stage": "dpo", "objective": self.dpo.objective, "beta": self.dpo.beta,
-                                        "base_weights": str(self.cfg.weights)})
-        return export_module(model, self.cfg.model_config, out_dir)
+    def validation_metrics(self, model: nn.Module) -> dict[str, float]:
+        return self.validation_scores(model)
 
 
-__all__ = ["DpoStage", "DpoStageConfig", "DpoTerms", "cache_preference_pairs", "diffusion_dpo_terms",
-           "dpo_statistics", "pair_cache_data_config"]
+def make_dpo_stage(cfg: DiffusionStageConfig, dpo: DpoStageConfig, text_encoder: nn.Module,
+                   autoencoder: Optional[nn.Module], image_size: tuple[int, int],
+                   val_pairs: Optional[list[Any]] = None) -> DiffusionStage:
+    """The ``dpo`` stage: :class:`DpoObjective` on the denoiser ``cfg`` describes (``cfg.weights`` are the base
+    weights), with LoRA adapters as the policy (``policy: lora``) or every weight trained (``policy: full``)."""
+    if not cfg.weights:
+        raise ValueError("dpo: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
+    if cfg.micro_conditioning:
+        raise ValueError("diffusion.micro_conditioning: the dpo stage does not cache the pairs' size/crop "
+                         "conditioning yet; set it to false")
+    adapters = LoraAdapters(dpo.adapter, cast_base=dpo.cast_base) if dpo.policy == "lora" else None
+    return DiffusionStage(cfg, text_encoder, autoencoder, image_size, [], name="dpo",
+                          objective=DpoObjective(dpo, val_pairs), adapters=adapters)
+
+
+__all__ = ["DpoObjective", "DpoStageConfig", "DpoTerms", "cache_preference_pairs", "diffusion_dpo_terms",
+           "dpo_statistics", "make_dpo_stage", "pair_cache_data_config"]

@@ -1,6 +1,8 @@
 """The ``lora`` stage: teach a trained denoiser a new concept with LoRA adapters, leaving its weights untouched.
 
-The denoiser (U-Net or DiT, as ``diffusion`` configures it) is loaded from the base weights and wrapped by peft
+The stage is the diffusion stage (:class:`~training.stages.diffusion.DiffusionStage`) with one more part,
+:class:`LoraAdapters` (:func:`make_lora_stage` puts them together): the denoiser (any architecture, image or video,
+as ``diffusion`` configures it) is loaded from the base weights and wrapped by peft
 with one adapter on its attention projections, optionally its feed-forward and projection layers
 (:mod:`training.finetune`). Only the adapter's ``lora_A``/``lora_B`` tensors require grad, so only they reach the
 optimizer, the gradient clipping, DDP's all-reduce and the EMA (which keeps parameters with ``requires_grad``
@@ -19,7 +21,6 @@ model and refuses to export if a base weight changed. ``export_merged`` also wri
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ from torch import nn
 from training.config_io import to_dict
 from training.finetune import (
     LoraAdapterConfig,
+    adapters_disabled,
     add_lora,
     base_state_dict,
     cast_frozen_,
@@ -42,7 +44,7 @@ from training.finetune import (
     save_adapter,
     weights_fingerprints,
 )
-from training.stages.diffusion import DiffusionStage, DiffusionStageConfig
+from training.stages.diffusion import DiffusionStage, DiffusionStageConfig, StagePart
 from training.trainer import OptimConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -83,33 +85,40 @@ def finetune_diffusion_config(cfg: DiffusionStageConfig, weights: str, cond_drop
     )
 
 
-class AdapterMixin:
-    """What the LoRA-trained stages share: frozen-base casting, autocast for the eval copies, adapter export."""
+class LoraAdapters(StagePart):
+    """The LoRA part of a stage: one peft adapter on the denoiser's targets, the frozen base fingerprinted (and held
+    in the compute dtype under bf16/fp16 when ``cast_base``), the adapter exported with the base's fingerprint.
 
-    model: nn.Module
-    compute_dtype: torch.dtype = torch.float32
-    base_fingerprints: dict[torch.dtype, str] = {}  # the base weights' fingerprint at fp32, bf16 and fp16
+    Used by the ``lora`` stage and by ``dpo`` with ``policy: lora`` (whose reference is the base with the adapter
+    disabled, :meth:`disabled`). Any denoiser, image or video.
+    """
+
+    def __init__(self, cfg: LoraAdapterConfig, cast_base: bool = True, export_merged: bool = False):
+        self.cfg = cfg
+        self.cast_base = cast_base
+        self.export_merged = export_merged
+        self.base_fingerprints: dict[torch.dtype, str] = {}  # the base weights' fingerprint at fp32, bf16 and fp16
 
     @property
     def base_fingerprint(self) -> Optional[str]:
         """The fp32 fingerprint (stored in the adapter file; compared when adapters are attached to a base)."""
         return self.base_fingerprints.get(torch.float32)
 
-    def fingerprint_base(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Fingerprint the base weights, then wrap ``model`` with the adapter (only its tensors require grad)."""
         self.base_fingerprints = weights_fingerprints(model.state_dict())
+        return add_lora(model, self.cfg)
 
-    def cast_base_weights(self, dtype: torch.dtype, enabled: bool) -> None:
-        self.compute_dtype = dtype
-        if enabled and dtype != torch.float32:
-            n = cast_frozen_(self.model, dtype)
+    def setup(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Hold the frozen base in the training precision (``cast_base``); the adapters stay fp32."""
+        if self.cast_base and dtype != torch.float32:
+            n = cast_frozen_(model, dtype)
             log.info("LoRA: %d frozen base tensors held in %s", n, dtype)
 
-    def autocast(self, device: torch.device) -> Any:
-        """Autocast to the compute dtype where the base weights were cast (eval copies run outside Accelerate's
-        autocast); a no-op in fp32."""
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+    @staticmethod
+    def disabled(model: nn.Module) -> Any:
+        """Context: ``model`` with its adapters disabled, i.e. the base (DPO's reference)."""
+        return adapters_disabled(model)
 
     def check_base_unchanged(self, model: nn.Module) -> bool:
         """Recompute the base fingerprint from ``model`` in the precision its base is held in (fp32, or bf16/fp16
@@ -125,52 +134,29 @@ class AdapterMixin:
                                "only adapter weights may train")
         return True
 
-    def export_adapter(self, model: nn.Module, out_dir: Path, cfg: LoraAdapterConfig, denoiser: str,
-                       extra: dict[str, Any], merged: bool = False, model_config: Any = None) -> Path:
+    def export(self, model: nn.Module, out_dir: Path, extra: dict[str, Any]) -> Path:
+        """``adapter.safetensors`` (+ json) after checking the base is unchanged; the merged denoiser too when
+        ``export_merged``."""
         verified = self.check_base_unchanged(model)
-        path = save_adapter(model, out_dir / ADAPTER_FILE, cfg, denoiser=denoiser,
+        cfg = self.stage.cfg
+        path = save_adapter(model, out_dir / ADAPTER_FILE, self.cfg, denoiser=cfg.architecture,
                             base_sha256=self.base_fingerprint, extra=dict(extra, base_unchanged_verified=verified))
         log.info("adapter exported to %s (base weights unchanged: %s)", path,
                  "verified" if verified else "not checked")
-        if merged:
-            state = merged_state_dict(model)
-            save_file(state, str(out_dir / "model.safetensors"),
-                      metadata={"format": "pt", "config": json.dumps(to_dict(model_config))})
-            (out_dir / "model.json").write_text(json.dumps(to_dict(model_config), indent=1))
+        if self.export_merged:
+            config = to_dict(cfg.model_config)
+            save_file(merged_state_dict(model), str(out_dir / "model.safetensors"),
+                      metadata={"format": "pt", "config": json.dumps(config)})
+            (out_dir / "model.json").write_text(json.dumps(config, indent=1))
         return path
 
 
-class LoraStage(AdapterMixin, DiffusionStage):
-    """The diffusion stage's loss on a LoRA-wrapped denoiser."""
-
-    name = "lora"
-
-    def __init__(
-        self,
-        cfg: DiffusionStageConfig,
-        lora: LoraStageConfig,
-        text_encoder: nn.Module,
-        autoencoder: Optional[nn.Module],
-        image_size: tuple[int, int],
-        val_batches: Optional[list[Any]] = None,
-    ):
-        """``cfg.weights`` are the base weights (see :func:`finetune_diffusion_config`)."""
-        if not cfg.weights:
-            raise ValueError("lora: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
-        super().__init__(cfg, text_encoder, autoencoder, image_size, val_batches)
-        self.lora = lora
-        self.fingerprint_base(self.model)
-        self.model = add_lora(self.model, lora.adapter)
-
-    def setup(self, device: torch.device, dtype: torch.dtype) -> None:
-        super().setup(device, dtype)
-        self.cast_base_weights(dtype, self.lora.cast_base)
-
-    def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
-        with self.autocast(self.device):
-            return super().validate(model, step, out_dir)
-
-    def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
-        return self.export_adapter(model, out_dir, self.lora.adapter, self.cfg.architecture,
-                                   {"stage": "lora", "base_weights": str(self.cfg.weights)},
-                                   merged=self.lora.export_merged, model_config=self.cfg.model_config)
+def make_lora_stage(cfg: DiffusionStageConfig, lora: LoraStageConfig, text_encoder: nn.Module,
+                    autoencoder: Optional[nn.Module], image_size: tuple[int, int],
+                    val_batches: Optional[list[Any]] = None) -> DiffusionStage:
+    """The ``lora`` stage: the diffusion stage's objective on the denoiser ``cfg`` describes, with LoRA adapters.
+    ``cfg.weights`` are the base weights (see :func:`finetune_diffusion_config`)."""
+    if not cfg.weights:
+        raise ValueError("lora: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
+    adapters = LoraAdapters(lora.adapter, cast_base=lora.cast_base, export_merged=lora.export_merged)
+    return DiffusionStage(cfg, text_encoder, autoencoder, image_size, val_batches, name="lora", adapters=adapters)
