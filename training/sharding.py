@@ -182,8 +182,8 @@ def fill_deepspeed_config(
     if micro_batch_size is None:
         if cfg.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             raise ValueError(
-                "DeepSpeed needs the per-rank micro-batch size (train_micro_batch_size_per_gpu) and the trainer "
-                "could not read it from the loader: pass Trainer(micro_batch_size=...) or set it in the JSON"
+                "DeepSpeed needs the per-rank micro-batch size (train_micro_batch_size_per_gpu): pass "
+                "micro_batch_size or set it in the JSON"
             )
         micro_batch_size = int(cfg["train_micro_batch_size_per_gpu"])
     _set_or_check(cfg, "train_micro_batch_size_per_gpu", int(micro_batch_size), "the loader's batch size")

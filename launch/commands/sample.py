@@ -108,6 +108,5 @@ def run(cfg: SampleCommandConfig) -> int:
     return 0
 
 
-COMMAND = Command(name="sample", help="draw images from a trained run for prompts into a PNG grid",
-                  config_cls=SampleCommandConfig, run=run, plan=plan,
+COMMAND = Command(name="sample", config_cls=SampleCommandConfig, run=run, plan=plan,
                   list_flags=(("lora", "lora", "a LoRA adapter file written by the lora or dpo stage, PATH[:SCALE]"),))

@@ -67,7 +67,6 @@ def run(cfg: RunConfig) -> int:
     return 0
 
 
-COMMAND = Command(name="train", help="train the configured stages (autoencoder, cache, diffusion, lora, dpo), report",
-                  config_cls=RunConfig, run=run, plan=plan,
+COMMAND = Command(name="train", config_cls=RunConfig, run=run, plan=plan,
                   resume_keys=("autoencoder.train.resume", "diffusion.train.resume", "lora.train.resume",
                                "dpo.train.resume"))
