@@ -7,6 +7,7 @@ from typing import Optional
 
 import pytest
 import torch
+from condmaker import TinyCond, make_cond, null_of
 from torch import Tensor
 
 from models.conditioning import (
@@ -26,39 +27,6 @@ from models.conditioning import (
     trim_together,
     where,
 )
-
-
-@dataclass
-class TinyCond:
-    """A conditioning type of its own: the ops work on any dataclass of batch-first tensors."""
-
-    context: Tensor = cond_field("text")  # (B, L, D) text tokens
-    mask: Tensor = cond_field("text")  # (B, L) bool, True = valid token
-    pooled: Optional[Tensor] = cond_field("style")  # (B, D), its own dropout group
-    num_frames: int = 1  # not a tensor: shared by the batch
-
-
-def make_cond(batch: int, seed: int, length: int = 5, dim: int = 8, pooled: bool = True) -> TinyCond:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, length, generator=g) > 0.3
-    mask[:, 0] = True
-    return TinyCond(
-        context=torch.randn(batch, length, dim, generator=g),
-        mask=mask,
-        pooled=torch.randn(batch, dim, generator=g) if pooled else None,
-        num_frames=3,
-    )
-
-
-def null_of(batch: int, length: int = 5, dim: int = 8, pooled: bool = True) -> TinyCond:
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[:, 0] = True
-    return TinyCond(
-        context=torch.zeros(batch, length, dim),
-        mask=mask,
-        pooled=torch.zeros(batch, dim) if pooled else None,
-        num_frames=3,
-    )
 
 
 def text_cond(batch: int, length: int, valid: list[int], seed: int = 0) -> Conditioning:

@@ -4,11 +4,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import pytest
 import torch
+from condmaker import TinyCond, make_cond, null_of
 from torch import Tensor, nn
 
 from training.diffusion import (
@@ -24,14 +22,6 @@ from training.diffusion import (
 def cfg(net, x, t, cond, null, scale, rescale=0.0):
     """The guided output of one call of the guider."""
     return ClassifierFreeGuidance(net, cond, null, scale, rescale)(x, t)
-
-
-@dataclass
-class TinyCond:
-    context: Tensor  # (B, L, D) text tokens
-    mask: Tensor  # (B, L) bool, True = valid token
-    pooled: Optional[Tensor] = None  # (B, D)
-    num_frames: int = 1  # not a tensor: shared by the batch
 
 
 class TinyDenoiser(nn.Module):
@@ -58,29 +48,6 @@ class TinyDenoiser(nn.Module):
         h = self.mix(x.movedim(1, -1)).movedim(-1, 1)
         temb = torch.sin(t.to(x.dtype) / 100).reshape((-1,) + (1,) * (x.ndim - 1))
         return torch.tanh(h) * (1 + scale.reshape(view)) + shift.reshape(view) + temb
-
-
-def make_cond(batch: int, seed: int, length: int = 5, dim: int = 8, pooled: bool = True) -> TinyCond:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(batch, length, generator=g) > 0.3
-    mask[:, 0] = True
-    return TinyCond(
-        context=torch.randn(batch, length, dim, generator=g),
-        mask=mask,
-        pooled=torch.randn(batch, dim, generator=g) if pooled else None,
-        num_frames=3,
-    )
-
-
-def null_of(batch: int, length: int = 5, dim: int = 8, pooled: bool = True) -> TinyCond:
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[:, 0] = True
-    return TinyCond(
-        context=torch.zeros(batch, length, dim),
-        mask=mask,
-        pooled=torch.zeros(batch, dim) if pooled else None,
-        num_frames=3,
-    )
 
 
 @pytest.fixture

@@ -34,13 +34,7 @@ from training.stages.lora import LoraStageConfig, make_lora_stage
 TE = TextEncoderConfig(model="openclip-tiny-text", layer="last")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and keeps a busy 2-core machine from thrashing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dit_config() -> DiTConfig:

@@ -24,12 +24,7 @@ TE = TextEncoderConfig(model="openclip-tiny-text", layer="last")  # width 64, po
 PROMPTS = ["a handwritten digit four", "a handwritten digit seven"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dit(in_channels: int = 3, **kw) -> DiT:
