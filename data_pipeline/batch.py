@@ -11,6 +11,10 @@ Precomputed arrays come from ``.npy`` / ``.safetensors`` tar members (never pick
 ``DataConfig.latent_key`` (default ``KEY.latent.npy``) becomes ``latents`` ``(B, ...)`` when every sample of the
 batch has one of the same shape (else None); each member in ``DataConfig.extra_keys`` (e.g. ``t5.npy``) becomes
 ``extras["t5"]``, stacked the same way.
+
+A decoded clip adds where it was taken to its sample's metadata (a copy of the json dict): ``clip_start_frame``
+(the first sampled frame, counted at the video's average rate) and ``clip_frame_times`` (each frame's timestamp in
+seconds from the stream start). They are not ``clip_start`` / ``clip_end``, which a curated clip's json holds.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def _stack_optional(arrays: Sequence[Optional[np.ndarray]]) -> Optional[torch.Te
 
 
 GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # per-sample json keys (cache stage)
+CLIP_START_KEY = "clip_start_frame"  # metadata of a decoded clip: its first frame (at the average frame rate)
+CLIP_TIMES_KEY = "clip_frame_times"  # metadata of a decoded clip: each frame's timestamp (seconds from the start)
 
 
 def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys: Sequence[str],
@@ -101,6 +107,9 @@ def collate(decoded: Sequence[Optional[Decoded]], captions: Sequence[str], keys:
         t = _stack_optional(arrs)
         if t is not None:
             ext[name] = t
+    metadata = [m if d is None or d.clip_start is None else  # clips: where the clip was taken (a copy: the json
+                {**m, CLIP_START_KEY: d.clip_start, CLIP_TIMES_KEY: list(d.clip_times or ())}  # stays untouched)
+                for m, d in zip(metadata, decoded or [None] * n)]
     return Batch(pixels=pixels, captions=list(captions), keys=list(keys), metadata=list(metadata),
                  original_size=original, crop_top_left=crop, target_size=target,
                  latents=_stack_optional(list(latents)), extras=ext, sources=list(sources))

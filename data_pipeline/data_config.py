@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from data_pipeline.decoders import DECODERS, member_decoder
+from data_pipeline.video import MAX_FRAMES, MAX_PIXELS
 
 CROPS = ("center", "random")
+CLIP_STARTS = ("random", "center")
+SHORT_CLIPS = ("skip", "pad")
 
 
 def _need(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -52,6 +55,13 @@ class BucketConfig:
     step: int = 64  # bucket sides are multiples of this many pixels
     max_aspect: float = 2.0  # widest bucket ratio (long side / short side, >= 1); wider images are cropped
     merge_leftovers: bool = True  # at a pass/epoch end pack half-full buckets into full batches of the nearest bucket
+    # clip buckets (Open-Sora's bucket config; data_pipeline.buckets.ClipBucketSet), used in video runs only:
+    frames: list[int] = field(default_factory=list)  # clip lengths ([] = [video.num_frames]); set = a video run
+    resolutions: list[int] = field(default_factory=list)  # spatial budgets (sides) of clip buckets ([] = [resolution])
+    token_budget: Optional[int] = None  # T*H*W per batch: batch = budget // (T*r^2); None = batch_size*max T*max r^2
+    max_batch_size: Optional[int] = None  # cap on a clip bucket's batch size (None = no cap)
+    min_fill: float = 0.8  # a clip uses budget r only if its h*w >= min_fill * r^2 (else a smaller r)
+    same_bucket_across_ranks: bool = False  # every rank's step draws the same clip bucket (sequence parallelism)
 
     def __post_init__(self) -> None:
         _need(isinstance(self.step, int) and self.step >= 8 and self.step % 8 == 0, "step", self.step,
@@ -59,6 +69,46 @@ class BucketConfig:
         _need(isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1.0, "max_aspect", self.max_aspect,
               "a number >= 1.0")
         self.max_aspect = float(self.max_aspect)
+        for name in ("frames", "resolutions"):
+            v = getattr(self, name)
+            _need(isinstance(v, list) and all(isinstance(x, int) and x >= 1 for x in v), f"buckets.{name}", v,
+                  "a list of ints >= 1")
+        _need(all(r >= 8 for r in self.resolutions), "buckets.resolutions", self.resolutions, "sides >= 8")
+        for name in ("token_budget", "max_batch_size"):
+            v = getattr(self, name)
+            _need(v is None or (isinstance(v, int) and v >= 1), f"buckets.{name}", v, "null or an int >= 1")
+        _need(isinstance(self.min_fill, (int, float)) and 0 < self.min_fill <= 1, "buckets.min_fill", self.min_fill,
+              "a number in (0, 1]")
+        self.min_fill = float(self.min_fill)
+
+
+@dataclass
+class VideoConfig:
+    """How clips are sampled from video members (:mod:`data_pipeline.video`); images ignore it."""
+
+    num_frames: int = 16  # frames per clip (buckets may pick fewer for short videos)
+    frame_stride: int = 1  # source frames from one sampled frame to the next (when fps is null)
+    fps: Optional[float] = None  # sample at this rate by timestamps instead of by stride (null = use frame_stride)
+    clip_start: Literal["random", "center"] = "random"  # random: from the sample's seeded draw (resumable); center
+    short_clips: Literal["skip", "pad"] = "skip"  # a video too short for the clip: skip it, or repeat its last frame
+    max_frames: int = MAX_FRAMES  # refuse videos whose header claims more frames (absurd metadata)
+    max_pixels: int = MAX_PIXELS  # refuse videos with larger frames (h * w), before decoding any frame
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.num_frames, int) and self.num_frames >= 1, "video.num_frames", self.num_frames,
+              "an int >= 1")
+        _need(isinstance(self.frame_stride, int) and self.frame_stride >= 1, "video.frame_stride",
+              self.frame_stride, "an int >= 1")
+        _need(self.fps is None or (isinstance(self.fps, (int, float)) and 0 < self.fps < float("inf")),
+              "video.fps", self.fps, "null or a number > 0")
+        if self.fps is not None:
+            self.fps = float(self.fps)
+        _need(self.clip_start in CLIP_STARTS, "video.clip_start", self.clip_start, ", ".join(CLIP_STARTS))
+        _need(self.short_clips in SHORT_CLIPS, "video.short_clips", self.short_clips, ", ".join(SHORT_CLIPS))
+        _need(isinstance(self.max_frames, int) and self.max_frames >= 1, "video.max_frames", self.max_frames,
+              "an int >= 1")
+        _need(isinstance(self.max_pixels, int) and self.max_pixels >= 1, "video.max_pixels", self.max_pixels,
+              "an int >= 1")
 
 
 @dataclass
@@ -89,8 +139,10 @@ class DataConfig:
     full_pass: bool = False  # each epoch reads every sample once, source after source, last batch partial (cache/val)
     drop_last: bool = False  # when an epoch runs until the shards end: drop each worker's final partial batch
     buckets: BucketConfig = field(default_factory=BucketConfig)  # multi-aspect bucketing
+    video: VideoConfig = field(default_factory=VideoConfig)  # clip sampling of video members (mp4, webm, ...)
     max_warnings: int = 5  # logged warnings per skip reason and worker before only counting
     max_consecutive_bad: int = 10000  # this many unusable samples in a row is an error, not a skip
+    min_motion_score: Optional[float] = None  # skip samples whose json motion_score is below (low_motion); none: pass
 
     def __post_init__(self) -> None:
         _need(isinstance(self.urls, str), "urls", self.urls, "a string pattern")
@@ -137,9 +189,14 @@ class DataConfig:
               "an int >= 0")
         _need(isinstance(self.max_consecutive_bad, int) and self.max_consecutive_bad >= 1, "max_consecutive_bad",
               self.max_consecutive_bad, "an int >= 1")
+        _need(self.min_motion_score is None or isinstance(self.min_motion_score, (int, float)), "min_motion_score",
+              self.min_motion_score, "null or a number (mean optical-flow magnitude, pixels per frame)")
         if isinstance(self.buckets, dict):
             self.buckets = BucketConfig(**self.buckets)
         _need(isinstance(self.buckets, BucketConfig), "buckets", self.buckets, "a BucketConfig")
+        if isinstance(self.video, dict):
+            self.video = VideoConfig(**self.video)
+        _need(isinstance(self.video, VideoConfig), "video", self.video, "a VideoConfig")
         if self.buckets.enabled:
             _need(bool(self.image_keys), "buckets", "enabled", "buckets only with image_keys (they bucket pixels)")
             _need(self.buckets.step <= self.resolution, "buckets", f"step={self.buckets.step}",

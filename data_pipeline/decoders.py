@@ -4,25 +4,34 @@ A sample's pixel member is the first of ``DataConfig.image_keys`` present in the
 :class:`MemberDecoder` from :data:`DECODERS` (the exact extension, else the part after its last dot, so
 ``hq.png`` is a ``png``). Each decoder has two steps:
 
-* ``probe(data) -> shape``: the header only, cheap, run when the sample is read (before the shuffle buffer): the
-  shape without channels, ``(h, w)`` for an image, ``(frames, h, w)`` for a clip. Buckets and queues are keyed
-  by it; bytes the probe rejects are skipped as ``corrupt_<kind>``.
+* ``probe(data, cfg) -> shape``: the header only, cheap, run when the sample is read (before the shuffle buffer):
+  the shape without channels, ``(h, w)`` for an image, ``(frames, h, w)`` for a clip. ``cfg`` is the loader's
+  :class:`~data_pipeline.data_config.DataConfig` (limits, clip sampling; None outside a loader). Buckets and
+  queues are keyed by the shape; bytes the probe rejects are skipped as ``corrupt_<kind>``, or under the reason
+  a :class:`~data_pipeline.errors.SkipSample` names (``short_clip``, ``audio_only``, ...).
 * ``decode(data, request) -> Decoded``: the pixels at ``request.target`` (the same axes as the probe's shape),
   cropped and flipped as the request says, channels last as decoders produce them: ``(h, w, 3)`` for an image,
   ``(frames, h, w, 3)`` for a clip. :func:`data_pipeline.batch.collate` moves channels to axis 1, giving the
   project's one layout, ``(B, C, H, W)`` or ``(B, C, T, H, W)``.
 
-A new member type (video through PyAV, say) is one more :class:`MemberDecoder` registered with
-:func:`register`. Precomputed arrays (``.npy`` / ``.safetensors``) are not pixels and keep their own readers
+Video (mp4, webm, mov, mkv, avi, gif) is the ``video`` entry, :mod:`data_pipeline.video` (PyAV); a clip's
+sampling (frames, stride or rate, clip start, short clips, limits) travels in ``DecodeRequest.video``. A new
+member type is one more :class:`MemberDecoder` registered with :func:`register`. Precomputed arrays (``.npy`` /
+``.safetensors``) are not pixels and keep their own readers
 (:func:`data_pipeline.transforms.array_shape`, :func:`~data_pipeline.transforms.load_array`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from data_pipeline.transforms import Decoded, decode_image, image_size
+from data_pipeline.video import EXTENSIONS as VIDEO_EXTENSIONS
+from data_pipeline.video import decode_video, probe_video
+
+if TYPE_CHECKING:
+    from data_pipeline.data_config import VideoConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class DecodeRequest:
     flip: bool = False  # flip horizontally when the lowest bit of ``rand`` is set
     rand: int = 0  # the sample's counter-based 64-bit draw (the same whenever and wherever it is decoded)
     jpeg_draft: bool = True  # JPEG only: decode at a reduced DCT scale that still covers the target
+    video: Optional["VideoConfig"] = None  # clips: stride or rate, clip start, short clips, limits (None: defaults)
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class MemberDecoder:
 
     kind: str  # what the member holds ("image"); names the skip reason corrupt_<kind>
     extensions: tuple[str, ...]  # member extensions (lower case) this decoder reads
-    probe: Callable[[bytes], tuple[int, ...]]  # header only -> shape without channels; raises on unusable bytes
+    probe: Callable[..., tuple[int, ...]]  # (bytes, DataConfig or None) -> shape without channels; raises on bad bytes
     decode: Callable[[bytes, DecodeRequest], Decoded]  # bytes -> pixels at request.target; raises on bad bytes
 
 
@@ -51,11 +61,22 @@ def _decode_image_member(data: bytes, request: DecodeRequest) -> Decoded:
                         request.jpeg_draft)
 
 
+def _probe_image_member(data: bytes, cfg: Any = None) -> tuple[int, int]:
+    return image_size(data)
+
+
 IMAGE = MemberDecoder(
     kind="image",
-    extensions=("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"),  # PIL sniffs the format from the bytes
-    probe=image_size,
+    extensions=("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"),  # PIL sniffs the format from the bytes
+    probe=_probe_image_member,
     decode=_decode_image_member,
+)
+
+VIDEO = MemberDecoder(
+    kind="video",
+    extensions=VIDEO_EXTENSIONS,  # mp4, webm, mov, mkv, avi, gif (an animated gif is a clip; PyAV reads them all)
+    probe=probe_video,
+    decode=decode_video,
 )
 
 DECODERS: dict[str, MemberDecoder] = {}  # member extension -> its decoder
@@ -71,6 +92,7 @@ def register(decoder: MemberDecoder) -> None:
 
 
 register(IMAGE)
+register(VIDEO)
 
 
 def member_decoder(ext: str) -> MemberDecoder:

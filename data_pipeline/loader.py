@@ -28,7 +28,11 @@ final partial batch, on any number of ranks (their batch counts may then differ:
 
 **Batching.** Plain: ``batch_size`` samples as they leave the shuffle buffer. With buckets: per-bucket queues
 (:mod:`data_pipeline.buckets`). Latents-only shards (``image_keys: []``): per-latent-shape queues, so a cache
-written with buckets still gives batches of one shape.
+written with buckets still gives batches of one shape. A video run (:func:`data_pipeline.worker.clip_frames`): clip
+buckets ``(T, H, W)`` with a batch size per bucket (images are one-frame clips); the epoch length still counts
+batches (of nominally ``batch_size``: smaller buckets hold more samples per batch, so an epoch may wrap around its
+share; set ``epoch_samples`` to choose it), equal on every rank; ``same_bucket_across_ranks`` also gives every
+rank's step the same bucket (equal quotas per worker, a shared schedule).
 
 **Resume.** Each batch travels from its worker with that worker's state snapshot, taken right after the batch
 was formed (:meth:`WorkerPipeline.snapshot`). The main process keeps the latest snapshot per worker, how many
@@ -53,12 +57,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.batch import Batch
-from data_pipeline.buckets import BucketSet, make_buckets
+from data_pipeline.buckets import ClipBucketSet
 from data_pipeline.data_config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.shardlists import resolve_sources, shard_order, slot_samples, slot_share
 from data_pipeline.stats import format_counts, merge
-from data_pipeline.worker import Context, WorkerPipeline
+from data_pipeline.worker import Context, WorkerPipeline, bucket_set, clip_frames, scheduled_buckets
 
 log = logging.getLogger("data_pipeline.loader")
 
@@ -181,9 +185,8 @@ class StreamingLoader:
                                 f"hang at uneven ends): set data.epoch_samples, or write a .shardindex.json")
         self.mode = mode
         self.batches_per_epoch: Optional[int] = K
-        buckets = None
-        if cfg.buckets.enabled:
-            buckets = BucketSet(make_buckets(cfg.resolution, cfg.buckets.step, cfg.buckets.max_aspect))
+        buckets = bucket_set(cfg)  # None, image aspect buckets, or clip buckets (a video run)
+        self.scheduled = scheduled_buckets(cfg, buckets, mode)  # every rank's step has the same clip bucket
         self.ctx = Context(cfg, tuple(self.sources), self.seed, rank, world_size, self.workers, mode, buckets)
         self._plan = self._plan_fingerprint()
         self._states: list[Optional[dict]] = [None] * self.workers
@@ -210,7 +213,7 @@ class StreamingLoader:
         K, N, B = self.batches_per_epoch, self.workers, self.cfg.batch_size
         if K is None:
             return None
-        if self.mode == "nominal":
+        if self.mode == "nominal" or self.scheduled:  # equal on every rank: step i is worker i % N's batch i // N
             return [K // N + (w < K % N) for w in range(N)]
         src = self.sources[0]
         order = shard_order(len(src.urls), self.seed, 0, epoch, self.cfg.shard_shuffle)
@@ -326,6 +329,9 @@ class StreamingLoader:
             "shard_shuffle": cfg.shard_shuffle, "resampled": cfg.resampled, "epoch_samples": cfg.epoch_samples,
             "buckets": [cfg.buckets.enabled, cfg.buckets.step, cfg.buckets.max_aspect, cfg.buckets.merge_leftovers,
                         cfg.resolution],
+            **({"clip_buckets": [clip_frames(cfg), cfg.buckets.resolutions, cfg.buckets.token_budget,
+                                 cfg.buckets.max_batch_size, cfg.buckets.min_fill,
+                                 cfg.buckets.same_bucket_across_ranks]} if clip_frames(cfg) else {}),
         }
 
     def state_dict(self) -> dict:
@@ -422,12 +428,26 @@ class StreamingLoader:
         lines.append(f"  shuffle: shard order {'on' if cfg.shard_shuffle else 'off'}, sample buffer "
                      f"{cfg.shuffle_buffer if cfg.shuffle_buffer > 1 else 'off'} per worker; "
                      f"{cfg.num_workers} DataLoader worker(s), prefetch {cfg.prefetch_factor}")
-        if self.ctx.buckets is not None:
+        if isinstance(self.ctx.buckets, ClipBucketSet):
+            b = self.ctx.buckets
+            lines.append(f"  clip buckets ({len(b)}; token budget {b.token_budget:,} pixel-frames per batch, "
+                         f"{'multi-aspect, step ' + str(cfg.buckets.step) if cfg.buckets.enabled else 'square'}; a "
+                         f"clip takes the largest bucket it fits, images are 1-frame clips; "
+                         + ("the same bucket on every rank at each step (shared schedule)" if self.scheduled else
+                            "each rank fills its own buckets") + f"): {b.describe()}")
+        elif self.ctx.buckets is not None:
             lines.append(f"  buckets ({len(self.ctx.buckets)}, step {cfg.buckets.step}, budget {cfg.resolution}^2, "
                          f"max aspect {cfg.buckets.max_aspect:g}): {self.ctx.buckets.describe()}; leftovers "
                          f"{'packed into the nearest bucket' if cfg.buckets.merge_leftovers else 'wait'} at "
                          "pass/epoch ends")
-        if cfg.image_keys:
+        if cfg.min_motion_score is not None:
+            lines.append(f"  motion filter: clips with json motion_score < {cfg.min_motion_score:g} skipped "
+                         "(low_motion); samples without a score pass")
+        if isinstance(self.ctx.buckets, ClipBucketSet):
+            lines.append(f"  transforms: decode {'|'.join(cfg.image_keys)} -> RGB frames at the bucket's (T, H, W) "
+                         f"(the same resize, {cfg.crop} crop and flip {'p=0.5' if cfg.flip else 'off'} on every "
+                         "frame) -> float [-1, 1] (B, 3, T, H, W); images (B, 3, 1, H, W)")
+        elif cfg.image_keys:
             size = "bucket size" if self.ctx.buckets is not None else f"{cfg.resolution}x{cfg.resolution}"
             lines.append(f"  transforms: decode {'|'.join(cfg.image_keys)} -> RGB (JPEG draft "
                          f"{'on' if cfg.jpeg_draft else 'off'}), resize to cover {size} (bicubic, antialiased), "

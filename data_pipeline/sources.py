@@ -1,9 +1,18 @@
-"""Where shard samples come from: a folder of images with caption files, a JSONL/CSV table, or the demo digits.
+"""Where shard samples come from: a folder of images and videos with caption files, a JSONL/CSV table, or the
+demo digits.
 
 Every source is an iterable of :class:`Sample` with a :class:`SkipLog` (``source.skips``) that counts what it had
 to leave out, by reason, with a few example paths. Sources decode each image once with PIL (``Image.open(...)
 .load()``) so a broken file is caught here, counted as ``corrupt_image``, and never reaches a shard; the decoded
 image travels with the sample so the writer does not decode it again.
+
+Videos (``VIDEO_SUFFIXES``: mp4, webm, mov, mkv, avi, gif) are probed with PyAV (:func:`probe_video`: every
+packet demuxed, which counts the frames and finds a truncated container, and the first frame decoded, which proves
+the codec decodes and gives the rotation); the probe travels with the sample as ``Sample.video`` and becomes the
+sample's json fields (:data:`VIDEO_FIELDS`). Video skip reasons: ``corrupt_video`` (PyAV cannot open or demux it,
+or its first frame does not decode), ``audio_only`` (no video stream, an audio one), ``no_frames`` (a video
+stream without one decodable frame), ``unsupported_codec`` (no decoder in this FFmpeg build), ``bad_metadata``
+(no usable frame rate or size).
 
 Skip reasons used here: ``missing_caption`` (no caption file, or an empty caption), ``missing_image`` (a table
 row names a file that is not there), ``corrupt_image`` (PIL cannot decode it), ``image_too_large`` (PIL's
@@ -26,21 +35,63 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")  # kept under their own extension in a shard
+VIDEO_FIELDS = ("width", "height", "fps", "num_frames", "duration", "rotation", "codec")  # json fields of a video
+MAX_VIDEO_FPS = 1000.0  # a probed frame rate above this (or <= 0) is bad_metadata
+MEDIA_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 MAX_SKIP_EXAMPLES = 3
 
-ImageLike = Union[bytes, Image.Image, np.ndarray]
+@dataclass
+class VideoFrames:
+    """Raw frames of a clip to be encoded by the writer (H.264 in mp4), e.g. a synthetic clip."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    fps: float  # frames per second of the clip
+
+    def __post_init__(self) -> None:
+        f = self.frames
+        if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or not len(f):
+            what = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
+            raise ValueError(f"video frames: got {what}; expected a uint8 array (T >= 1, H, W, 3)")
+        if not (isinstance(self.fps, (int, float)) and 0 < self.fps <= MAX_VIDEO_FPS):
+            raise ValueError(f"video fps: got {self.fps!r}; expected a number in (0, {MAX_VIDEO_FPS:g}]")
+
+
+ImageLike = Union[bytes, Image.Image, np.ndarray, VideoFrames]
+
+
+@dataclass
+class VideoInfo:
+    """What a probe learns about a video; its :meth:`fields` are the sample's json (the shared video contract)."""
+
+    width: int  # pixels, as stored (before rotation)
+    height: int  # pixels, as stored (before rotation)
+    fps: float  # average frames per second
+    num_frames: int  # frames in the video stream (packets demuxed, or frames encoded)
+    duration: float  # seconds, first frame's start to last frame's end
+    rotation: int  # degrees counter-clockwise to turn the stored frames for display (0, 90, 180, 270)
+    codec: str  # FFmpeg decoder name: h264, hevc, vp9, av1, gif, mpeg4, ...
+
+    def fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in VIDEO_FIELDS}
 
 
 @dataclass
 class Sample:
-    """One image–text pair on its way into a shard."""
+    """One image–text (or video–text) pair on its way into a shard."""
 
-    image: ImageLike  # encoded bytes (kept as-is when allowed), a PIL image, or a uint8 array (H, W[, C])
+    image: ImageLike  # encoded bytes (kept as-is when allowed), a PIL image, a uint8 array (H, W[, C]), or frames
     caption: str  # the text, UTF-8 in the shard's ``.txt``
     extra: dict[str, Any] = field(default_factory=dict)  # more json fields (metadata columns, labels, ...)
     source_id: str = ""  # where it came from (path, row, dataset index); the json's "source" field
     decoded: Optional[Image.Image] = None  # ``image`` already decoded (a source's validation pass), if bytes
+    video: Optional[VideoInfo] = None  # set when ``image`` holds a video file's bytes: the source's probe of it
+    video_ext: str = "mp4"  # the member extension a kept video file is stored under (its own suffix)
+
+    @property
+    def is_video(self) -> bool:
+        return self.video is not None or isinstance(self.image, VideoFrames)
 
 
 class SkipLog:
@@ -80,6 +131,135 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
+class BadVideoError(ValueError):
+    """A video that cannot go into a shard; ``reason`` is its skip reason (module docstring)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _normal_rotation(degrees: Any) -> int:
+    """Any angle → 0, 90, 180 or 270 (the nearest quarter turn, counter-clockwise)."""
+    try:
+        return int(round(float(degrees) / 90.0)) % 4 * 90
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def probe_video(data: bytes) -> VideoInfo:
+    """Width, height, fps, frame count, duration, rotation and codec of a video file's bytes (no temporary file).
+
+    Demuxes every packet of the first video stream (counting the frames; cheap, no decoding) and decodes until the
+    first frame (the codec works; the rotation of its display matrix). Raises :class:`BadVideoError`.
+    """
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception as e:  # av.error.InvalidDataError, EOFError, ... : not a container FFmpeg can read
+        raise BadVideoError("corrupt_video", f"cannot open the container ({e})") from e
+    with container:
+        if not container.streams.video:
+            if container.streams.audio:
+                raise BadVideoError("audio_only", "an audio stream and no video stream")
+            raise BadVideoError("corrupt_video", "no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        codec = ctx.name if ctx is not None else ""
+        try:
+            av.codec.Codec(codec, "r")
+        except Exception as e:
+            raise BadVideoError("unsupported_codec", f"no decoder for codec {codec or '?'!r} ({e})") from e
+        count, first, end, frame = 0, None, None, None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's final flush packet
+                    continue
+                count += 1
+                if packet.pts is not None:
+                    first = packet.pts if first is None else min(first, packet.pts)
+                    stop = packet.pts + (packet.duration or 0)
+                    end = stop if end is None else max(end, stop)
+                if frame is None:
+                    frames = packet.decode()
+                    frame = frames[0] if frames else None
+            if frame is None:
+                frames = ctx.decode(None)  # flush: a decoder with delay gives its first frame only now
+                frame = frames[0] if frames else None
+        except BadVideoError:
+            raise
+        except Exception as e:
+            raise BadVideoError("corrupt_video", f"demuxing or decoding failed after {count} packets ({e})") from e
+        if count == 0:
+            raise BadVideoError("corrupt_video", "a video stream without one packet (a truncated file?)")
+        if frame is None:
+            raise BadVideoError("no_frames", f"no decodable frame in {count} packets")
+        width, height = ctx.width or frame.width, ctx.height or frame.height
+        duration = float((end - first) * stream.time_base) if first is not None and stream.time_base else 0.0
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else (count / duration if duration > 0 else 0.0)
+        if not (0 < fps <= MAX_VIDEO_FPS) or width < 1 or height < 1:
+            raise BadVideoError("bad_metadata", f"fps {fps!r}, size {width}x{height}")
+        if duration <= 0:
+            duration = count / fps
+        return VideoInfo(int(width), int(height), round(fps, 6), count, round(duration, 6),
+                         _normal_rotation(getattr(frame, "rotation", 0)), codec)
+
+
+def iter_video_frames(data: bytes, fps: float) -> Iterator[tuple[float, Any]]:
+    """``(seconds since the first frame, av.VideoFrame)`` for every frame of the first video stream of ``data``, in
+    presentation order; a frame without a timestamp takes the previous one's plus ``1 / fps``. Decoding errors
+    propagate (PyAV's exceptions)."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        t0: Optional[float] = None
+        prev = -1.0 / fps
+        for frame in container.decode(stream):
+            t = frame.time
+            if t is None:
+                t = prev + 1.0 / fps + (t0 or 0.0)
+            if t0 is None:
+                t0 = t
+            prev = t - t0
+            yield prev, frame
+
+
+def _read_video(path: Path, skips: SkipLog, example: str) -> Optional[tuple[bytes, VideoInfo]]:
+    """The file's bytes and probe, or None after logging why it cannot be used."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        skips.add("missing_image", example)
+        return None
+    try:
+        return data, probe_video(data)
+    except BadVideoError as e:
+        skips.add(e.reason, example)
+    return None
+
+
+def _read_media(path: Path, caption: str, extra: dict[str, Any], source_id: str, skips: SkipLog,
+                example: str) -> Optional[Sample]:
+    """A :class:`Sample` for an image or video file (by suffix), or None after logging why not."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        loaded_video = _read_video(path, skips, example)
+        if loaded_video is None:
+            return None
+        data, info = loaded_video
+        return Sample(image=data, caption=caption, extra=extra, source_id=source_id, video=info,
+                      video_ext=suffix[1:])
+    loaded = _read_image(path, skips, example)
+    if loaded is None:
+        return None
+    data, img = loaded
+    return Sample(image=data, caption=caption, extra=extra, source_id=source_id, decoded=img)
+
+
 def _read_image(path: Path, skips: SkipLog, example: str) -> Optional[tuple[bytes, Image.Image]]:
     """The file's bytes and decoded image, or None after logging why it cannot be used."""
     try:
@@ -103,7 +283,8 @@ def _caption_text(value: Any) -> str:
 
 
 class FolderSource:
-    """Images under ``root`` (recursive, sorted by relative path) with a same-stem ``.txt`` caption beside each.
+    """Images and videos under ``root`` (recursive, sorted by relative path) with a same-stem ``.txt`` caption beside
+    each.
 
     ``photos/cat.jpg`` takes its caption from ``photos/cat.txt`` and, when present, extra json fields from
     ``photos/cat.json`` (a JSON object). Without a caption the image is skipped as ``missing_caption`` unless
@@ -125,7 +306,7 @@ class FolderSource:
             for dirpath, dirnames, filenames in os.walk(self.root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for name in filenames:
-                    if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    if not name.startswith(".") and Path(name).suffix.lower() in MEDIA_SUFFIXES:
                         found.append(Path(dirpath) / name)
             self._files = sorted(found, key=lambda p: p.relative_to(self.root).as_posix())
         return self._files
@@ -157,20 +338,19 @@ class FolderSource:
                 if not isinstance(extra, dict):
                     self.skips.add("bad_metadata", rel)
                     continue
-            loaded = _read_image(path, self.skips, rel)
-            if loaded is None:
-                continue
-            data, img = loaded
-            yield Sample(image=data, caption=caption, extra=extra, source_id=rel, decoded=img)
+            sample = _read_media(path, caption, extra, rel, self.skips, rel)
+            if sample is not None:
+                yield sample
 
 
 class TableSource:
     """Rows of a JSONL (``.jsonl``/``.ndjson``) or CSV (``.csv``; ``.tsv`` tab-separated) table.
 
-    Each row names an image file in ``image_column`` (absolute, or relative to the table's folder) and its text in
-    ``caption_column``; every other column goes into the sample's json unchanged (CSV values are strings). Skips:
-    ``bad_row`` (a JSONL line that is not a UTF-8 JSON object, or a row without the image column; the example names the
-    line number), ``missing_image``, ``corrupt_image``, ``missing_caption`` (empty or absent caption, unless
+    Each row names an image or video file in ``image_column`` (absolute, or relative to the table's folder; a video
+    by its suffix, :data:`VIDEO_SUFFIXES`) and its text in ``caption_column``; every other column goes into the
+    sample's json unchanged (CSV values are strings). Skips: ``bad_row`` (a JSONL line that is not a UTF-8 JSON
+    object, or a row without the image column; the example names the line number), ``missing_image``,
+    ``corrupt_image`` (and the video reasons), ``missing_caption`` (empty or absent caption, unless
     ``allow_empty_caption``).
     """
 
@@ -242,11 +422,9 @@ class TableSource:
             if not caption and not self.allow_empty_caption:
                 self.skips.add("missing_caption", f"{where} {image_ref}")
                 continue
-            loaded = _read_image(folder / image_ref, self.skips, f"{where} {image_ref}")
-            if loaded is None:
-                continue
-            data, img = loaded
             extra = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column) and k}
-            yield Sample(image=data, caption=caption, extra=extra, source_id=image_ref, decoded=img)
+            sample = _read_media(folder / image_ref, caption, extra, image_ref, self.skips, f"{where} {image_ref}")
+            if sample is not None:
+                yield sample
 
 

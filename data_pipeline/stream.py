@@ -160,11 +160,15 @@ def select_caption(caption_keys: list[str], members: dict[str, bytes], meta: dic
 
 
 def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[Optional[str], str, dict]:
-    """``(skip_reason, detail, fields)``: the cheap checks, in order json → pixel member → caption → arrays →
-    header (the pixel member's decoder probes it)."""
+    """``(skip_reason, detail, fields)``: the cheap checks, in order json → motion score (``low_motion`` below
+    ``min_motion_score``) → pixel member → caption → arrays → header (the pixel member's decoder probes it)."""
     meta, error = read_meta(members)
     if meta is None:
         return "bad_json", error, {}
+    if cfg.min_motion_score is not None:  # SVD-style static-scene filter, before any decoding
+        score = meta.get("motion_score")  # a sample without a numeric score (an image, an uncurated clip) passes
+        if isinstance(score, (int, float)) and not isinstance(score, bool) and score < cfg.min_motion_score:
+            return "low_motion", f"motion_score {score:g} < min_motion_score {cfg.min_motion_score:g}", {}
     member = None
     if cfg.image_keys:
         member = next((k for k in cfg.image_keys if k in members), None)
@@ -190,9 +194,10 @@ def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[
     if member is not None:
         decoder = member_decoder(member)
         try:
-            shape = decoder.probe(members[member])
+            shape = decoder.probe(members[member], cfg)
         except Exception as e:  # noqa: BLE001 - decoders (PIL) raise many types on garbage bytes
-            return f"corrupt_{decoder.kind}", _error_text(e), {}
+            reason = getattr(e, "reason", None)  # a SkipSample names its reason (audio_only, too_large, ...)
+            return reason if isinstance(reason, str) and reason else f"corrupt_{decoder.kind}", _error_text(e), {}
     return None, "", dict(key=key, pixel_member=member, pixel_bytes=None if member is None else members[member],
                           shape=shape, caption=caption, meta=meta, arrays=arrays)
 

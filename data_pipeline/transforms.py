@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,8 @@ class Decoded:
     original_size: tuple[int, int]  # (h, w) of the stored image / frames
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
     target_size: tuple[int, int]  # (h, w) of pixels
+    clip_start: Optional[int] = None  # clips: the first sampled frame (at the average rate); None for an image
+    clip_times: Optional[tuple[float, ...]] = None  # clips: each frame's timestamp, seconds from the stream start
 
     @property
     def shape(self) -> tuple[int, ...]:

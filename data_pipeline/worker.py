@@ -18,6 +18,13 @@ Each pixel member is decoded by its entry in :mod:`data_pipeline.decoders`, once
 sample that will not decode, the others go back to the front of their queue with their decoded pixels kept
 (in memory only; a resumed worker decodes them again, to the same values).
 
+**Video runs** (:func:`clip_frames` non-empty): the buckets are a :class:`~data_pipeline.buckets.ClipBucketSet`
+(always, square ``r x r`` ones when ``buckets.enabled`` is off), so every batch holds one ``(T, H, W)`` shape and
+the queue's group sets its batch size. An image is decoded at the bucket's ``(H, W)`` and becomes a one-frame
+clip ``(1, H, W, 3)``, so image and video sources mix (``data.sources`` weights) into ``(B, C, 1, H, W)`` and
+``(B, C, T, H, W)`` batches (joint training, Imagen Video). With ``same_bucket_across_ranks`` the queue to serve
+next is not the first one full but the scheduled bucket (see :mod:`data_pipeline.buckets`); nothing is packed.
+
 Epoch modes (chosen by the main process, :mod:`data_pipeline.loader`):
 
 ``aligned``  one source, sample counts known, no ``epoch_samples``: epoch ``e`` is pass ``e``; the shuffle buffer
@@ -35,11 +42,21 @@ Epoch modes (chosen by the main process, :mod:`data_pipeline.loader`):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from data_pipeline.batch import Batch, collate
-from data_pipeline.buckets import BucketSet, Shape, bucket_name, log_aspect, pack_leftovers
+from data_pipeline.buckets import (
+    BucketSet,
+    ClipBucketSet,
+    Shape,
+    bucket_name,
+    log_aspect,
+    make_buckets,
+    pack_clip_leftovers,
+    pack_leftovers,
+)
 from data_pipeline.data_config import DataConfig
 from data_pipeline.decoders import DecodeRequest, member_decoder
 from data_pipeline.errors import DataError
@@ -49,6 +66,43 @@ from data_pipeline.stream import PASS_END, Raw, SourceStream, _error_text, read_
 from data_pipeline.transforms import array_name, load_array
 
 MODES = ("aligned", "nominal", "exhaust")
+SCHEDULE_PATIENCE = 32  # same_bucket_across_ranks: queued samples, in largest batches, before a bucket is starved
+
+
+def clip_frames(cfg: DataConfig) -> list[int]:
+    """Frame counts of a video run's clip buckets; ``[]`` for an image run (today's behaviour, bit for bit).
+
+    A run reads clips when ``buckets.frames`` is set, or when one of ``image_keys`` is decoded by a decoder whose
+    kind is not ``image`` (a clip member: mp4, webm...); without ``buckets.frames`` its clips have
+    ``video.num_frames`` frames (16 without a ``video`` section). Latents-only configs (``image_keys: []``) are
+    never a video run here: their batches are keyed by the latent shape."""
+    if not cfg.image_keys:
+        return []
+    if cfg.buckets.frames:
+        return list(cfg.buckets.frames)
+    if any(member_decoder(k).kind != "image" for k in cfg.image_keys):
+        return [int(getattr(getattr(cfg, "video", None), "num_frames", 16))]
+    return []
+
+
+def bucket_set(cfg: DataConfig) -> Optional[BucketSet]:
+    """The buckets of a loader: None (plain batches), today's image aspect buckets, or clip buckets (video run)."""
+    frames = clip_frames(cfg)
+    b = cfg.buckets
+    if frames:
+        resolutions = list(b.resolutions) or [cfg.resolution]
+        budget = b.token_budget or cfg.batch_size * max(frames) * max(resolutions) ** 2
+        return ClipBucketSet(frames, resolutions, b.step, b.max_aspect, b.enabled, budget, b.max_batch_size,
+                             b.min_fill)
+    if b.enabled:
+        return BucketSet(make_buckets(cfg.resolution, b.step, b.max_aspect))
+    return None
+
+
+def scheduled_buckets(cfg: DataConfig, buckets: Optional[BucketSet], mode: str) -> bool:
+    """Whether batches follow the shared bucket schedule (``same_bucket_across_ranks``, clip buckets, and an
+    epoch of a known batch count: in ``exhaust`` mode ranks do not run in lockstep anyway)."""
+    return cfg.buckets.same_bucket_across_ranks and isinstance(buckets, ClipBucketSet) and mode != "exhaust"
 
 
 @dataclass(frozen=True)
@@ -97,6 +151,8 @@ class WorkerPipeline:
         self.ready: list[tuple[Shape, list[Raw]]] = []  # packed leftovers: (bucket shape, samples)
         self.kept: dict[Raw, tuple[Shape, tuple]] = {}  # re-queued samples of a failed batch: (target, decoded)
         self.bad_run = 0
+        self.scheduled = scheduled_buckets(self.cfg, ctx.buckets, ctx.mode)
+        self.sched_draws = 0  # batches formed under the shared bucket schedule (the draw of the next one)
 
     # ------------------------------------------------------------------------------------------------ epochs
 
@@ -106,7 +162,7 @@ class WorkerPipeline:
             return
         fresh = self.epoch is None
         if self.ctx.mode == "nominal":
-            if not fresh and self.ctx.buckets is not None:
+            if not fresh and self.ctx.buckets is not None and not self.scheduled:
                 self._pack()
         else:
             if not fresh:
@@ -169,13 +225,21 @@ class WorkerPipeline:
         dec = None
         if raw.pixel_bytes is not None:
             rand = 0
-            if cfg.flip or cfg.crop == "random":
+            if cfg.flip or cfg.crop == "random" or len(target) == 3:  # clips: the draw also places the clip start
                 rand = mix64(self.ctx.seed, T_AUG, url_id(raw.url), raw.index, raw.visit)
             decoder = member_decoder(raw.pixel_member)  # type: ignore[arg-type]
+            one_frame = len(target) == 3 and raw.shape is not None and len(raw.shape) == 2  # image in a video run
+            want = target[1:] if one_frame else target
             try:
-                dec = decoder.decode(raw.pixel_bytes, DecodeRequest(target, cfg.crop, cfg.flip, rand, cfg.jpeg_draft))
+                dec = decoder.decode(raw.pixel_bytes, DecodeRequest(want, cfg.crop, cfg.flip, rand, cfg.jpeg_draft,
+                                                                    video=cfg.video))
             except Exception as e:  # noqa: BLE001 - truncated / damaged pixel data
-                return self._bad(f"corrupt_{decoder.kind}", raw, _error_text(e))
+                # a decoder may name the reason itself (an exception with a str ``reason``: short_clip, too_large...)
+                reason = getattr(e, "reason", None)
+                return self._bad(reason if isinstance(reason, str) and reason else f"corrupt_{decoder.kind}", raw,
+                                 _error_text(e))
+            if one_frame:  # (H, W, 3) -> (1, H, W, 3): a one-frame clip
+                dec = dataclasses.replace(dec, pixels=dec.pixels[None])
         arrays = {}
         for ext, data in raw.arrays.items():
             try:
@@ -238,7 +302,8 @@ class WorkerPipeline:
                     return self._collate(items)
                 self.counters.drop("last_partial", len(items))
                 return None
-            d = self._decode(raw, (res, res))
+            clip = raw.shape is not None and len(raw.shape) == 3  # a video member: (num_frames, res, res)
+            d = self._decode(raw, (self.cfg.video.num_frames, res, res) if clip else (res, res))
             if d is not None:
                 items.append((raw, d))
         return self._collate(items)
@@ -269,11 +334,18 @@ class WorkerPipeline:
             self.kept.update((r, (target, d)) for r, d in items)
         return None
 
+    def _batch_size(self, key) -> int:
+        """Samples per batch of queue ``key``: the clip bucket's own size, else ``batch_size``."""
+        if isinstance(self.ctx.buckets, ClipBucketSet):
+            return self.ctx.buckets.batch_size(key)
+        return self.cfg.batch_size
+
     def _take_full(self, key) -> Optional[Batch]:
         q = self.queues.get(key, [])
-        while len(q) >= self.cfg.batch_size:
-            raws = q[: self.cfg.batch_size]
-            del q[: self.cfg.batch_size]
+        n = self._batch_size(key)
+        while len(q) >= n:
+            raws = q[:n]
+            del q[:n]
             if not q:
                 self.queues.pop(key, None)
             out = self._form(key, raws)
@@ -284,9 +356,12 @@ class WorkerPipeline:
 
     def _pack(self) -> None:
         buckets = self.ctx.buckets
-        if buckets is None or not self.cfg.buckets.merge_leftovers or not self.queues:
+        if buckets is None or not self.cfg.buckets.merge_leftovers or not self.queues or self.scheduled:
             return  # latent shapes cannot be merged: their leftovers wait
-        batches, rest = pack_leftovers(self.queues, self._log_ar, self.cfg.batch_size, buckets)
+        if isinstance(buckets, ClipBucketSet):
+            batches, rest = pack_clip_leftovers(self.queues, self._log_ar, buckets)
+        else:
+            batches, rest = pack_leftovers(self.queues, self._log_ar, self.cfg.batch_size, buckets)
         for b, raws in batches:
             self.counters.merged += sum(buckets.assign(r.shape) != b for r in raws)  # type: ignore[arg-type]
         self.ready.extend(batches)
@@ -295,7 +370,14 @@ class WorkerPipeline:
     def _flush_partial(self) -> Optional[Batch]:
         """Exhaust mode, stream over: the leftovers as a final partial batch (image buckets: merged into the
         bucket nearest their mean aspect; latent shapes: one partial batch per shape)."""
-        if self.ctx.buckets is not None:
+        buckets = self.ctx.buckets
+        if isinstance(buckets, ClipBucketSet):  # one group at a time: clips never gain frames or size
+            first = min(self.queues, key=buckets.order.__getitem__)
+            group = buckets.group_of[first]
+            keys = [k for k in sorted(self.queues, key=buckets.order.__getitem__) if buckets.group_of[k] == group]
+            left = [r for k in keys for r in self.queues.pop(k)]
+            key = buckets.members[group].nearest_log(sum(map(self._log_ar, left)) / len(left))
+        elif buckets is not None:
             left = [r for k in sorted(self.queues, key=self.ctx.buckets.order.__getitem__) for r in self.queues[k]]
             self.queues = {}
             key = self.ctx.buckets.nearest_log(sum(map(self._log_ar, left)) / len(left))
@@ -308,6 +390,8 @@ class WorkerPipeline:
         return self._form(key, left, partial=True)
 
     def _next_keyed(self) -> Optional[Batch]:
+        if self.scheduled:
+            return self._next_scheduled()
         while True:
             while self.ready:
                 b, raws = self.ready.pop(0)
@@ -335,6 +419,45 @@ class WorkerPipeline:
             if out is not None:
                 return out
 
+    def _next_scheduled(self) -> Optional[Batch]:
+        """The batch of the scheduled bucket (``same_bucket_across_ranks``; see :mod:`data_pipeline.buckets`)."""
+        buckets: ClipBucketSet = self.ctx.buckets  # type: ignore[assignment]
+        want = buckets.scheduled(self.ctx.seed, self.worker, self.sched_draws)
+        group, n = buckets.group_of[want], buckets.batch_size(want)
+        patience = SCHEDULE_PATIENCE * max(buckets.batch_size(s) for s in buckets.sizes)
+        while True:
+            fits = [r for k, q in self.queues.items() if buckets.dominates(buckets.group_of[k], group) for r in q]
+            if len(fits) >= n:
+                own = list(self.queues.get(want, []))  # the scheduled bucket's own samples first, in arrival order
+                mine, target_ar = {id(r) for r in own}, log_aspect(want)
+                order = {id(r): i for i, r in enumerate(fits)}
+                others = sorted((r for r in fits if id(r) not in mine),  # then the nearest aspects
+                                key=lambda r: (abs(self._log_ar(r) - target_ar), order[id(r)]))
+                raws = (own + others)[:n]
+                taken = {id(r) for r in raws}
+                for k in list(self.queues):
+                    self.queues[k] = [r for r in self.queues[k] if id(r) not in taken]
+                    if not self.queues[k]:
+                        del self.queues[k]
+                self.counters.merged += sum(self._key(r) != want for r in raws)
+                out = self._form(want, raws)
+                if out is not None:
+                    self.sched_draws += 1
+                    return out
+                continue  # a sample would not decode: the survivors went back to queue `want`
+            if sum(map(len, self.queues.values())) > patience:
+                raise DataError(f"same_bucket_across_ranks: the scheduled bucket {bucket_name(want)} (batch {n}) "
+                                f"found {len(fits)} fitting samples among {patience} queued{self.where}: the data "
+                                f"has too few clips of {group[0]} frames at budget {group[1]}^2; drop that "
+                                "frame count / resolution from data.buckets")
+            raw = self._pull_shuffled()
+            if raw is PASS_END:
+                if not self._pass_end():
+                    return None
+                continue
+            key = self._key(raw)
+            self.queues.setdefault(key, []).append(raw)
+
     # ------------------------------------------------------------------------------------------------ state
 
     def snapshot(self) -> dict:
@@ -347,6 +470,7 @@ class WorkerPipeline:
         return {
             "epoch": self.epoch, "finished": self.finished, "mix_draws": self.mix_draws, "seq": self.seq,
             "buf_draws": self.buf_draws, "draining": self.draining, "bad_run": self.bad_run,
+            "sched_draws": self.sched_draws,
             "buf": [ref(r) for r in self.buf],
             "queues": [[list(k) if isinstance(k, tuple) else k, [ref(r) for r in q]]
                        for k, q in sorted(self.queues.items(), key=lambda kq: str(kq[0]))],
@@ -364,6 +488,7 @@ class WorkerPipeline:
         self.epoch = d["epoch"]
         self.finished, self.draining, self.seq = bool(d["finished"]), bool(d["draining"]), int(d["seq"])
         self.mix_draws, self.buf_draws, self.bad_run = int(d["mix_draws"]), int(d["buf_draws"]), int(d["bad_run"])
+        self.sched_draws = int(d.get("sched_draws", 0))
         self.counters.load(d["stats"])
         if len(d["streams"]) != len(self.streams):
             raise DataError(f"saved worker state has {len(d['streams'])} source streams, this loader "
@@ -402,7 +527,7 @@ class WorkerPipeline:
         self.ready = []
         for b, rs in d["ready"]:
             raws = load(rs)
-            if len(raws) == self.cfg.batch_size:
+            if len(raws) == self._batch_size(self._saved_key(b)):
                 self.ready.append((self._saved_key(b), raws))
             elif raws:  # some referenced samples vanished: let the bucket queue refill the batch
                 self.queues.setdefault(self._saved_key(b), []).extend(raws)

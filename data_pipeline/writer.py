@@ -19,6 +19,22 @@ anything else (bmp, arrays, PIL images) as PNG; ``jpg`` and ``png`` re-encode, e
 requested format pass through untouched. An image is always re-encoded when ``max_size`` asks for a downscale
 (longer side to ``max_size``, Lanczos) or its EXIF orientation tag asks for a rotation (applied to the pixels).
 When re-encoding to jpg, transparency is composited onto white.
+
+Videos (a source's mp4/webm/mov/mkv/avi/gif bytes with their probe, or raw :class:`~data_pipeline.sources
+.VideoFrames`) are stored as ``KEY.<container ext>`` + ``KEY.txt`` + ``KEY.json``; the json holds, beside key,
+caption and source, the probe (:data:`~data_pipeline.sources.VIDEO_FIELDS`): ``width``, ``height`` (as stored,
+before rotation), ``fps`` (float), ``num_frames`` (int), ``duration`` (seconds), ``rotation`` (degrees
+counter-clockwise to turn the stored frames for display, as in the container's display matrix: 0, 90, 180 or 270)
+and ``codec`` (FFmpeg's decoder name). The file is kept byte for byte unless it must change: ``video_reencode``,
+a longer side above ``max_size``, a frame rate above ``video_max_fps``, or a scene split. A re-encoded video is
+H.264 (libx264, ``video_crf``, preset medium, yuv420p so every player decodes it; sides rounded to even) in mp4,
+at most ``max_size`` on the longer side (area resampling), frames dropped by timestamp down to ``video_max_fps``
+(constant frame rate out), the rotation applied to the pixels (``rotation`` 0 then). Raw frames are always encoded
+so. With ``motion_score`` (or ``split_scenes``) the json also holds ``motion_score``; with ``split_scenes`` a
+video is cut at scene changes into one sample per scene, each with ``clip_start`` / ``clip_end`` (seconds in the
+source) when the video had more than one scene (:mod:`data_pipeline.curation`); scenes shorter than
+``min_scene_seconds`` are counted as ``short_scene``. A video that fails to decode while analysed or re-encoded is
+counted as ``corrupt_video``. Encoding is deterministic: the same input and options give the same bytes.
 """
 
 from __future__ import annotations
@@ -30,7 +46,8 @@ import os
 import re
 import tarfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
@@ -39,15 +56,31 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from data_pipeline.index import ShardIndex, ShardInfo, index_path, write_index
-from data_pipeline.sources import TABLE_SUFFIXES, ImageLike, Sample, SkipLog, decode_image
+from data_pipeline.sources import (
+    TABLE_SUFFIXES,
+    VIDEO_FIELDS,
+    BadVideoError,
+    ImageLike,
+    Sample,
+    SkipLog,
+    VideoFrames,
+    VideoInfo,
+    decode_image,
+    iter_video_frames,
+    probe_video,
+)
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("demo", "folder", "table", "pairs")
+SOURCES = ("demo", "moving-digits", "folder", "table", "pairs")
+BUNDLED = ("demo", "moving-digits")  # sources that read no input and write train-* / val-*
 PAIR_TABLE_SUFFIXES = {**TABLE_SUFFIXES, ".parquet": "parquet"}  # source=pairs (data_pipeline.preference)
 IMAGE_FORMATS = ("keep", "jpg", "png")
 KEEPABLE = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> shard extension
 RESERVED_FIELDS = ("key", "width", "height", "caption", "source")  # json fields the writer sets itself
+VIDEO_RESERVED_FIELDS = RESERVED_FIELDS + VIDEO_FIELDS  # ... and for a video
+CLIP_FIELDS = ("motion_score", "clip_start", "clip_end")  # json fields of curated video clips (when computed)
+H264_PRESET = "medium"  # x264 speed/size trade-off of re-encoded videos
 DEFAULT_PREFIX = "shard"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _EXIF_ORIENTATION = 0x0112
@@ -65,6 +98,13 @@ class WriterOptions:
     jpeg_quality: int = 95  # JPEG quality (1..100) when encoding jpg
     max_size: Optional[int] = None  # downscale so the longer side is at most this many pixels; None: never
     overwrite: bool = False  # replace existing shards of the same prefix in output_dir (else refuse)
+    video_reencode: bool = False  # re-encode every video to H.264 mp4 (else only when a limit or a split asks)
+    video_max_fps: Optional[float] = None  # drop frames so videos have at most this frame rate; None: keep
+    video_crf: int = 18  # x264 constant rate factor of (re-)encoded videos, 0..51, lower is better (18: near lossless)
+    motion_score: bool = False  # write each video's motion_score (mean Farneback flow at 2 fps, data_pipeline.curation)
+    split_scenes: bool = False  # cut videos at scene changes into one clip per scene (implies motion_score)
+    min_scene_seconds: float = 1.0  # shortest scene: no cut sooner after the last one; shorter remnants are dropped
+    scene_threshold: float = 27.0  # content-detector threshold (PySceneDetect's scale: mean HSV difference, 0..255)
 
     def __post_init__(self) -> None:
         n = self.max_samples_per_shard
@@ -78,6 +118,21 @@ class WriterOptions:
         m = self.max_size
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"max_size: got {m!r}; allowed: null or an integer >= 1")
+        f = self.video_max_fps
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1000):
+            raise ValueError(f"video_max_fps: got {f!r}; allowed: null or a number in (0, 1000]")
+        c = self.video_crf
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 51:
+            raise ValueError(f"video_crf: got {c!r}; allowed: an integer in 0..51")
+        for name in ("video_reencode", "motion_score", "split_scenes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}; expected true or false")
+        ms = self.min_scene_seconds
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms < 1e6:
+            raise ValueError(f"min_scene_seconds: got {ms!r}; allowed: a number of seconds >= 0")
+        th = self.scene_threshold
+        if isinstance(th, bool) or not isinstance(th, (int, float)) or not 0 < th <= 255:
+            raise ValueError(f"scene_threshold: got {th!r}; allowed: a number in (0, 255]")
 
     def writer_options(self) -> "WriterOptions":
         """Just these options (a plain :class:`WriterOptions`, also from a config that extends it)."""
@@ -88,29 +143,35 @@ class WriterOptions:
 class ShardsConfig(WriterOptions):
     """What ``loom shards`` writes: the source, where the shards go, and how (the :class:`WriterOptions` fields)."""
 
-    source: Literal["demo", "folder", "table", "pairs"] = "demo"  # demo digits, folder, table, or preference pairs
+    source: Literal["demo", "moving-digits", "folder", "table", "pairs"] = "demo"  # bundled sets, folder, table, pairs
     input: Optional[str] = None  # the folder (folder), .jsonl/.csv (table) or .jsonl/.csv/.parquet (pairs); demo: none
     output_dir: str = "data/shards"  # where the tars and their .shardindex.json go (created if missing)
     prefix: Optional[str] = None  # shard names {prefix}-000000.tar; None: "shard" (pairs: "pairs"; demo: train/val)
     image_column: str = "image"  # table column with the image path (relative to the table's folder)
     caption_column: str = "caption"  # table column with the caption
     allow_empty_caption: bool = False  # keep images without a caption (caption ""), instead of skipping them
-    seed: int = 0  # demo: seed of the stratified train/validation split
-    val_fraction: float = 0.1  # demo: fraction of each digit class held out for validation, in [0, 1)
+    seed: int = 0  # demo, moving-digits: seed of the stratified train/validation split (and of the directions)
+    val_fraction: float = 0.1  # demo, moving-digits: fraction of each digit class held out for validation, in [0, 1)
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source: got {self.source!r}; allowed: {', '.join(SOURCES)}")
-        if self.source == "demo":
+        if self.source in BUNDLED:
+            what = f"the {self.source} source"
             if self.input is not None:
-                raise ValueError(f"input: got {self.input!r}; the demo source is bundled and reads no input")
+                raise ValueError(f"input: got {self.input!r}; {what} is bundled and reads no input")
             if self.prefix is not None:
-                raise ValueError(f"prefix: got {self.prefix!r}; the demo source always writes train-* and val-*")
-            if self.image_format == "jpg":
+                raise ValueError(f"prefix: got {self.prefix!r}; {what} always writes train-* and val-*")
+            if self.source == "demo" and self.image_format == "jpg":
                 raise ValueError("image_format: got 'jpg'; the demo set is stored as lossless PNG (use keep or png)")
             if self.max_size is not None:
-                raise ValueError(f"max_size: got {self.max_size!r}; the demo images are 32x32, leave it null")
+                raise ValueError(f"max_size: got {self.max_size!r}; {what}'s frames are 32x32, leave it null")
+            if self.source == "moving-digits":
+                for name in ("video_max_fps", "split_scenes"):
+                    if getattr(self, name):
+                        raise ValueError(f"{name}: got {getattr(self, name)!r}; the moving-digits clips are "
+                                         "9-frame single scenes with fixed codec settings, leave it unset")
         else:
             _check_input(self.source, self.input)
         if not isinstance(self.output_dir, str) or not self.output_dir:
@@ -274,6 +335,174 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+# ------------------------------------------------------------------------------------------------ videos
+
+
+@dataclass
+class EncodedVideo:
+    """One video sample as stored: the file's bytes, its extension, its probe and the curation fields."""
+
+    data: bytes  # the file's bytes
+    ext: str  # member extension: the source's own (mp4, webm, ...) when kept, "mp4" when encoded here
+    info: VideoInfo  # width, height, fps, num_frames, duration, rotation, codec of ``data``
+    extra: dict[str, Any] = field(default_factory=dict)  # motion_score, clip_start, clip_end (when computed)
+
+
+def _even(n: float) -> int:
+    return max(2, 2 * round(n / 2))
+
+
+def video_output_size(width: int, height: int, max_size: Optional[int]) -> tuple[int, int]:
+    """(width, height) of a re-encoded video: the longer side at most ``max_size``, both sides even (4:2:0)."""
+    scale = min(1.0, max_size / max(width, height)) if max_size else 1.0
+    return _even(width * scale), _even(height * scale)
+
+
+class H264Encoder:
+    """Frames in, an H.264 mp4 file's bytes out (libx264, constant rate factor ``crf``, yuv420p, constant frame
+    rate ``fps``), in memory. Frames of another size are resampled to ``(width, height)`` (area averaging)."""
+
+    def __init__(self, width: int, height: int, fps: float, crf: int = 18):
+        import av
+
+        self.width, self.height = width, height
+        self.rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 30000/1001
+        self._buf = io.BytesIO()
+        # bitexact: no library version strings in the container, so that bytes depend only on the input
+        self._container = av.open(self._buf, mode="w", format="mp4", options={"fflags": "+bitexact"})
+        self._stream = self._container.add_stream("libx264", rate=self.rate)
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": str(crf), "preset": H264_PRESET}
+        self._stream.codec_context.thread_count = 1 if width * height <= 256 * 256 else 0  # 0: x264 decides
+        self.frames = 0
+
+    def add(self, frame: Any) -> None:
+        """Append one frame: an ``av.VideoFrame`` or an (H, W, 3) uint8 RGB array."""
+        import av
+
+        if isinstance(frame, np.ndarray):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        frame = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        frame.pts = self.frames
+        frame.time_base = 1 / self.rate
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def finish(self) -> bytes:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        return self._buf.getvalue()
+
+
+def _rotated(frame: Any, rotation: int) -> Any:
+    """The frame turned ``rotation`` degrees counter-clockwise (an RGB array), or the frame itself for 0."""
+    if rotation % 360 == 0:
+        return frame
+    return np.rot90(frame.to_ndarray(format="rgb24"), k=rotation // 90)
+
+
+@dataclass
+class _ClipPlan:
+    start_frame: int
+    end_frame: int
+    extra: dict[str, Any]
+
+
+def _reencode(data: bytes, info: VideoInfo, clips: list[_ClipPlan], o: WriterOptions) -> list[EncodedVideo]:
+    """Decode ``data`` once and encode each clip's frames (module docstring: size, frame rate, rotation)."""
+    quarter = info.rotation % 180 == 90
+    width, height = video_output_size(info.height if quarter else info.width,
+                                      info.width if quarter else info.height, o.max_size)
+    fps = min(info.fps, float(o.video_max_fps)) if o.video_max_fps else info.fps
+    out: list[EncodedVideo] = []
+    k, enc, t0, slot = 0, None, 0.0, -1
+    for i, (t, frame) in enumerate(iter_video_frames(data, info.fps)):
+        while k < len(clips) and i >= clips[k].end_frame:
+            if enc is not None:
+                out.append(_finish(enc, clips[k]))
+                enc = None
+            k += 1
+        if k == len(clips):
+            break
+        if i < clips[k].start_frame:
+            continue
+        if enc is None:
+            enc, t0, slot = H264Encoder(width, height, fps, o.video_crf), t, -1
+        if o.video_max_fps and info.fps > o.video_max_fps:
+            s = int(np.floor((t - t0) * fps + 1e-6))  # keep the first frame of each 1/fps slot
+            if s <= slot:
+                continue
+            slot = s
+        enc.add(_rotated(frame, info.rotation))
+    if enc is not None:
+        out.append(_finish(enc, clips[k]))
+    return out
+
+
+def _finish(enc: H264Encoder, clip: _ClipPlan) -> EncodedVideo:
+    data = enc.finish()
+    fps = float(enc.rate)
+    info = VideoInfo(enc.width, enc.height, round(fps, 6), enc.frames, round(enc.frames / fps, 6), 0, "h264")
+    return EncodedVideo(data, "mp4", info, dict(clip.extra))
+
+
+def encode_video(
+    video: bytes | VideoFrames,
+    options: Optional[WriterOptions] = None,
+    info: Optional[VideoInfo] = None,
+    ext: str = "mp4",
+) -> tuple[list[EncodedVideo], list[tuple[float, float]]]:
+    """The shard file(s) of one video (rules in the module docstring) and the (start, end) seconds of the scenes
+    dropped as too short. Raw frames are encoded first (H.264 mp4, ``video_crf``); bytes need their probe ``info``
+    (probed here when None) and keep their extension ``ext`` unless re-encoded.
+
+    Raises :class:`~data_pipeline.sources.BadVideoError` for a video that cannot be used.
+    """
+    import av
+
+    o = (options or WriterOptions()).writer_options()
+    if isinstance(video, VideoFrames):
+        h, w = video.frames.shape[1:3]
+        fps = min(video.fps, float(o.video_max_fps)) if o.video_max_fps else video.fps
+        enc = H264Encoder(*video_output_size(w, h, o.max_size), fps, o.video_crf)
+        step = video.fps / fps
+        for j in range(int(np.floor(len(video.frames) / step - 1e-9)) + 1):
+            enc.add(video.frames[min(int(np.floor(j * step + 1e-6)), len(video.frames) - 1)])
+        data = enc.finish()
+        info, ext, o.video_max_fps, o.max_size, o.video_reencode = probe_video(data), "mp4", None, None, False
+    else:
+        data = bytes(video)
+        info = info if info is not None else probe_video(data)
+    try:
+        plans = [_ClipPlan(0, 1 << 62, {})]  # the whole video, however many frames decode
+        dropped: list[tuple[float, float]] = []
+        whole = True
+        if o.split_scenes or o.motion_score:
+            from data_pipeline.curation import analyse_video
+
+            analysis = analyse_video(data, info.fps, split_scenes=o.split_scenes, threshold=o.scene_threshold,
+                                     min_scene_seconds=o.min_scene_seconds, motion=True)
+            dropped = [(s.start, s.end) for s in analysis.dropped]
+            whole = len(analysis.scenes) == 1 and not dropped
+            plans = [_ClipPlan(s.start_frame, s.end_frame, {"motion_score": round(s.motion_score, 4)} if whole else {
+                "motion_score": round(s.motion_score, 4), "clip_start": round(s.start, 6), "clip_end": round(s.end, 6)})
+                for s in analysis.scenes]
+        too_big = o.max_size is not None and max(info.width, info.height) > o.max_size
+        too_fast = o.video_max_fps is not None and info.fps > o.video_max_fps + 1e-6
+        if whole and not (o.video_reencode or too_big or too_fast):
+            return [EncodedVideo(data, ext, info, plans[0].extra)], dropped
+        return _reencode(data, info, plans, o), dropped
+    except BadVideoError:
+        raise
+    except av.error.FFmpegError as e:
+        raise BadVideoError("corrupt_video", f"decoding failed ({e})") from e
+    except ValueError as e:  # analyse_video: no decodable frame
+        raise BadVideoError("no_frames", str(e)) from e
+
+
 # ------------------------------------------------------------------------------------------------ writer
 
 
@@ -366,9 +595,13 @@ class ShardWriter:
     # -- samples
 
     def write(self, sample: Sample) -> Optional[str]:
-        """Add one sample; returns its key, or None when the image could not be used (counted in ``skips``)."""
+        """Add one sample; returns its key, or None when the image could not be used (counted in ``skips``).
+
+        A video split into scenes becomes several samples: the key of the first is returned."""
         if self.index is not None:
             raise RuntimeError(f"shard writer {self.prefix!r} is closed")
+        if sample.is_video:
+            return self._write_video(sample)
         o = self.options
         try:
             enc = encode_image(sample.image, o.image_format, o.jpeg_quality, o.max_size, sample.decoded)
@@ -383,6 +616,25 @@ class ShardWriter:
         meta = {k: v for k, v in sample.extra.items() if k not in RESERVED_FIELDS}
         meta.update(key=key, width=enc.width, height=enc.height, caption=caption, source=sample.source_id)
         return self.write_members({enc.ext: enc.data, "txt": caption.encode("utf-8")}, meta)
+
+    def _write_video(self, sample: Sample) -> Optional[str]:
+        where = sample.source_id or f"sample {self.count + self.skips.total}"
+        try:
+            clips, dropped = encode_video(sample.image, self.options, sample.video,  # type: ignore[arg-type]
+                                          sample.video_ext)
+        except BadVideoError as e:
+            self.skips.add(e.reason, where)
+            return None
+        for start, end in dropped:
+            self.skips.add("short_scene", f"{where} {start:.2f}-{end:.2f}s")
+        caption = sample.caption if sample.caption is not None else ""
+        keys = []
+        for clip in clips:
+            meta = {k: v for k, v in sample.extra.items() if k not in VIDEO_RESERVED_FIELDS}
+            meta.update(clip.info.fields(), **clip.extra)
+            meta.update(caption=caption, source=sample.source_id)
+            keys.append(self.write_members({clip.ext: clip.data, "txt": caption.encode("utf-8")}, meta))
+        return keys[0] if keys else None
 
     def write_members(self, members: dict[str, bytes], meta: dict[str, Any]) -> str:
         """Add one sample made of ready member bytes by extension (``{"latent.npy": ..., "txt": ...}``) plus its
@@ -486,13 +738,16 @@ def write_shards(
         total = samples.size_hint()  # type: ignore[attr-defined]
     start = time.perf_counter()
     writer = ShardWriter(output_dir, prefix, options, skips)
-    with writer, tqdm(total=total, desc=prefix, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+    with writer, tqdm(total=total, desc=prefix, unit="file", disable=not progress, dynamic_ncols=True) as bar:
+        counted = skips.total  # skips already on the bar; the source's own skips are inputs too
         for sample in samples:
-            writer.write(sample)
-            bar.update(writer.count + skips.total - bar.n)  # inputs seen, written or skipped
+            skipped_by_source = skips.total - counted
+            writer.write(sample)  # written (maybe as several clips) or skipped by the writer
+            counted = skips.total
+            bar.update(1 + skipped_by_source)  # inputs seen
             if bar.n % 256 == 0:
-                bar.set_postfix(skipped=skips.total, refresh=False)
-        bar.update(writer.count + skips.total - bar.n)
+                bar.set_postfix(skipped=skips.total, written=writer.count, refresh=False)
+        bar.update(skips.total - counted)
     index = writer.close()
     summary = WriteSummary(Path(output_dir), prefix, index, index_path(output_dir, prefix), skips,
                            time.perf_counter() - start)

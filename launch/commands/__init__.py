@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 COMMAND_HELP: dict[str, str] = {  # command (= its module under launch/commands) -> its line in `loom --help`
-    "shards": "write WebDataset shards from a folder, a JSONL/CSV table, the demo set, or preference pairs",
+    "shards": "write WebDataset shards (images, videos) from a folder, a JSONL/CSV table, the demo sets, or pairs",
     "data": "stream a few batches and print what the pipeline will do",
     "train": "train the configured stages (autoencoder, cache, diffusion, lora, dpo), report",
     "sample": "draw images from a trained run for prompts into a PNG grid",

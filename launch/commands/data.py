@@ -7,13 +7,20 @@ Prints the loader's plan (:meth:`StreamingLoader.describe`), streams ``preview_b
 bar (per batch: shape, bucket, first keys and captions), then throughput and the skip/drop counts, and saves a
 grid of the first batch as ``<run.output_dir>/<run.name>/preview.png``. The data order seed is
 ``run.seed + data.seed``, as in training.
+
+It also says what the diffusion stage will do with the pixels (:func:`latent_plan`): per bucket (frames, size,
+batch) the latent shape, the bytes one cached sample takes (``diffusion.latents: cache``: ``latent.npy`` holds
+the posterior moments, twice the latent channels, at ``cache.dtype``) and what encoding it online costs each step
+(``diffusion.latents: encode``: frames through the frozen encoder, GFLOP counted on a meta-device copy).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.batch import Batch
@@ -25,6 +32,102 @@ from training.evaluation import save_grid
 from training.run_config import RunConfig
 
 
+def _autoencoder_config(cfg: RunConfig):
+    """The autoencoder config the denoising stages will use, and where it comes from: the exported weights' json
+    (``diffusion.autoencoder_weights``) when it exists, else the autoencoder stage's ``model`` (to be trained)."""
+    from models.autoencoder import AutoencoderConfig
+    from training.builders import exported_autoencoder_path
+    from training.config_io import from_dict
+
+    weights = cfg.diffusion.autoencoder_weights
+    path = exported_autoencoder_path(cfg.run.directory) if weights == "auto" else Path(weights)
+    config_file = path.with_suffix(".json")
+    if config_file.exists():
+        return from_dict(AutoencoderConfig, json.loads(config_file.read_text())), str(config_file)
+    return cfg.autoencoder.model, "autoencoder.model (not exported yet)"
+
+
+def _encoder_gflop_per_frame(ae_cfg, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """GFLOP of one frame through the encoder at each ``(H, W)``, counted on a meta-device copy (no memory, no
+    compute); {} when it cannot be counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.autoencoder import AutoencoderKL
+
+    out = {}
+    try:
+        with torch.device("meta"):
+            ae = AutoencoderKL(ae_cfg)
+        for h, w in sizes:
+            with FlopCounterMode(display=False) as counter:
+                ae.encode(torch.zeros(1, ae_cfg.in_channels, h, w, device="meta"))
+            out[(h, w)] = counter.get_total_flops() / 1e9
+    except Exception:  # noqa: BLE001 - an estimate only
+        return {}
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
+    """What ``diffusion.latents`` will do with this data, per bucket (see the module docstring)."""
+    from data_pipeline.buckets import ClipBucketSet, bucket_name
+    from models.autoencoder import latent_shape_for
+
+    mode = cfg.diffusion.latents
+    if not cfg.data.image_keys:
+        return ["latents: the shards hold latents already (no pixel members)"]
+    if mode == "pixels":
+        return ["latents: none (diffusion.latents=pixels): the denoiser sees the pixels as they are"]
+    buckets, res, B = loader.ctx.buckets, cfg.data.resolution, cfg.data.batch_size
+    if isinstance(buckets, ClipBucketSet):  # one line per group, at its square size
+        rows = [((t, r, r), buckets.batch_size(next(s for s in buckets.members[(t, r)].sizes
+                                                    if buckets.group_of[s] == (t, r))))
+                for t, r in buckets.groups if any(buckets.group_of[s] == (t, r) for s in buckets.members[(t, r)].sizes)]
+    else:
+        rows = [((res, res), B)]  # image buckets share the budget res^2: the square one stands for them all
+    ae_cfg, where = _autoencoder_config(cfg)
+    f, C = ae_cfg.spatial_factor, ae_cfg.latent_channels
+    item = 2 if cfg.cache.dtype == "float16" else 4
+    gflop = _encoder_gflop_per_frame(ae_cfg, sorted({s[-2:] for s, _ in rows}))
+    lines = [f"latents (diffusion.latents={mode}): autoencoder from {where}: {C} latent channels, {f}x smaller "
+             "per side, every frame encoded on its own (T' = T)"]
+    for shape, n in rows:
+        t = shape[0] if len(shape) == 3 else None
+        frames = t or 1
+        try:
+            lat = latent_shape_for(C, shape[-2], shape[-1], t, f)
+        except ValueError as e:
+            lines.append(f"  {bucket_name(shape)}: {e}")
+            continue
+        moments = (2 * C, *lat[1:])
+        per = 2 * C * frames * (shape[-2] // f) * (shape[-1] // f) * item
+        cost = gflop.get(shape[-2:])
+        enc = f", ~{cost * frames * n:,.0f} GFLOP" if cost is not None else ""
+        what = "clip" if t and t > 1 else "image"  # a one-frame bucket holds the images of a video run
+        lines.append(f"  {bucket_name(shape)} (batch {n}): latent {tuple(lat)} per {what}; cache: latent.npy "
+                     f"{moments} {cfg.cache.dtype} = {_size(per)} per {what} (+ its text encoding); online: "
+                     f"{frames * n} frame(s) through the encoder per step{enc}")
+    total = sum(s.total or 0 for s in loader.sources)
+    if mode == "cache":
+        biggest = max((2 * C * (s[0] if len(s) == 3 else 1) * (s[-2] // f) * (s[-1] // f) * item for s, _ in rows),
+                      default=0)
+        disk = f", at most {_size(biggest * total)} for {total:,} samples" if total else ""
+        lines.append(f"  mode cache: the cache stage encodes every sample once (one pass) into {cfg.cache.output}/"
+                     f"{disk}; training then reads the moments and draws a latent per step (no encoder)")
+    else:
+        lines.append("  mode encode: no cache on disk; the frozen encoder runs on every training batch (the cost "
+                     "above, each step)")
+    return lines
+
+
 def _loader(cfg: RunConfig) -> StreamingLoader:
     return build_loader(cfg.data, rank=0, world_size=1, seed=cfg.run.seed)
 
@@ -32,7 +135,8 @@ def _loader(cfg: RunConfig) -> StreamingLoader:
 def plan(cfg: RunConfig) -> str:
     """The loader's plan (resolves the shard patterns and reads the shard indexes; decodes nothing)."""
     try:
-        return _loader(cfg).describe()
+        loader = _loader(cfg)
+        return "\n".join([loader.describe()] + latent_plan(cfg, loader))
     except DataError as e:
         return f"data: {e}"
 
@@ -56,7 +160,7 @@ def run(cfg: RunConfig) -> int:
     except (DataError, ValueError) as e:
         print(f"loom data: {e}", file=sys.stderr)
         return 1
-    print(loader.describe())
+    print("\n".join([loader.describe()] + latent_plan(cfg, loader)))
     out_dir = cfg.run.directory
     out_dir.mkdir(parents=True, exist_ok=True)
     n, samples, first = cfg.preview_batches, 0, None
@@ -71,7 +175,9 @@ def run(cfg: RunConfig) -> int:
                 shape = "none" if batch.pixels is None else "x".join(map(str, batch.pixels.shape))
                 h, w = batch.target_size[0].tolist()
                 caps = " | ".join(c[:60] for c in batch.captions[:2])
-                lines.append(f"batch {i}: pixels {shape}, bucket {h}x{w}, keys {batch.keys[:2]}, captions: {caps}")
+                bucket = f"{batch.num_frames}x{h}x{w}" if batch.pixels is not None and batch.pixels.ndim == 5 \
+                    else f"{h}x{w}"
+                lines.append(f"batch {i}: pixels {shape}, bucket {bucket}, keys {batch.keys[:2]}, captions: {caps}")
                 bar.update(1)
     except DataError as e:
         print(f"loom data: {e}", file=sys.stderr)

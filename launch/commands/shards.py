@@ -1,8 +1,10 @@
-"""``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table, the bundled digits demo set, or a table
-of preference pairs.
+"""``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table (images and videos), the bundled digits
+demo set or its moving-digits video set, or a table of preference pairs.
 
     loom shards demo output_dir=data/demo
+    loom shards moving-digits output_dir=data/moving-digits     # 9-frame 32x32 mp4 clips of the digits moving
     loom shards folder input=imgs/ output_dir=out/ max_samples_per_shard=500
+    loom shards folder input=videos/ output_dir=out/ split_scenes=true max_size=512 video_max_fps=24
     loom shards table input=pairs.jsonl output_dir=out/ image_column=path caption_column=text
     loom shards pairs input=prefs.parquet output_dir=data/prefs      # Pick-a-Pic layout: caption, jpg_0, jpg_1, label_0
 """
@@ -25,22 +27,46 @@ def _format_line(cfg: ShardsConfig) -> str:
     return fmt + (f", longer side at most {cfg.max_size}px" if cfg.max_size else "")
 
 
+def _video_line(cfg: ShardsConfig) -> str:
+    if cfg.source == "moving-digits":
+        from data_pipeline.moving_digits import CRF
+
+        return f"H.264 mp4 (libx264 crf {CRF}, yuv420p), 9 frames at 8 fps, 32x32"
+    limits = [f"longer side {cfg.max_size}px" if cfg.max_size else "",
+              f"{cfg.video_max_fps:g} fps" if cfg.video_max_fps else ""]
+    limits = ", ".join(x for x in limits if x)
+    if cfg.video_reencode:
+        fmt = f"re-encode all to H.264 mp4 (crf {cfg.video_crf}{'; at most ' + limits if limits else ''})"
+    elif limits:
+        fmt = f"keep the file as-is; re-encode to H.264 mp4 (crf {cfg.video_crf}) only above {limits}"
+    else:
+        fmt = "keep the file as-is"
+    if cfg.split_scenes:
+        fmt += (f"; split at scene cuts (content threshold {cfg.scene_threshold:g}, scenes of at least "
+                f"{cfg.min_scene_seconds:g} s) into H.264 clips (crf {cfg.video_crf})")
+    if cfg.split_scenes or cfg.motion_score:
+        fmt += "; motion_score (Farneback flow at 2 fps) in each json"
+    return fmt
+
+
 def plan(cfg: ShardsConfig) -> str:
     """What ``run(cfg)`` would write (for ``--dry-run``); reads the input only to count it."""
     lines = []
-    if cfg.source == "demo":
+    if cfg.source in ("demo", "moving-digits"):
         from data_pipeline.demo import split_sizes
 
         n_train, n_val = split_sizes(cfg.seed, cfg.val_fraction)
         prefixes = ["train", "val"] if n_val else ["train"]
-        lines.append(f"source: demo (scikit-learn digits, 1797 images as 32x32 RGB, white ink on black), "
+        what = ("1797 images as 32x32 RGB, white ink on black" if cfg.source == "demo" else
+                "1797 clips of a digit moving left/right/up/down, 9 frames of 32x32 RGB on black")
+        lines.append(f"source: {cfg.source} (scikit-learn digits, {what}), "
                      f"stratified split seed={cfg.seed} val_fraction={cfg.val_fraction}: "
                      f"{n_train} train / {n_val} val")
     else:
         prefixes = [cfg.shard_prefix]
         if cfg.source == "folder":
             n = FolderSource(cfg.input, cfg.allow_empty_caption).size_hint()  # type: ignore[arg-type]
-            lines.append(f"source: folder {cfg.input} ({n} image files; captions from same-stem .txt"
+            lines.append(f"source: folder {cfg.input} ({n} image/video files; captions from same-stem .txt"
                          f"{', empty allowed' if cfg.allow_empty_caption else ''})")
         elif cfg.source == "pairs":
             from data_pipeline.preference import PairTableSource
@@ -57,7 +83,10 @@ def plan(cfg: ShardsConfig) -> str:
     names = ", ".join(f"{p}-NNNNNN.tar + {p}.shardindex.json" for p in prefixes)
     lines.append(f"output: {cfg.output_dir}/ {names}")
     lines.append(f"shard size: at most {cfg.max_samples_per_shard} samples per tar")
-    lines.append(f"image format: {_format_line(cfg)}")
+    if cfg.source != "moving-digits":
+        lines.append(f"image format: {_format_line(cfg)}")
+    if cfg.source != "demo":
+        lines.append(f"video format: {_video_line(cfg)}")
     existing = [p for prefix in prefixes for p in existing_shard_files(cfg.output_dir, prefix)]
     if existing:
         action = "will be replaced (overwrite=true)" if cfg.overwrite else "exist: the run will refuse them " \
@@ -81,6 +110,12 @@ def run(cfg: ShardsConfig) -> int:
 
             summaries = list(build_demo_set(cfg.output_dir, cfg.seed, cfg.val_fraction, cfg.max_samples_per_shard,
                                             cfg.overwrite, cfg.progress).values())
+        elif cfg.source == "moving-digits":
+            from data_pipeline.moving_digits import build_moving_digits
+
+            summaries = list(build_moving_digits(cfg.output_dir, cfg.seed, cfg.val_fraction,
+                                                 cfg.max_samples_per_shard, cfg.overwrite, cfg.progress,
+                                                 cfg.motion_score).values())
         else:
             if cfg.source == "folder":
                 source = FolderSource(cfg.input, cfg.allow_empty_caption)  # type: ignore[arg-type]

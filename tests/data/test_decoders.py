@@ -29,14 +29,15 @@ from data_pipeline.transforms import Decoded, array_shape, to_float_pixels  # no
 def test_lookup_by_extension_or_its_last_part():
     assert decoders.member_decoder("png") is decoders.IMAGE
     assert decoders.member_decoder("hq.jpg") is decoders.IMAGE
-    with pytest.raises(ValueError, match=r"no decoder for member extension 'mp4'; known: .*png"):
-        decoders.member_decoder("mp4")
+    assert decoders.member_decoder("mp4") is decoders.VIDEO
+    with pytest.raises(ValueError, match=r"no decoder for member extension 'xyz'; known: .*mp4.*png"):
+        decoders.member_decoder("xyz")
 
 
 def test_config_names_an_image_key_without_decoder():
     with pytest.raises(ValueError) as err:
-        DataConfig(image_keys=["jpg", "mp4"])
-    assert str(err.value).startswith("image_keys: got 'mp4'; allowed: a member extension with a decoder")
+        DataConfig(image_keys=["jpg", "xyz"])
+    assert str(err.value).startswith("image_keys: got 'xyz'; allowed: a member extension with a decoder")
 
 
 def test_an_extension_has_one_decoder(monkeypatch):
@@ -71,7 +72,7 @@ def test_caption_rule_and_json_member():
 # ------------------------------------------------------------------------------------------- room for clips
 
 
-def _clip_probe(data: bytes) -> tuple[int, ...]:
+def _clip_probe(data: bytes, cfg=None) -> tuple[int, ...]:
     return array_shape(data, "npy")[:-1]  # (T, H, W, 3) -> (T, H, W)
 
 

@@ -1,14 +1,22 @@
-"""The ``cache`` stage: encode image–text shards once into latent + text-embedding shards.
+"""The ``cache`` stage: encode image–text (and video–text) shards once into latent + text-embedding shards.
 
 Pre-training then streams these instead of running the frozen autoencoder and text encoder every step. Each cached
 sample keeps its caption and json and adds, as ``.npy`` members (never pickles):
 
-* ``latent.npy`` — the autoencoder posterior's moments, mean ‖ log-variance along channels ``(2C, h, w)``, so the
-  diffusion stage draws a fresh latent sample every time it sees the image (as training on pixels would);
+* ``latent.npy`` — the autoencoder posterior's moments, mean ‖ log-variance along channels ``(2C, h, w)`` for an
+  image, ``(2C, T', h, w)`` for a clip (the per-frame autoencoder keeps every frame: ``T' = T``), so the diffusion
+  stage draws a fresh latent sample every time it sees the sample (as training on pixels would);
 * ``context.npy`` ``(L, D)``, ``context_mask.npy`` ``(L,)`` and ``pooled.npy`` ``(P,)`` — the text encoding.
 
 Shards go to ``<run>/cache/<prefix>-NNNNNN.tar`` with a shard index, written by the same atomic writer as
-``loom shards``; every input sample is encoded exactly once (one full pass, no shuffling, centre crops).
+``loom shards``; every input sample is encoded exactly once (one full pass, no shuffling, centre crops, centred
+clips). A video run's clips are read in their clip buckets (:class:`data_pipeline.buckets.ClipBucketSet`: each
+batch one ``(T, H, W)``, an image a one-frame clip), so a cached clip keeps the frames and size it would have been
+trained at; the json records the frames encoded (``clip_frames``) and, from the decoder, where the clip was
+taken. The cached shards stream back like image caches: latents-only batches grouped by latent shape,
+``Batch.latents`` ``(B, 2C, T, h, w)`` for clips. The alternative, ``diffusion.latents: encode``, runs the frozen
+encoder on every training batch instead (no pass, no disk; the encoder's cost each step): ``loom data`` prints
+both costs.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ class CacheConfig:
     """Where and how latents and text embeddings are cached."""
 
     output: str = "cache"  # folder for the cached shards (relative paths are inside the run directory)
-    batch_size: int = 64  # images encoded at once
+    batch_size: int = 64  # images encoded at once (clip buckets scale it by their token budget)
     dtype: Literal["float16", "float32"] = "float32"  # storage precision of the cached arrays
     max_samples_per_shard: int = 1000  # samples per cached tar
 
@@ -59,7 +67,8 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def posterior_moments(autoencoder: nn.Module, pixels: Tensor) -> np.ndarray:
-    """The autoencoder's posterior of ``pixels`` as stored in a cache: mean ‖ log-variance, ``(B, 2C, h, w)``."""
+    """The autoencoder's posterior of ``pixels`` as stored in a cache: mean ‖ log-variance, ``(B, 2C, h, w)`` for
+    images ``(B, C, H, W)``, ``(B, 2C, T, h, w)`` for clips ``(B, C, T, H, W)``."""
     posterior = autoencoder.encode(pixels.to(next(autoencoder.parameters()).dtype))
     return torch.cat([posterior.mean, posterior.logvar], dim=1).float().cpu().numpy()
 
@@ -75,7 +84,7 @@ def cache_data_config(cache_dir: Path, prefix: str, base: DataConfig,
 
 # what of a DataConfig decides which samples a cache holds and how their pixels look (loader settings do not)
 _DATA_SIGNATURE_KEYS = ("urls", "sources", "caption_keys", "image_keys", "require_caption", "latent_key",
-                        "extra_keys", "resolution", "jpeg_draft", "buckets")
+                        "extra_keys", "resolution", "jpeg_draft", "buckets", "video", "min_motion_score")
 
 
 def data_signature(data: DataConfig) -> dict[str, Any]:
@@ -122,6 +131,7 @@ def cache_shards(
     one_pass = dataclasses.replace(
         data, batch_size=cfg.batch_size, shuffle_buffer=0, shard_shuffle=False, resampled=False, epoch_samples=None,
         crop="center", flip=False, full_pass=True,
+        video=dataclasses.replace(data.video, clip_start="center"),  # the clip a validation pass would take
     )
     loader = build_loader(one_pass, rank=0, world_size=1)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
@@ -130,10 +140,10 @@ def cache_shards(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"cache {prefix}", unit="img", dynamic_ncols=True)
+        bar = tqdm(desc=f"cache {prefix}", unit="sample", dynamic_ncols=True)
     with ShardWriter(out_dir, prefix, WriterOptions(cfg.max_samples_per_shard, overwrite=True)) as writer:
         for batch in loader:
-            moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w)
+            moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w) or (B, 2C, T, h, w)
             cond = text_encoder.encode(list(batch.captions))
             context = cond.context.float().cpu().numpy()  # (B, L, D)
             mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
@@ -150,6 +160,8 @@ def cache_shards(
                 meta = dict(batch.metadata[i])
                 meta.update(source_key=batch.keys[i], original_size=batch.original_size[i].tolist(),
                             crop_top_left=batch.crop_top_left[i].tolist(), target_size=batch.target_size[i].tolist())
+                if batch.pixels.ndim == 5:  # a clip (an image in a video run: one frame)
+                    meta["clip_frames"] = batch.num_frames
                 writer.write_members(members, meta)
                 written += 1
             if bar is not None:
