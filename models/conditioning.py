@@ -73,6 +73,19 @@ class Conditioning:
         class_labels: ``(B,)`` int64 class ids for class-conditional models (ImageNet-style benchmarks). Group
             ``class``; its null (the model's null class id) comes from the null conditioning given; not dropped by
             default (:data:`DROPOUT_GROUPS`).
+        image_latents: image-to-video conditioning (Stable Video Diffusion, Blattmann et al. 2023): the
+            noise-augmented latent of the conditioning frame, ``(B, C, h, w)`` or broadcast over the frames
+            ``(B, C, T, h, w)`` (:func:`first_frame_conditioning`); a model concatenates it to ``x_t``'s channels.
+            Group ``image``, nulled to zeros.
+        image_embeds: ``(B, N, D)`` image tokens of the conditioning frame from a vision tower
+            (:class:`models.image_encoder.ImageEncoder`; SVD: the pooled CLIP embedding, ``N = 1``), used as
+            cross-attention context where the model's config says so. Group ``image``, nulled to zeros.
+        aug_strength: ``(B,)`` noise-augmentation level of ``image_latents`` (:func:`noise_augment`), which SVD feeds
+            to the network with fps and motion bucket. No group: kept in the unconditional branch, as SVD does.
+        fps: ``(B,)`` frame rate of the clip (float), an SVD micro-conditioning number (Fourier features added to the
+            timestep embedding, :class:`models.video_unet.VideoUNet`). No group: kept in both branches.
+        motion_bucket: ``(B,)`` SVD's motion bucket id (a motion score, 0–255; 127 in SVD's sampling), also added
+            to the timestep embedding as Fourier features. No group: kept in both branches.
 
     A clip's frame count is not a field: models read it from ``x_t``'s shape ``(B, C, T, H, W)``. Per-sample video
     signals (fps, frame count, motion score as SVD uses them) are tensor fields of no group, kept in both branches.
@@ -85,6 +98,11 @@ class Conditioning:
     pooled: Optional[Tensor] = cond_field("text")
     vector: Optional[Tensor] = cond_field(None)
     class_labels: Optional[Tensor] = cond_field("class")
+    image_latents: Optional[Tensor] = cond_field("image", null="zeros")
+    image_embeds: Optional[Tensor] = cond_field("image", null="zeros")
+    aug_strength: Optional[Tensor] = cond_field(None)
+    fps: Optional[Tensor] = cond_field(None)
+    motion_bucket: Optional[Tensor] = cond_field(None)
 
     def tensors(self) -> dict[str, Tensor]:
         """The fields that are tensors, by name."""
@@ -316,9 +334,10 @@ def nulled(cond: Any, null: Any, groups: Optional[Sequence[str]] = DROPOUT_GROUP
     """``cond`` with every field of ``groups`` replaced by its null value, the other fields kept.
 
     A field's null value follows its :class:`FieldSpec`: ``'given'`` takes the field of ``null`` (batch ``B`` or 1,
-    broadcast; e.g. the text encoder's empty-prompt encoding), ``'zeros'`` zeros the field (``null`` may leave it
-    None). ``groups=None`` replaces the whole conditioning by ``null`` (any conditioning type, a bare tensor too).
-    This is the unconditional branch of a batch for classifier-free guidance.
+    broadcast; e.g. the text encoder's empty-prompt encoding), ``'zeros'`` zeros the batch's own field whatever
+    ``null`` holds there (the text encoder's null leaves the image fields None; ``null`` may even be None when only
+    zeros-rule groups are nulled). ``groups=None`` replaces the whole conditioning by ``null`` (any conditioning
+    type, a bare tensor too). This is the unconditional branch of a batch for classifier-free guidance.
     """
     batch = batch_size_of(cond)
     if batch is None:
@@ -330,8 +349,13 @@ def nulled(cond: Any, null: Any, groups: Optional[Sequence[str]] = DROPOUT_GROUP
     for name in group_fields(cond, groups):
         value = getattr(cond, name)
         if specs[name].null == "zeros":
-            changes[name] = map_batched(torch.zeros_like, value)
+            changes[name] = map_batched(torch.zeros_like, value)  # from the batch's own field; null may lack it
         else:
+            if not hasattr(null, name):
+                raise ValueError(
+                    f"nulled: field {name!r} (group {specs[name].group!r}) takes its null value from the null "
+                    f"conditioning, but null is {type(null).__name__} without it"
+                )
             changes[name] = expand_batch(getattr(null, name), batch)
     return dataclasses.replace(cond, **changes)
 
@@ -388,6 +412,96 @@ def drop_conditioning(
     return where(mask, nulled(cond, null, groups), cond, fields=fields), mask
 
 
+# ------------------------------------------------------------------------------------------- image-to-video
+
+
+def noise_augment(
+    x: Tensor, strength: float | Tensor, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    """``x + strength * eps`` with ``eps ~ N(0, I)``: the noise augmentation of a conditioning frame.
+
+    Stable Video Diffusion (Blattmann et al. 2023, "Stable Video Diffusion"; the ``cond_aug`` of Stability AI's
+    sampling code, ``noise_aug_strength`` in diffusers) adds Gaussian noise of std
+    ``aug_strength`` to the conditioning frame **in pixel space, before encoding it** (pixels in [-1, 1]), and feeds
+    ``aug_strength`` to the network. :func:`first_frame_conditioning` therefore applies it to the pixels: the
+    released SVD weights were trained on latents of noised pixels, and a given std means the same corruption for
+    every autoencoder, whereas a std on latents depends on the autoencoder's latent scale. The function itself works
+    on any tensor, latents included.
+
+    Args:
+        x: ``(B, ...)`` frames (pixels or latents).
+        strength: the noise std, a float or one per sample ``(B,)``.
+        generator: ``torch.Generator`` for the noise. The noise is drawn in float32 on the generator's device (on
+            ``x``'s without one), so the result does not depend on ``x``'s device or dtype.
+
+    Returns:
+        a tensor like ``x`` (exactly ``x`` where the strength is 0).
+    """
+    strength_t = torch.as_tensor(strength, dtype=torch.float32)
+    if strength_t.ndim > 1 or (strength_t.ndim == 1 and strength_t.shape[0] != x.shape[0]):
+        raise ValueError(
+            f"strength: got shape {tuple(strength_t.shape)}; expected a float or one per sample ({x.shape[0]},)"
+        )
+    if bool((strength_t < 0).any()):
+        raise ValueError(f"strength: got {strength!r}; the noise std must be >= 0")
+    draw_device = generator.device if generator is not None else x.device
+    eps = torch.randn(x.shape, generator=generator, device=draw_device, dtype=torch.float32).to(x.device)
+    std = strength_t.to(x.device).reshape((-1,) + (1,) * (x.ndim - 1)) if strength_t.ndim else strength_t.to(x.device)
+    return (x.float() + std * eps).to(x.dtype)  # (B, ...)
+
+
+def first_frame_conditioning(
+    autoencoder: Any,
+    first_frame_pixels: Tensor,
+    num_frames: Optional[int],
+    aug_strength: float | Tensor,
+    generator: Optional[torch.Generator] = None,
+    scaled: bool = False,
+) -> Tensor:
+    """The ``image_latents`` field of image-to-video conditioning, as Stable Video Diffusion builds it.
+
+    The conditioning frame is noise-augmented in pixel space (:func:`noise_augment`, std ``aug_strength``), encoded
+    as a one-frame clip (so a causal 3-D autoencoder encodes it on its own, as its first frame), and the posterior's
+    mode is broadcast over the ``num_frames`` latent frames of ``x_t``, where the denoiser concatenates it to the
+    input channels. SVD uses the *unscaled* mode (its conditioning embedder has scale factor 1, diffusers'
+    pipeline takes ``latent_dist.mode()``): ``scaled=False``. ``scaled=True`` applies the autoencoder's
+    ``scale_latents`` to put the conditioning in ``x_t``'s normalised latent space instead.
+
+    Args:
+        autoencoder: an autoencoder with ``encode(pixels) -> posterior`` (``posterior.mode()``) taking
+            ``(B, C, T, H, W)`` clips, and ``scale_latents`` when ``scaled`` (:class:`models.autoencoder.AutoencoderKL`
+            and the video autoencoders).
+        first_frame_pixels: ``(B, C, H, W)`` pixels in [-1, 1].
+        num_frames: the latent frame count ``T`` of ``x_t`` to broadcast over; ``None`` returns ``(B, Cz, h, w)``.
+        aug_strength: the noise std, a float or ``(B,)`` (the same value goes in ``Conditioning.aug_strength``).
+        generator: ``torch.Generator`` for the augmentation noise.
+        scaled: return normalised latents (``scale_latents``) instead of SVD's raw posterior mode.
+
+    Returns:
+        ``(B, Cz, T, h, w)``, a broadcast view (every frame shares the storage of the one latent frame), or
+        ``(B, Cz, h, w)`` when ``num_frames`` is None.
+    """
+    if first_frame_pixels.ndim != 4:
+        raise ValueError(
+            f"first_frame_pixels: got shape {tuple(first_frame_pixels.shape)}; expected one frame (B, C, H, W)"
+        )
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames: got {num_frames!r}; expected an int >= 1 or None")
+    noisy = noise_augment(first_frame_pixels, aug_strength, generator)  # (B, C, H, W)
+    latents = autoencoder.encode(noisy.unsqueeze(2)).mode()  # (B, Cz, 1, h, w)
+    if latents.ndim != 5 or latents.shape[2] != 1:
+        raise ValueError(
+            f"{type(autoencoder).__name__}.encode of a one-frame clip gave latents of shape {tuple(latents.shape)}; "
+            "expected (B, Cz, 1, h, w)"
+        )
+    if scaled:
+        latents = autoencoder.scale_latents(latents)
+    if num_frames is None:
+        return latents[:, :, 0]  # (B, Cz, h, w)
+    batch, channels, _, height, width = latents.shape
+    return latents.expand(batch, channels, num_frames, height, width)  # (B, Cz, T, h, w)
+
+
 __all__ = [
     "DROPOUT_GROUPS",
     "NULL_RULES",
@@ -401,8 +515,10 @@ __all__ = [
     "dropout_mask",
     "expand_batch",
     "field_specs",
+    "first_frame_conditioning",
     "group_fields",
     "map_batched",
+    "noise_augment",
     "nulled",
     "select",
     "trim_together",
