@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.embeddings import apply_rope
+
 AttentionBackend = Literal["sdpa", "xformers", "math"]
 BACKENDS: tuple[str, ...] = ("sdpa", "xformers", "math")
 
@@ -55,7 +57,12 @@ def check_backend(backend: str, device: Optional[torch.device] = None) -> None:
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, backend: str = "sdpa"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    backend: str = "sdpa",
+    rope: Optional[tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017), softmax(q kᵀ / √d) v.
 
@@ -65,9 +72,17 @@ def attention(
         mask: optional key mask ``(B, Lk)`` bool, True where a key may be attended to. Every query row must keep
             at least one key (CLIP prompts always keep their start token).
         backend: ``"sdpa"``, ``"xformers"`` or ``"math"``.
+        rope: optional rotary position embedding (Su et al. 2021) ``(cos, sin)``, each broadcastable to
+            ``(B, H, L, d/2)`` (:func:`models.embeddings.rope_3d`): q and k are rotated pairwise before the
+            product, for every backend. Self-attention only (queries and keys share positions, ``Lq == Lk``).
     Returns:
         ``(B, H, Lq, d)``.
     """
+    if rope is not None:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"rope needs queries and keys at the same positions; got Lq={q.shape[2]}, "
+                             f"Lk={k.shape[2]} (rotary embedding is for self-attention)")
+        q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, H, L, d) each
     if backend == "sdpa":
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -99,7 +114,9 @@ class Attention(nn.Module):
     """Multi-head self- or cross-attention with separate q, k, v projections.
 
     Self-attention when ``context_dim`` is None (keys from ``x``), cross-attention otherwise (keys from
-    ``context``). Optional RMS q/k normalisation (used by large DiTs for stability).
+    ``context``). Optional RMS q/k normalisation (used by large DiTs for stability): per head over ``head_dim``
+    features, or with ``qk_norm_across_heads`` over all ``heads·head_dim`` features before the heads are split
+    (Wan 2.1's ``rms_norm_across_heads``).
     """
 
     def __init__(
@@ -112,6 +129,7 @@ class Attention(nn.Module):
         out_bias: bool = True,
         qk_norm: bool = False,
         backend: str = "sdpa",
+        qk_norm_across_heads: bool = False,
     ):
         super().__init__()
         head_dim = head_dim if head_dim is not None else dim // heads
@@ -126,22 +144,38 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=out_bias)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.qk_norm_across_heads = qk_norm and qk_norm_across_heads
+        norm_dim = inner if self.qk_norm_across_heads else head_dim
+        self.q_norm = nn.RMSNorm(norm_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(norm_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def _heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
         return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
-        """x ``(B, N, D)``; context ``(B, L, Dc)`` for cross-attention; mask ``(B, L)`` bool over keys."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        rope: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
+        """x ``(B, N, D)``; context ``(B, L, Dc)`` for cross-attention; mask ``(B, L)`` bool over keys; rope
+        ``(cos, sin)`` rotary tables over the N tokens (self-attention only, see :func:`attention`)."""
         if self.is_cross and context is None:
             raise ValueError("cross-attention needs a context (per-token text states); got None")
+        if self.is_cross and rope is not None:
+            raise ValueError("rotary position embedding applies to self-attention; this is cross-attention")
         src = context if self.is_cross else x
-        q = self.q_norm(self._heads(self.to_q(x)))  # (B, H, N, d)
-        k = self.k_norm(self._heads(self.to_k(src)))  # (B, H, L, d)
+        if self.qk_norm_across_heads:
+            q = self._heads(self.q_norm(self.to_q(x)))  # (B, H, N, d)
+            k = self._heads(self.k_norm(self.to_k(src)))  # (B, H, L, d)
+        else:
+            q = self.q_norm(self._heads(self.to_q(x)))  # (B, H, N, d)
+            k = self.k_norm(self._heads(self.to_k(src)))  # (B, H, L, d)
         v = self._heads(self.to_v(src))  # (B, H, L, d)
-        out = attention(q, k, v, mask=mask if self.is_cross else None, backend=self.backend)  # (B, H, N, d)
+        out = attention(q, k, v, mask=mask if self.is_cross else None, backend=self.backend,
+                        rope=rope)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)  # (B, N, H*d)
         return self.to_out(out)  # (B, N, D)
 

@@ -70,3 +70,64 @@ def micro_vector(original_size: Tensor, crop_top_left: Tensor, target_size: Tens
     ``(B, 2)``), each number as ``dim`` Fourier features."""
     values = torch.cat([original_size, crop_top_left, target_size], dim=1).float()  # (B, 6)
     return fourier_features(values, dim)  # (B, 6*dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """How a head's features are split between the (time, height, width) axes of 3-D RoPE, in Wan's proportions:
+    ``2·⌊d/6⌋`` features for each spatial axis, the rest for time (e.g. 128 → (44, 42, 42))."""
+    spatial = 2 * (head_dim // 6)
+    return head_dim - 2 * spatial, spatial, spatial
+
+
+def rope_angles(positions: Tensor, dim: int, theta: float = 10000.0) -> Tensor:
+    """Rotation angles of 1-D RoPE (Su et al. 2021, "RoFormer"): ``positions`` ``(N,)`` → ``(N, dim/2)`` float64.
+
+    Feature pair ``k`` (features ``2k, 2k+1``) turns by ``position · θ^(-2k/dim)``. Computed in float64 so that the
+    cosines and sines of large positions are exact to float32.
+    """
+    if dim % 2:
+        raise ValueError(f"RoPE axis width {dim} must be even (features rotate in pairs)")
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim  # (dim/2,)
+    return positions.to(torch.float64)[:, None] * theta ** -exponent[None]  # (N, dim/2)
+
+
+def rope_3d(
+    frames: int,
+    grid_h: int,
+    grid_w: int,
+    axes_dims: tuple[int, int, int],
+    theta: float = 10000.0,
+    device: Optional[torch.device] = None,
+) -> tuple[Tensor, Tensor]:
+    """3-D RoPE tables for ``frames × grid_h × grid_w`` tokens in (frame, row, column) raster order.
+
+    A head of ``sum(axes_dims)`` features is split into three consecutive groups that rotate with the token's
+    frame, row and column index respectively (axial RoPE as in Wan 2.1, HunyuanVideo, CogVideoX). Returns
+    ``(cos, sin)``, each ``(T·h·w, d/2)`` float32 — one angle per feature pair — for :func:`apply_rope`. The
+    product ``q_m · k_n`` of two rotated vectors then depends on positions only through ``m − n``.
+    """
+    grids = (frames, grid_h, grid_w)
+    parts = []
+    for axis, (size, dim) in enumerate(zip(grids, axes_dims)):
+        angles = rope_angles(torch.arange(size, device=device), dim, theta)  # (size, dim/2)
+        shape = [1, 1, 1, dim // 2]
+        shape[axis] = size
+        parts.append(angles.view(shape).expand(frames, grid_h, grid_w, dim // 2))  # (T, h, w, dim/2)
+    angles = torch.cat(parts, dim=-1).reshape(frames * grid_h * grid_w, -1)  # (N, d/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate each consecutive feature pair ``(x₂ₖ, x₂ₖ₊₁)`` of ``x`` ``(..., N, d)`` by the angles whose
+    ``(cos, sin)`` are given (each broadcastable to ``(..., N, d/2)``, see :func:`rope_3d`). Computed in float32,
+    returned in ``x``'s dtype."""
+    cos, sin = rope
+    pairs = x.float().unflatten(-1, (-1, 2))  # (..., N, d/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # (..., N, d/2) each
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)  # (..., N, d/2, 2)
+    return rotated.flatten(-2).to(x.dtype)  # (..., N, d)

@@ -99,8 +99,9 @@ def test_load_weights_takes_the_namings_from_the_registry(tmp_path):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
         assert load_weights(fresh, path) == naming, name
         assert _same(fresh, {"unet": unet, "vae": ae, "dit": dit}[name.split("-")[0]]), name
-    # a DiT registers no foreign naming: a U-Net file is refused, naming the module's class
-    with pytest.raises(ValueError, match=r"none of the known namings for this DiT .*no converter"):
+    # a DiT's foreign namings are Wan's (diffusers, original): a U-Net file is refused, naming the module's class
+    # and why each converter did not apply
+    with pytest.raises(ValueError, match=r"known namings for this DiT .*diffusers: .*not Wan-shaped.*wan: "):
         load_weights(DiT(dit.config), tmp_path / "unet-diffusers.safetensors")
     with pytest.raises(ValueError, match=r"for this UNet .*diffusers: .*ldm: "):
         load_weights(UNet(tiny_unet_config()), tmp_path / "dit-ours.safetensors")
