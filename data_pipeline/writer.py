@@ -34,7 +34,10 @@ so. With ``motion_score`` (or ``split_scenes``) the json also holds ``motion_sco
 video is cut at scene changes into one sample per scene, each with ``clip_start`` / ``clip_end`` (seconds in the
 source) when the video had more than one scene (:mod:`data_pipeline.curation`); scenes shorter than
 ``min_scene_seconds`` are counted as ``short_scene``. A video that fails to decode while analysed or re-encoded is
-counted as ``corrupt_video``. Encoding is deterministic: the same input and options give the same bytes.
+counted as ``corrupt_video``. Small videos (up to :data:`SMALL_VIDEO_PIXELS` a frame, such as the moving-digits
+set) encode byte-reproducibly: single-threaded and without x264's SIMD, whose reads past the rows of tiny frames
+made about one 32x32 clip in a hundred encode to different bytes from run to run. Larger videos use x264's
+threads and SIMD; their encoded bytes may differ between runs, while kept files, json and keys never do.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ RESERVED_FIELDS = ("key", "width", "height", "caption", "source")  # json fields
 VIDEO_RESERVED_FIELDS = RESERVED_FIELDS + VIDEO_FIELDS  # ... and for a video
 CLIP_FIELDS = ("motion_score", "clip_start", "clip_end")  # json fields of curated video clips (when computed)
 H264_PRESET = "medium"  # x264 speed/size trade-off of re-encoded videos
+SMALL_VIDEO_PIXELS = 256 * 256  # frames up to this size encode single-threaded without SIMD: reproducible bytes
 DEFAULT_PREFIX = "shard"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _EXIF_ORIENTATION = 0x0112
@@ -373,8 +377,12 @@ class H264Encoder:
         self._stream = self._container.add_stream("libx264", rate=self.rate)
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(crf), "preset": H264_PRESET}
-        self._stream.codec_context.thread_count = 1 if width * height <= 256 * 256 else 0  # 0: x264 decides
+        options = {"crf": str(crf), "preset": H264_PRESET}
+        small = width * height <= SMALL_VIDEO_PIXELS
+        if small:  # x264's SIMD reads past the rows of tiny frames: without it the bytes depend only on the input
+            options["x264-params"] = "asm=0"
+        self._stream.options = options
+        self._stream.codec_context.thread_count = 1 if small else 0  # 0: x264 decides
         self.frames = 0
 
     def add(self, frame: Any) -> None:
@@ -384,6 +392,7 @@ class H264Encoder:
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         frame = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        frame = _fresh_copy(frame)
         frame.pts = self.frames
         frame.time_base = 1 / self.rate
         for packet in self._stream.encode(frame):
@@ -395,6 +404,21 @@ class H264Encoder:
             self._container.mux(packet)
         self._container.close()
         return self._buf.getvalue()
+
+
+def _fresh_copy(frame: Any) -> Any:
+    """``frame``'s pixels in a frame PyAV allocated itself (zero-filled past the planes). libx264's SIMD reads a
+    little past the rows of tiny frames; on swscale's output those bytes are uninitialised, which made about one
+    32x32 clip in a thousand encode to different bytes from run to run."""
+    import av
+
+    out = av.VideoFrame(frame.width, frame.height, frame.format.name)
+    for src, dst in zip(frame.planes, out.planes):
+        rows = np.frombuffer(src, np.uint8).reshape(-1, src.line_size)[:, :src.width]  # (h, w) of this plane
+        full = np.zeros((dst.buffer_size // dst.line_size, dst.line_size), np.uint8)
+        full[:rows.shape[0], :rows.shape[1]] = rows
+        dst.update(full.tobytes())
+    return out
 
 
 def _rotated(frame: Any, rotation: int) -> Any:

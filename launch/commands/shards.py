@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from data_pipeline.sources import FolderSource, TableSource
+from data_pipeline.sources import VIDEO_SUFFIXES, FolderSource, TableSource
 from data_pipeline.writer import ShardsConfig, existing_shard_files, write_shards
 from launch.commands import Command
 
@@ -65,8 +65,10 @@ def plan(cfg: ShardsConfig) -> str:
     else:
         prefixes = [cfg.shard_prefix]
         if cfg.source == "folder":
-            n = FolderSource(cfg.input, cfg.allow_empty_caption).size_hint()  # type: ignore[arg-type]
-            lines.append(f"source: folder {cfg.input} ({n} image/video files; captions from same-stem .txt"
+            files = FolderSource(cfg.input, cfg.allow_empty_caption).files()  # type: ignore[arg-type]
+            n_video = sum(f.suffix.lower() in VIDEO_SUFFIXES for f in files)
+            counts = f"{len(files) - n_video} image files" + (f" and {n_video} video files" if n_video else "")
+            lines.append(f"source: folder {cfg.input} ({counts}; captions from same-stem .txt"
                          f"{', empty allowed' if cfg.allow_empty_caption else ''})")
         elif cfg.source == "pairs":
             from data_pipeline.preference import PairTableSource
