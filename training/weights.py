@@ -1,7 +1,10 @@
-"""Loading weights into our modules from safetensors files in our naming, diffusers' or the original LDM's.
+"""Loading weights into our modules from safetensors files in our naming, diffusers' or the original layouts.
 
-Only safetensors (or ``torch.load(weights_only=True)`` for ``.pt``/``.bin``/``.ckpt``) are read: nothing loaded can
-run code. A file that matches none of the known namings fails with the first missing and unexpected names.
+``path`` is a weights file, or a diffusers model folder (``diffusion_pytorch_model.safetensors``, possibly sharded
+with its ``.index.json``), or a diffusers pipeline folder, whose model subfolder is chosen by the module's role
+(``unet`` or ``transformer`` for a denoiser, ``vae`` for an autoencoder). Only safetensors (or
+``torch.load(weights_only=True)`` for ``.pt``/``.bin``/``.ckpt``) are read: nothing loaded can run code. A file
+that matches none of the known namings fails with the first missing and unexpected names.
 """
 
 from __future__ import annotations
@@ -13,9 +16,38 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+# a diffusers pipeline folder's model subfolders, by the role of the module that loads them
+PIPELINE_SUBFOLDERS = {"denoiser": ("unet", "transformer"), "autoencoder": ("vae",), "text_encoder": ("text_encoder",)}
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+
+def model_folder(path: Path, role: str | None = None) -> Path:
+    """The diffusers model folder ``path`` is, or holds as the subfolder for ``role`` (a pipeline folder)."""
+    if (path / DIFFUSERS_WEIGHTS).is_file() or (path / f"{DIFFUSERS_WEIGHTS}.index.json").is_file():
+        return path
+    for sub in PIPELINE_SUBFOLDERS.get(role or "", ()):
+        if (path / sub).is_dir():
+            return model_folder(path / sub)
+    raise FileNotFoundError(
+        f"weights folder {path}: no {DIFFUSERS_WEIGHTS} (or its sharded .index.json) there"
+        + (f", nor a {' or '.join(PIPELINE_SUBFOLDERS[role])} subfolder" if role in PIPELINE_SUBFOLDERS else ""))
+
+
+def read_state_dict(path: str | Path, role: str | None = None) -> dict[str, Tensor]:
+    """The tensors of a weights file or diffusers folder (see the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        folder = model_folder(path, role)
+        index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
+        if not index.is_file():
+            return load_file(str(folder / DIFFUSERS_WEIGHTS))
+        import json
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -42,8 +74,11 @@ def _converters(module: nn.Module) -> list[tuple[str, Callable[[dict], dict]]]:
 
 def load_weights(module: nn.Module, path: str | Path) -> str:
     """Load ``path`` into ``module`` strictly; returns the naming it matched: ``ours``, or one of the namings its
-    registered architecture converts from (``diffusers``, ``ldm``)."""
-    state = read_state_dict(path)
+    registered architecture converts from (``diffusers``, ``ldm``, ...)."""
+    from models.registry import find_architecture
+
+    arch = find_architecture(module)
+    state = read_state_dict(path, arch.role if arch is not None else None)
     own = set(module.state_dict())
     if set(state) == own:
         module.load_state_dict(state, strict=True)

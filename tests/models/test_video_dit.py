@@ -406,3 +406,26 @@ def test_config_checks():
         DiTConfig(patch_size_t=0)
     with pytest.raises(ValueError, match="qk_norm_type"):
         DiTConfig(qk_norm_type="global")
+
+
+@pytest.mark.parametrize("layout", ["model", "sharded", "pipeline"])
+def test_wan_diffusers_folder_loads_through_load_weights(layout, tmp_path, one_thread):
+    """``diffusion.weights`` may name a diffusers model folder (sharded or not) or a pipeline folder (its
+    ``transformer/``): ``load_weights`` reads it and the converted DiT gives diffusers' outputs."""
+    from training.weights import load_weights
+
+    ref = diffusers_wan()
+    folder = tmp_path / "transformer" if layout == "pipeline" else tmp_path
+    ref.save_pretrained(folder, max_shard_size="100KB" if layout == "sharded" else "10GB")
+    if layout == "sharded":
+        assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    ours = DiT(config_from_diffusers_wan(dict(ref.config))).eval()
+    assert load_weights(ours, tmp_path) == "diffusers"
+    g = torch.Generator().manual_seed(5)
+    x, t, ctx = torch.randn(1, 4, 2, 4, 4, generator=g), torch.tensor([10.0]), torch.randn(1, 5, 16, generator=g)
+    with torch.no_grad():
+        assert (ours(x, t, Conditioning(context=ctx)) - ref(x, t, ctx).sample).abs().max() <= 1e-5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.*transformer subfolder"):
+        load_weights(ours, empty)
