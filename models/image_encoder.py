@@ -33,7 +33,6 @@ std. What :meth:`ImageEncoder.encode` returns:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import Tensor, nn
 
-from models.text_encoder import CONFIG_DIR, DTYPES
+from models.openclip_towers import DTYPES, OpenClipTower, TowerLoadError, read_weights_file, resolve_openclip_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ OUTPUTS: tuple[str, ...] = ("pooled", "tokens")
 RESIZES: tuple[str, ...] = ("antialias", "bicubic", "none")
 
 
-class ImageEncoderLoadError(RuntimeError):
+class ImageEncoderLoadError(TowerLoadError):
     """Image-encoder weights could not be obtained (no network, missing file, incompatible checkpoint)."""
 
 
@@ -114,21 +113,7 @@ class ImageEncoderConfig:
 
 def resolve_vision_config(model: str) -> tuple[dict[str, Any], bool]:
     """open_clip-format model config for ``model`` and whether it is an open_clip built-in name."""
-    path = Path(model)
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"image-encoder model config {model!r} does not exist")
-        config, builtin = json.loads(path.read_text()), False
-    elif (CONFIG_DIR / f"{model}.json").is_file():
-        config, builtin = json.loads((CONFIG_DIR / f"{model}.json").read_text()), False
-    else:
-        config, builtin = open_clip.get_model_config(model), True
-        if config is None:
-            local = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-            raise ValueError(
-                f"unknown image-encoder model {model!r}: not a JSON file, not in models/configs ({local}) and not an "
-                "open_clip model (open_clip.list_models())"
-            )
+    config, builtin = resolve_openclip_config(model, "image-encoder")
     if "vision_cfg" not in config or "embed_dim" not in config:
         raise ValueError(f"image-encoder model config {model!r} has no 'vision_cfg' and 'embed_dim' (keys: "
                          f"{sorted(config)})")
@@ -157,28 +142,7 @@ def build_vision_tower(model_config: dict[str, Any]) -> nn.Module:
 
 def load_weights_file(path: Union[str, Path]) -> dict[str, Tensor]:
     """Read a weights file: safetensors, or a torch pickle with ``weights_only=True`` (no code is run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageEncoderLoadError(f"image-encoder checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a TorchScript archive (OpenAI's original files) or arbitrary pickles
-            raise ImageEncoderLoadError(
-                f"could not read {str(path)!r} as a weights-only torch checkpoint ({type(err).__name__}: {err}); "
-                "convert it to safetensors or an open_clip state dict"
-            ) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # open_clip's training checkpoints
-    if not isinstance(state, dict):
-        raise ImageEncoderLoadError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__})")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return read_weights_file(path, "image-encoder", ImageEncoderLoadError)
 
 
 def extract_vision_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -250,113 +214,28 @@ def antialias_resize(images: Tensor, size: tuple[int, int]) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(OpenClipTower):
     """OpenCLIP vision tower; ``encode(images in [-1, 1]) -> (B, N, D)`` image tokens (frozen by default)."""
 
-    _no_split_modules = ("ResidualAttentionBlock",)  # open_clip's transformer blocks (FSDP2 / checkpointing units)
+    config_cls = ImageEncoderConfig
+    load_error = ImageEncoderLoadError
+    what, tower_name, tower_attr = "image-encoder", "vision tower", "visual"
 
     def __init__(self, config: ImageEncoderConfig):
         super().__init__()
         self.config = config
         model_config, builtin = resolve_vision_config(config.model)
-        if config.pretrained is not None:
-            if not builtin:
-                raise ValueError(
-                    f"ImageEncoderConfig.pretrained={config.pretrained!r} needs an open_clip model name, but "
-                    f"model={config.model!r} is a local config; use checkpoint= for local weights"
-                )
-            model_config = dict(model_config)
-            if open_clip.get_pretrained_cfg(config.model, config.pretrained).get("quick_gelu"):
-                model_config["quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
-        weights = self._find_weights(config)
-        if weights is None:
-            logger.info("image encoder %s: random initialisation (no pretrained tag or checkpoint)", config.model)
-            self.visual = build_vision_tower(model_config)
-        else:
-            with torch.device("meta"):  # no random init of weights that are about to be replaced
-                self.visual = build_vision_tower(model_config)
-            self._load_vision_weights(weights, source=config.pretrained or config.checkpoint or "")
-        self.visual.to(DTYPES[config.dtype])
+        model_config = self.pretrained_model_config(model_config, builtin)
+        self.visual = self.build_tower(build_vision_tower, model_config, extract_vision_weights)
         self.visual.output_tokens = config.output == "tokens"  # open_clip then returns (pooled, tokens)
 
         self.image_size: tuple[int, int] = tuple(int(s) for s in self.visual.image_size)  # (H, W) the tower takes
         mean, std = _resolve_normalisation(config, model_config)
         self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
-        self.frozen = config.freeze
-        if config.freeze:
-            self.requires_grad_(False)
-            self.eval()
-
-    # ---- construction helpers ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, model: str, pretrained: str, **kwargs: Any) -> ImageEncoder:
-        """(a) open_clip model name + pretrained tag (downloads; fails clearly where it cannot)."""
-        return cls(ImageEncoderConfig(model=model, pretrained=pretrained, **kwargs))
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Union[str, Path], model: str, **kwargs: Any) -> ImageEncoder:
-        """(b) local weights file for architecture ``model`` (open_clip name, JSON config or bundled stem)."""
-        return cls(ImageEncoderConfig(model=model, checkpoint=str(checkpoint), **kwargs))
-
-    @classmethod
-    def from_config(cls, model: str, **kwargs: Any) -> ImageEncoder:
-        """(c) random initialisation of architecture ``model``."""
-        return cls(ImageEncoderConfig(model=model, **kwargs))
-
-    @staticmethod
-    def _find_weights(config: ImageEncoderConfig) -> Optional[dict[str, Tensor]]:
-        if config.checkpoint is not None:
-            return extract_vision_weights(load_weights_file(config.checkpoint))
-        if config.pretrained is None:
-            return None
-        pcfg = open_clip.get_pretrained_cfg(config.model, config.pretrained)
-        if not pcfg:
-            tags = open_clip.list_pretrained_tags_by_model(config.model)
-            raise ValueError(
-                f"open_clip has no pretrained weights {config.pretrained!r} for {config.model!r}; known tags: {tags}"
-            )
-        try:
-            path = open_clip.download_pretrained(pcfg, cache_dir=config.cache_dir)
-        except Exception as err:
-            raise ImageEncoderLoadError(
-                f"could not download open_clip weights {config.model}/{config.pretrained} "
-                f"({type(err).__name__}: {err}). This machine may have no network access: fetch the checkpoint "
-                "elsewhere and set checkpoint=PATH (and keep model=) instead of pretrained= (HF_HUB_OFFLINE=1 makes "
-                "this fail at once instead of after the download retries)"
-            ) from err
-        if not path:
-            raise ImageEncoderLoadError(f"open_clip returned no file for {config.model}/{config.pretrained}")
-        return extract_vision_weights(load_weights_file(path))
-
-    def _load_vision_weights(self, weights: dict[str, Tensor], source: str) -> None:
-        expected = set(self.visual.state_dict().keys())
-        missing = sorted(expected - weights.keys())
-        unexpected = sorted(weights.keys() - expected)
-        if missing or unexpected:
-            raise ImageEncoderLoadError(
-                f"{source!r} does not match vision tower {self.config.model!r}: missing {missing[:8]}"
-                f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
-            )
-        try:
-            self.visual.load_state_dict(weights, strict=True, assign=True)
-        except RuntimeError as err:  # shape mismatches
-            raise ImageEncoderLoadError(f"{source!r} does not fit vision tower {self.config.model!r}: {err}") from err
+        self.freeze_as_configured()
 
     # ---- state ------------------------------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> ImageEncoder:
-        """A frozen encoder stays in eval mode whatever the trainer asks."""
-        return super().train(mode and not self.frozen)
-
-    def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Write the vision tower to ``path`` as safetensors (open_clip's ``visual.*`` keys; loadable with
-        ``checkpoint=``, and into an open_clip CLIP of the same architecture with ``strict=False``)."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"model": self.config.model})
 
     @property
     def device(self) -> torch.device:

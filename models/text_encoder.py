@@ -30,10 +30,8 @@ What :meth:`TextEncoder.encode` returns, checked against the Stability AI refere
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import open_clip
@@ -41,16 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from models.conditioning import Conditioning
+from models.openclip_towers import DTYPES, OpenClipTower, TowerLoadError, resolve_openclip_config
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Top-level names of the text tower's weights in an open_clip CLIP state dict.
 TEXT_KEYS: tuple[str, ...] = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TextEncoderLoadError(RuntimeError):
+class TextEncoderLoadError(TowerLoadError):
     """Text-encoder weights could not be obtained (no network, missing file, incompatible checkpoint)."""
 
 
@@ -96,22 +93,7 @@ class TextEncoderConfig:
 
 def resolve_model_config(model: str) -> tuple[dict[str, Any], bool]:
     """open_clip-format model config for ``model`` and whether it is an open_clip built-in name."""
-    path = Path(model)
-    if path.suffix == ".json" or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"text-encoder model config {model!r} does not exist")
-        return json.loads(path.read_text()), False
-    bundled = CONFIG_DIR / f"{model}.json"
-    if bundled.is_file():
-        return json.loads(bundled.read_text()), False
-    config = open_clip.get_model_config(model)
-    if config is None:
-        local = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise ValueError(
-            f"unknown text-encoder model {model!r}: not a JSON file, not in models/configs ({local}) and not an "
-            "open_clip model (open_clip.list_models())"
-        )
-    return config, True
+    return resolve_openclip_config(model, "text-encoder")
 
 
 def build_text_tower(model_config: dict[str, Any]) -> nn.Module:
@@ -130,32 +112,6 @@ def build_text_tower(model_config: dict[str, Any]) -> nn.Module:
     return _build_text_tower(
         model_config["embed_dim"], text_cfg, quick_gelu=bool(model_config.get("quick_gelu", False))
     )
-
-
-def load_checkpoint_file(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Read a weights file: safetensors, or a torch pickle with ``weights_only=True`` (no code is run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TextEncoderLoadError(f"text-encoder checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a TorchScript archive (OpenAI's original files) or arbitrary pickles
-            raise TextEncoderLoadError(
-                f"could not read {str(path)!r} as a weights-only torch checkpoint ({type(err).__name__}: {err}); "
-                "convert it to safetensors or an open_clip state dict"
-            ) from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TextEncoderLoadError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__})")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
 
 
 def extract_text_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -178,10 +134,12 @@ def _tokenizer_for(model: str, builtin: bool, context_length: int) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(OpenClipTower):
     """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``."""
 
-    _no_split_modules = ("ResidualAttentionBlock",)  # open_clip's transformer blocks (FSDP2 / checkpointing units)
+    config_cls = TextEncoderConfig
+    load_error = TextEncoderLoadError
+    what, tower_name, tower_attr = "text-encoder", "text tower", "text"
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
@@ -193,109 +151,25 @@ class TextEncoder(nn.Module):
                 f"text-encoder config {config.model!r} names a Hugging Face tokenizer; only open_clip's bundled "
                 "BPE tokenizer is supported for local configs"
             )
-        if config.pretrained is not None:
-            if not builtin:
-                raise ValueError(
-                    f"TextEncoderConfig.pretrained={config.pretrained!r} needs an open_clip model name, but "
-                    f"model={config.model!r} is a local config; use checkpoint= for local weights"
-                )
-            model_config = dict(model_config)
-            if open_clip.get_pretrained_cfg(config.model, config.pretrained).get("quick_gelu"):
-                model_config["quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
-        weights = self._find_weights(config)
-        if weights is None:
-            logger.info("text encoder %s: random initialisation (no pretrained tag or checkpoint)", config.model)
-            self.text = build_text_tower(model_config)
-        else:
-            with torch.device("meta"):  # no random init of weights that are about to be replaced
-                self.text = build_text_tower(model_config)
-            self._load_text_weights(weights, source=config.pretrained or config.checkpoint or "")
-        self.text.to(DTYPES[config.dtype])
+        model_config = self.pretrained_model_config(model_config, builtin)
+        self.text = self.build_tower(build_text_tower, model_config, extract_text_weights)
 
         self.context_length = int(self.text.context_length)
         self.tokenizer = _tokenizer_for(config.model, builtin, self.context_length)
         self.eot_token_id: Optional[int] = getattr(self.tokenizer, "eot_token_id", None)
         self.pool_type = str(getattr(self.text, "pool_type", text_cfg.get("pool_type", "argmax")))
         self._null_cache: dict[tuple[torch.device, torch.dtype], Conditioning] = {}
-        self.frozen = config.freeze
-        if config.freeze:
-            self.requires_grad_(False)
-            self.eval()
+        self.freeze_as_configured()
 
-    # ---- construction helpers ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, model: str, pretrained: str, **kwargs: Any) -> TextEncoder:
-        """(a) open_clip model name + pretrained tag (downloads; fails clearly where it cannot)."""
-        return cls(TextEncoderConfig(model=model, pretrained=pretrained, **kwargs))
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Union[str, Path], model: str, **kwargs: Any) -> TextEncoder:
-        """(b) local weights file for architecture ``model`` (open_clip name, JSON config or bundled stem)."""
-        return cls(TextEncoderConfig(model=model, checkpoint=str(checkpoint), **kwargs))
-
-    @classmethod
-    def from_config(cls, model: str, **kwargs: Any) -> TextEncoder:
-        """(c) random initialisation of architecture ``model``."""
-        return cls(TextEncoderConfig(model=model, **kwargs))
-
-    @staticmethod
-    def _find_weights(config: TextEncoderConfig) -> Optional[dict[str, Tensor]]:
-        if config.checkpoint is not None:
-            return extract_text_weights(load_checkpoint_file(config.checkpoint))
-        if config.pretrained is None:
-            return None
-        pcfg = open_clip.get_pretrained_cfg(config.model, config.pretrained)
-        if not pcfg:
-            tags = open_clip.list_pretrained_tags_by_model(config.model)
-            raise ValueError(
-                f"open_clip has no pretrained weights {config.pretrained!r} for {config.model!r}; known tags: {tags}"
-            )
-        try:
-            path = open_clip.download_pretrained(pcfg, cache_dir=config.cache_dir)
-        except Exception as err:
-            raise TextEncoderLoadError(
-                f"could not download open_clip weights {config.model}/{config.pretrained} "
-                f"({type(err).__name__}: {err}). This machine may have no network access: fetch the checkpoint "
-                "elsewhere and set checkpoint=PATH (and keep model=) instead of pretrained= (HF_HUB_OFFLINE=1 makes "
-                "this fail at once instead of after the download retries)"
-            ) from err
-        if not path:
-            raise TextEncoderLoadError(f"open_clip returned no file for {config.model}/{config.pretrained}")
-        return extract_text_weights(load_checkpoint_file(path))
-
-    def _load_text_weights(self, weights: dict[str, Tensor], source: str) -> None:
-        expected = set(self.text.state_dict().keys())
-        missing = sorted(expected - weights.keys())
-        unexpected = sorted(weights.keys() - expected)
-        if missing or unexpected:
-            raise TextEncoderLoadError(
-                f"{source!r} does not match text tower {self.config.model!r}: missing {missing[:8]}"
-                f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
-            )
-        try:
-            self.text.load_state_dict(weights, strict=True, assign=True)
-        except RuntimeError as err:  # shape mismatches
-            raise TextEncoderLoadError(f"{source!r} does not fit text tower {self.config.model!r}: {err}") from err
-        if getattr(self.text, "attn_mask", None) is not None:  # non-persistent buffer: rebuild it off meta
-            self.text.attn_mask = self.text.build_causal_mask()
+    def after_load(self, tower: nn.Module) -> None:
+        if getattr(tower, "attn_mask", None) is not None:  # non-persistent buffer: rebuild it off meta
+            tower.attn_mask = tower.build_causal_mask()
 
     # ---- state ------------------------------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> TextEncoder:
-        """A frozen encoder stays in eval mode whatever the trainer asks."""
-        return super().train(mode and not self.frozen)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         self._null_cache.clear()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Write the text tower to ``path`` as safetensors (keys ``text.*``; loadable with ``checkpoint=``)."""
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"model": self.config.model})
 
     @property
     def device(self) -> torch.device:

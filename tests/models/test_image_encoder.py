@@ -17,7 +17,7 @@ from models.image_encoder import (
     build_vision_tower,
     resolve_vision_config,
 )
-from models.text_encoder import CONFIG_DIR
+from models.openclip_towers import CONFIG_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
