@@ -20,7 +20,7 @@ namings of :mod:`models.convert`; its repeated blocks (``_no_split_modules``) ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -281,7 +281,72 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, Cout, h*f, w*f)
 
 
-class AutoencoderKL(nn.Module):
+class LatentAutoencoder:
+    """What every autoencoder of the project offers the stages, on top of its ``encode`` / ``decode`` and its
+    config (``latent_channels``, ``spatial_factor``, ``temporal_factor``, ``scaling_factor``, ``shift_factor`` and,
+    when the config has them, per-channel ``latents_mean`` / ``latents_std``: normalised latents are
+    ``(z - mean) / std · scaling_factor``, else ``(z - shift_factor) · scaling_factor``). Subclasses give
+    ``latent_shape``."""
+
+    config: Any
+    encode: Callable[..., "DiagonalGaussian"]
+    decode: Callable[[Tensor], Tensor]
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent z."""
+        return self.config.latent_channels
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width."""
+        return self.config.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame (1: frame by frame)."""
+        return self.config.temporal_factor
+
+    def forward(self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+                ) -> tuple[Tensor, "DiagonalGaussian"]:
+        """Reconstruct ``x``; returns ``(reconstruction, posterior)`` (the posterior carries the KL term)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def _shift_scale(self, z: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        cfg = self.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is None:
+            return cfg.shift_factor, cfg.scaling_factor
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        mean_t = torch.tensor(mean, dtype=z.dtype, device=z.device).view(view)
+        std_t = torch.tensor(std, dtype=z.dtype, device=z.device).view(view)
+        return mean_t, cfg.scaling_factor / std_t
+
+    def scale_latents(self, z: Tensor) -> Tensor:
+        """Raw latents → the denoiser's normalised latents (see the class docstring)."""
+        shift, scale = self._shift_scale(z)
+        return (z - shift) * scale
+
+    def unscale_latents(self, latents: Tensor) -> Tensor:
+        """Inverse of :meth:`scale_latents`."""
+        shift, scale = self._shift_scale(latents)
+        return latents / scale + shift
+
+    def latents_from_pixels(
+        self, x: Tensor, sample: bool = True, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
+        """Pixels in [-1, 1] → normalised latents for the diffusion model (a posterior sample, or its mean)."""
+        posterior = self.encode(x)
+        return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
+
+    def pixels_from_latents(self, latents: Tensor) -> Tensor:
+        """Normalised latents from the diffusion model → pixels (roughly in [-1, 1]; not clamped)."""
+        return self.decode(self.unscale_latents(latents))
+
+
+class AutoencoderKL(LatentAutoencoder, nn.Module):
     """KL autoencoder (Rombach et al. 2022): ``encode`` → :class:`DiagonalGaussian`, ``decode`` → pixels.
 
     Images are ``(B, C, H, W)`` in [-1, 1]; videos ``(B, C, T, H, W)`` are folded into the batch and handled
@@ -313,21 +378,6 @@ class AutoencoderKL(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the latent z."""
-        return self.config.latent_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        """Pixels per latent along height and width."""
-        return self.config.spatial_factor
-
-    @property
-    def temporal_factor(self) -> int:
-        """Frames per latent frame (1: frame by frame)."""
-        return self.config.temporal_factor
 
     def latent_shape(self, height: int, width: int, num_frames: Optional[int] = None) -> tuple[int, ...]:
         """One sample's latent shape for ``height`` × ``width`` pixels: ``(C, h, w)`` for an image (``num_frames``
@@ -363,33 +413,6 @@ class AutoencoderKL(nn.Module):
             return self._decode_images(z)  # (B, Cout, H, W)
         raise ValueError(f"decode takes (B, C, h, w) image or (B, C, T, h, w) clip latents; got shape "
                          f"{tuple(z.shape)} ({z.ndim}-D)")
-
-    def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
-    ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct ``x``; returns ``(reconstruction, posterior)`` (the posterior carries the KL term)."""
-        posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
-
-    def scale_latents(self, z: Tensor) -> Tensor:
-        """Raw latents → the denoiser's normalised latents ``(z - shift_factor) * scaling_factor``."""
-        return (z - self.config.shift_factor) * self.config.scaling_factor
-
-    def unscale_latents(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`scale_latents`."""
-        return latents / self.config.scaling_factor + self.config.shift_factor
-
-    def latents_from_pixels(
-        self, x: Tensor, sample: bool = True, generator: Optional[torch.Generator] = None
-    ) -> Tensor:
-        """Pixels in [-1, 1] → normalised latents for the diffusion model (a posterior sample, or its mean)."""
-        posterior = self.encode(x)
-        return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
-
-    def pixels_from_latents(self, latents: Tensor) -> Tensor:
-        """Normalised latents from the diffusion model → pixels (roughly in [-1, 1]; not clamped)."""
-        return self.decode(self.unscale_latents(latents))
 
 
 # --- presets (configs only; build with AutoencoderKL(cfg), on torch.device("meta") to allocate nothing) ------------

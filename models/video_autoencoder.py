@@ -50,7 +50,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import BACKENDS, Attention
-from models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian, Encoder, latent_shape_for
+from models.autoencoder import (
+    AutoencoderConfig,
+    AutoencoderKL,
+    DiagonalGaussian,
+    Encoder,
+    LatentAutoencoder,
+    latent_shape_for,
+)
 from models.blocks import Downsample, ResBlock, Upsample, fold_frames, group_norm, unfold_frames
 from models.registry import register_architecture, register_preset
 from models.utils import checkpointed
@@ -224,47 +231,7 @@ class TemporalDecoder(nn.Module):
         return self.time_conv_out(unfold_frames(frames, t))  # (B, Cout, T, H, W)
 
 
-class _LatentScaling:
-    """``scale_latents`` / ``unscale_latents`` / ``latents_from_pixels`` / ``pixels_from_latents`` on top of
-    ``encode`` / ``decode`` and the config's ``scaling_factor`` / ``shift_factor`` (plus, when the config has them,
-    per-channel ``latents_mean`` / ``latents_std``: normalised = (z - mean) / std · scaling_factor)."""
-
-    config: object
-    encode: Callable[..., DiagonalGaussian]
-    decode: Callable[[Tensor], Tensor]
-
-    def _shift_scale(self, z: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        cfg = self.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is None:
-            return cfg.shift_factor, cfg.scaling_factor
-        view = (1, -1) + (1,) * (z.ndim - 2)
-        mean_t = torch.tensor(mean, dtype=z.dtype, device=z.device).view(view)
-        std_t = torch.tensor(std, dtype=z.dtype, device=z.device).view(view)
-        return mean_t, cfg.scaling_factor / std_t
-
-    def scale_latents(self, z: Tensor) -> Tensor:
-        """Raw latents → the denoiser's normalised latents ``(z - shift) * scale``."""
-        shift, scale = self._shift_scale(z)
-        return (z - shift) * scale
-
-    def unscale_latents(self, latents: Tensor) -> Tensor:
-        """Inverse of :meth:`scale_latents`."""
-        shift, scale = self._shift_scale(latents)
-        return latents / scale + shift
-
-    def latents_from_pixels(self, x: Tensor, sample: bool = True,
-                            generator: Optional[torch.Generator] = None) -> Tensor:
-        """Pixels in [-1, 1] → normalised latents for the diffusion model (a posterior sample, or its mean)."""
-        posterior = self.encode(x)
-        return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
-
-    def pixels_from_latents(self, latents: Tensor) -> Tensor:
-        """Normalised latents from the diffusion model → pixels."""
-        return self.decode(self.unscale_latents(latents))
-
-
-class TemporalDecoderAutoencoder(_LatentScaling, nn.Module):
+class TemporalDecoderAutoencoder(LatentAutoencoder, nn.Module):
     """Stable Video Diffusion's autoencoder: per-frame KL encoder, temporal decoder (see the module docstring).
 
     Clips are ``(B, C, T, H, W)``; an image ``(B, C, H, W)`` is a one-frame clip (its decoding is 4-D again).
@@ -291,18 +258,6 @@ class TemporalDecoderAutoencoder(_LatentScaling, nn.Module):
             if hasattr(module, "gradient_checkpointing") and module is not self:
                 module.gradient_checkpointing = bool(enabled)
 
-    @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.config.spatial_factor
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.config.temporal_factor
-
     def latent_shape(self, height: int, width: int, num_frames: Optional[int] = None) -> tuple[int, ...]:
         """``(C, h, w)`` for an image, ``(C, T, h, w)`` for a clip of ``num_frames`` frames."""
         return latent_shape_for(self.latent_channels, height, width, num_frames, self.spatial_factor, 1)
@@ -322,12 +277,6 @@ class TemporalDecoderAutoencoder(_LatentScaling, nn.Module):
         if z.ndim != 5:
             raise ValueError(f"decode takes (B, C, h, w) or (B, C, T, h, w) latents; got shape {tuple(z.shape)}")
         return self.decoder(z)
-
-    def forward(self, x: Tensor, sample_posterior: bool = True,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct ``x``; returns ``(reconstruction, posterior)``."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode()), posterior
 
 
 # =================================================================================================================
@@ -669,7 +618,7 @@ def _ramp(size: int, ramp: int, left: bool, right: bool, device: torch.device, d
     return w
 
 
-class CausalAutoencoder3D(_LatentScaling, nn.Module):
+class CausalAutoencoder3D(LatentAutoencoder, nn.Module):
     """Causal 3-D KL autoencoder (see the module docstring): ``encode`` → :class:`DiagonalGaussian`, ``decode``.
 
     Clips are ``(B, C, T, H, W)`` with ``T = 1 + tf·k`` (trailing frames beyond that are dropped, as diffusers'
@@ -700,18 +649,6 @@ class CausalAutoencoder3D(_LatentScaling, nn.Module):
         for module in self.modules():
             if isinstance(module, (CausalMidBlock, CausalLevel)):
                 module.gradient_checkpointing = bool(enabled)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.config.latent_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.config.spatial_factor
-
-    @property
-    def temporal_factor(self) -> int:
-        return self.config.temporal_factor
 
     def latent_shape(self, height: int, width: int, num_frames: Optional[int] = None) -> tuple[int, ...]:
         """``(C, h, w)`` for an image, ``(C, 1 + (T-1)//tf, h, w)`` for a clip of ``num_frames`` = T frames."""
@@ -827,12 +764,6 @@ class CausalAutoencoder3D(_LatentScaling, nn.Module):
         if size and max(z.shape[-2:]) > size:
             return self._tiled(self._decode_untiled, z, size, overlap, float(self.spatial_factor))
         return self._decode_untiled(z)
-
-    def forward(self, x: Tensor, sample_posterior: bool = True,
-                generator: Optional[torch.Generator] = None) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruct ``x``; returns ``(reconstruction, posterior)``."""
-        posterior = self.encode(x)
-        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode()), posterior
 
 
 # =================================================================================================================
