@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -139,19 +140,28 @@ def build_demo_set(
     Returns ``{"train": summary, "val": summary}`` (no val entry, and no val files, when ``val_fraction`` is 0).
     Refuses, before writing anything, when either split's files exist and ``overwrite`` is off.
     """
+    options = WriterOptions(max_samples_per_shard, image_format="png", overwrite=overwrite)
+    return write_split_set(output_dir, lambda split: digit_samples(split, seed, val_fraction), options,
+                           val_fraction, progress)
+
+
+def write_split_set(output_dir: str | os.PathLike, samples_of: Callable[[str], list[Sample]], options: WriterOptions,
+                    val_fraction: float, progress: bool = False) -> dict[str, WriteSummary]:
+    """A bundled train/val set: ``samples_of(split)`` written as ``<split>-*.tar`` + index for each split (no val
+    split when ``val_fraction`` is 0). Refuses, before writing anything, when either split's files exist and
+    ``options.overwrite`` is off; with it, a stale val set is removed too."""
     splits = [s for s in SPLITS if s == "train" or val_fraction > 0]
-    if not overwrite:
+    if not options.overwrite:
         existing = demo_output_files(output_dir)
         if existing:
-            raise FileExistsError(f"{output_dir} already holds demo shards (e.g. {existing[0].name}); "
+            raise FileExistsError(f"{output_dir} already holds shards (e.g. {existing[0].name}); "
                                   "set overwrite=true to replace them")
     else:
         for path in existing_shard_files(output_dir, "val"):  # a stale val set must not outlive val_fraction=0
             path.unlink()
     summaries = {}
-    options = WriterOptions(max_samples_per_shard, image_format="png", overwrite=overwrite)
     for split in splits:
-        samples = digit_samples(split, seed, val_fraction)
+        samples = samples_of(split)
         summaries[split] = write_shards(samples, output_dir, split, options, skips=SkipLog(), total=len(samples),
                                         progress=progress)
     return summaries

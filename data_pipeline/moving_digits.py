@@ -24,13 +24,12 @@ the same bytes (small videos encode single-threaded without x264's SIMD; see :mo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.demo import SPLITS, _digits, caption_for_digit, stratified_split
-from data_pipeline.sources import Sample, SkipLog, VideoFrames
-from data_pipeline.writer import WriterOptions, WriteSummary, existing_shard_files, write_shards
+from data_pipeline.demo import SPLITS, _digits, caption_for_digit, stratified_split, write_split_set
+from data_pipeline.sources import Sample, VideoFrames
+from data_pipeline.writer import WriterOptions, WriteSummary
 
 NUM_FRAMES = 9  # frames per clip
 FPS = 8.0  # frames per second of the clips
@@ -98,11 +97,6 @@ def clip_samples(split: str, seed: int = 0, val_fraction: float = 0.1) -> list[S
     return out
 
 
-def moving_digits_files(output_dir: str | os.PathLike) -> list[Path]:
-    """Every file of the set in ``output_dir`` (tars and indexes of both splits)."""
-    return [p for s in SPLITS for p in existing_shard_files(output_dir, s)]
-
-
 def build_moving_digits(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -118,19 +112,6 @@ def build_moving_digits(
     Refuses, before writing anything, when either split's files exist and ``overwrite`` is off. ``motion_score``
     adds each clip's motion score to its json (:mod:`data_pipeline.curation`).
     """
-    splits = [s for s in SPLITS if s == "train" or val_fraction > 0]
-    if not overwrite:
-        existing = moving_digits_files(output_dir)
-        if existing:
-            raise FileExistsError(f"{output_dir} already holds shards (e.g. {existing[0].name}); "
-                                  "set overwrite=true to replace them")
-    else:
-        for path in existing_shard_files(output_dir, "val"):  # a stale val set must not outlive val_fraction=0
-            path.unlink()
     options = WriterOptions(max_samples_per_shard, overwrite=overwrite, video_crf=CRF, motion_score=motion_score)
-    summaries = {}
-    for split in splits:
-        samples = clip_samples(split, seed, val_fraction)
-        summaries[split] = write_shards(samples, output_dir, split, options, skips=SkipLog(), total=len(samples),
-                                        progress=progress)
-    return summaries
+    return write_split_set(output_dir, lambda split: clip_samples(split, seed, val_fraction), options, val_fraction,
+                           progress)
