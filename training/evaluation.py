@@ -46,6 +46,51 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = Non
     return path
 
 
+def save_clip_mp4(clip: Tensor, path: str | os.PathLike, fps: float = 8.0, crf: int = 10) -> Path:
+    """Save one clip ``(C, T, H, W)`` in [-1, 1] as an H.264 mp4 (libx264, yuv420p: any player reads it; odd sides
+    are resampled to the next even size), through the shard writer's encoder."""
+    from data_pipeline.writer import H264Encoder, video_output_size
+
+    if clip.ndim != 4:
+        raise ValueError(f"save_clip_mp4: expected one clip (C, T, H, W), got {tuple(clip.shape)}")
+    frames = to_uint8(clip.permute(1, 0, 2, 3))  # (T, H, W, C)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    encoder = H264Encoder(*video_output_size(frames.shape[2], frames.shape[1], None), fps, crf)
+    for frame in frames:
+        encoder.add(frame)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encoder.finish())
+    return path
+
+
+def save_clip_grid_animation(clips: Tensor, path: str | os.PathLike, fps: float = 8.0, nrow: Optional[int] = None,
+                             scale: int = 1) -> Path:
+    """Save clips ``(B, C, T, H, W)`` in [-1, 1] as one animated grid (GIF, or WebP by the suffix): frame t of the
+    animation is the grid of every clip's frame t, ``nrow`` clips to a row, looping."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if clips.ndim != 5:
+        raise ValueError(f"save_clip_grid_animation: expected clips (B, C, T, H, W), got {tuple(clips.shape)}")
+    b, _, t, _, _ = clips.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    frames = []
+    for i in range(t):
+        pixels = torch.from_numpy(to_uint8(clips[:, :, i])).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
+        grid = make_grid(pixels, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+        img = Image.fromarray(grid)
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        frames.append(img)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
+                   **({"lossless": True} if path.suffix.lower() == ".webp" else {}))
+    return path
+
+
 def psnr(reconstruction: Tensor, target: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
     mse = ((reconstruction.float().clamp(-1, 1) - target.float()) ** 2).flatten(1).mean(1)  # (B,)
