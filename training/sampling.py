@@ -16,20 +16,21 @@ import torch
 from torch import Tensor, nn
 
 from models.conditioning import Conditioning
-from training.diffusion import SAMPLERS, ClassifierFreeGuidance, sampler_for
+from training.diffusion import SAMPLERS, ClassifierFreeGuidance, frame_guidance_scale, sampler_for
 
 
 @dataclass
 class SamplingConfig:
     """How images are drawn from a trained denoiser."""
 
-    sampler: str = "ddim"  # in training.diffusion.SAMPLERS: ddim | ddpm | dpm_solver_2m (discrete) · euler (flow)
+    sampler: str = "ddim"  # SAMPLERS: ddim | ddpm | dpm_solver_2m (discrete) · euler (flow) · euler_karras (edm)
     steps: int = 50  # sampler steps
     guidance: float = 3.0  # classifier-free guidance scale (1: no guidance; 0: unconditional)
     eta: float = 0.0  # DDIM stochasticity (0: deterministic DDIM)
     negative_prompt: str = ""  # the unconditional branch's prompt ('' = the training null conditioning)
     seed: int = 0  # noise seed (fixed: the same seed gives the same images)
     clip_x0: Optional[float] = None  # clamp predicted x0 to [-v, v] (pixel-space models); null: off
+    guidance_min: Optional[float] = None  # clips: per-frame scale, guidance_min → guidance linearly (SVD); null: off
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -42,6 +43,8 @@ class SamplingConfig:
             raise ValueError(f"guidance: {self.guidance} must be >= 0")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta: {self.eta} must be in [0, 1]")
+        if self.guidance_min is not None and self.guidance_min < 0:
+            raise ValueError(f"guidance_min: {self.guidance_min} must be >= 0 (or null: one scale for every frame)")
 
 
 def check_sampler(process: Any, sampler: str) -> None:
@@ -63,7 +66,12 @@ def sample_latents(
 
     The sampler is looked up by name in :data:`training.diffusion.SAMPLERS` and given the settings it declares
     (``eta``, ``clip_x0``, ...) from ``cfg``; the guider :class:`ClassifierFreeGuidance` builds its ``denoise(x, t)``
-    (``guidance`` overrides ``cfg.guidance``; ``null_cond`` None: no guidance).
+    (``guidance`` overrides ``cfg.guidance``; ``null_cond`` None: no guidance). For clips ``(B, C, T, h, w)`` with
+    ``cfg.guidance_min`` set, the scale is per frame, rising linearly from ``guidance_min`` (first frame) to the scale
+    (last frame), as Stable Video Diffusion samples (:func:`training.diffusion.frame_guidance_scale`); images keep
+    the one scale. Only the sample is drawn from the seed: conditioning (an image-to-video frame's
+    ``cond.image_latents``, noise-augmented by :func:`models.conditioning.first_frame_conditioning`) reaches the
+    denoiser as given, at every step.
     """
     spec = sampler_for(cfg.sampler, process)
     missing = [name for name in spec.settings if not hasattr(cfg, name)]
@@ -72,6 +80,8 @@ def sample_latents(
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     noise = torch.randn(tuple(shape), generator=g).to(device)
     scale = cfg.guidance if guidance is None else guidance
+    if cfg.guidance_min is not None and len(shape) == 5:
+        scale = frame_guidance_scale(cfg.guidance_min, scale, int(shape[2]))  # (T,) SVD's per-frame scales
     denoise = ClassifierFreeGuidance(denoiser, cond, null_cond, scale)
     settings = {name: getattr(cfg, name) for name in spec.settings}
     return spec.fn(denoise, process, noise, steps=cfg.steps, generator=g, **settings)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from training.diffusion import (
     SAMPLERS,
     DiscreteDiffusion,
+    EDMDiffusion,
     NoiseSchedule,
     RectifiedFlow,
     ddim_sample,
@@ -24,6 +25,7 @@ from training.diffusion import (
     dpm_solver_timesteps,
     euler_flow_sample,
     euler_flow_step,
+    euler_karras_sample,
 )
 
 # diffusers' DPMSolverMultistepScheduler.set_timesteps trips a numpy-2 __array__ DeprecationWarning (not ours)
@@ -70,6 +72,7 @@ def test_registry_holds_every_sampler_with_its_process_and_one_calling_conventio
         "ddim": (ddim_sample, DiscreteDiffusion),
         "dpm_solver_2m": (dpm_solver_2m_sample, DiscreteDiffusion),
         "euler": (euler_flow_sample, RectifiedFlow),
+        "euler_karras": (euler_karras_sample, EDMDiffusion),
     }
     assert SAMPLERS["ddim"].settings == ("eta", "clip_x0")
     for name, spec in SAMPLERS.items():

@@ -3,10 +3,12 @@
 Small, separate pieces (in the spirit of k-diffusion / EDM / generative-models):
 
 * :mod:`.schedules`  beta schedules and :class:`NoiseSchedule`;
-* :mod:`.process`    :class:`DiscreteDiffusion` (DDPM) and :class:`RectifiedFlow` behind one
-  training interface (:meth:`DiffusionProcess.training_loss_terms` / :meth:`DiffusionProcess.loss`);
+* :mod:`.process`    :class:`DiscreteDiffusion` (DDPM), :class:`RectifiedFlow` and :class:`EDMDiffusion`
+  (continuous sigma, SVD) behind one training interface (:meth:`DiffusionProcess.training_loss_terms` /
+  :meth:`DiffusionProcess.loss`), with an optional token-count shift (:meth:`DiffusionProcess.for_shape`);
 * :mod:`.process_config` :class:`DiffusionConfig` (validated) and :func:`build_process`;
-* :mod:`.samplers`   DDPM, DDIM, DPM-Solver++(2M) and flow Euler samplers, functions of ``denoise(x, t)``,
+* :mod:`.samplers`   DDPM, DDIM, DPM-Solver++(2M), flow Euler and EDM Euler (Karras sigmas) samplers,
+  functions of ``denoise(x, t)``,
   registered by name in :data:`SAMPLERS`;
 * :mod:`.guidance`   guiders that build ``denoise(x, t)``: batched classifier-free guidance.
 
@@ -17,11 +19,15 @@ from .guidance import ClassifierFreeGuidance, Denoiser, frame_guidance_scale, re
 from .process import (
     DiffusionProcess,
     DiscreteDiffusion,
+    EDMDiffusion,
     LossTerms,
     RectifiedFlow,
     build_process,
+    karras_sigmas,
     resolution_shift,
     shift_time,
+    token_count,
+    token_shift,
 )
 from .process_config import DiffusionConfig
 from .samplers import (
@@ -35,8 +41,10 @@ from .samplers import (
     discrete_timesteps,
     dpm_solver_2m_sample,
     dpm_solver_timesteps,
+    euler_edm_step,
     euler_flow_sample,
     euler_flow_step,
+    euler_karras_sample,
     register_sampler,
     sampler_for,
 )
@@ -51,6 +59,7 @@ __all__ = [
     "DiffusionConfig",
     "DiffusionProcess",
     "DiscreteDiffusion",
+    "EDMDiffusion",
     "LossTerms",
     "NoiseSchedule",
     "RectifiedFlow",
@@ -63,9 +72,12 @@ __all__ = [
     "discrete_timesteps",
     "dpm_solver_2m_sample",
     "dpm_solver_timesteps",
+    "euler_edm_step",
     "euler_flow_sample",
     "euler_flow_step",
+    "euler_karras_sample",
     "frame_guidance_scale",
+    "karras_sigmas",
     "make_betas",
     "register_sampler",
     "rescale_guidance",
@@ -74,4 +86,6 @@ __all__ = [
     "sampler_for",
     "shift_time",
     "stacked_forward",
+    "token_count",
+    "token_shift",
 ]

@@ -15,6 +15,9 @@ Every sampler is registered in :data:`SAMPLERS` by name (:func:`register_sampler
 integrates and the settings it reads from a sampling config, so ``training.sampling.sample_latents`` dispatches by
 name. A new sampler is a function here (or anywhere) with the decorator; guidance does not change.
 
+Every sampler integrates ``process.for_shape(noise.shape)``: with a token-count shift configured
+(:mod:`.process`) the noise levels for the sample's frames x height x width are those training used.
+
 Single steps are public too (``ddpm_step``, ``ddim_step``, ``euler_flow_step``)
 so that they can be tested and reused in isolation; unlike the samplers, which
 run under ``torch.no_grad()``, they are differentiable.
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .process import DiscreteDiffusion, RectifiedFlow, randn
+from .process import DiscreteDiffusion, EDMDiffusion, RectifiedFlow, randn
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS: tuple[str, ...] = get_args(TimestepSpacing)
@@ -69,7 +72,7 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 #: How errors name a process class.
-PROCESS_KINDS: dict[type, str] = {DiscreteDiffusion: "discrete", RectifiedFlow: "flow"}
+PROCESS_KINDS: dict[type, str] = {DiscreteDiffusion: "discrete", RectifiedFlow: "flow", EDMDiffusion: "edm"}
 
 
 def register_sampler(name: str, process: type, settings: Sequence[str] = ()) -> Callable[[Callable], Callable]:
@@ -267,6 +270,7 @@ def ddpm_sample(
     decreasing ``timesteps``).  ``generator`` drives the per-step noise.
     """
     _require(process, DiscreteDiffusion, "ddpm_sample")
+    process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
     ts = _resolve_timesteps(process, steps, process.num_timesteps, spacing, steps_offset, timesteps, discrete_timesteps)
     x = noise
     for i, t in enumerate(ts):
@@ -337,6 +341,7 @@ def ddim_sample(
     same grid point for "leading" and "trailing" but not for "linspace".)
     """
     _require(process, DiscreteDiffusion, "ddim_sample")
+    process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
     ts = _resolve_timesteps(process, steps, 50, spacing, steps_offset, timesteps, discrete_timesteps)
     x = noise
     for i, t in enumerate(ts):
@@ -383,6 +388,7 @@ def dpm_solver_2m_sample(
     """
     del generator
     _require(process, DiscreteDiffusion, "dpm_solver_2m_sample")
+    process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
     ts = _resolve_timesteps(process, steps, 20, spacing, steps_offset, timesteps, dpm_solver_timesteps)
 
     def alpha_sigma(t: int) -> tuple[float, float]:
@@ -441,13 +447,15 @@ def euler_flow_sample(
     The probability-flow ODE of rectified flow is ``dx/dt = v(x, t)`` (Liu et al.
     2022); SD3 (Esser et al. 2024) samples it with Euler steps on a shifted grid.
     ``sigmas`` (decreasing, ending at 0) defaults to
-    :meth:`RectifiedFlow.sampling_sigmas` ``(steps, shift)``.  With ``clip_x0`` the
+    :meth:`RectifiedFlow.sampling_sigmas` ``(steps, shift)`` (an explicit ``shift`` is the whole shift, token
+    shift included).  With ``clip_x0`` the
     velocity is re-derived from the clamped x0, ``v = (x - x0) / t``.
     ``denoise`` is called with the denoiser's timesteps, ``process.model_timesteps(t)``.
     ``generator`` is unused (deterministic sampler).
     """
     del generator
     _require(process, RectifiedFlow, "euler_flow_sample")
+    process = process.for_shape(noise.shape)  # the token-shifted time shift, if one is configured
     if sigmas is None:
         grid = process.sampling_sigmas(steps, shift).tolist()
     else:
@@ -463,6 +471,69 @@ def euler_flow_sample(
             x0 = x0.clamp(-clip_x0, clip_x0)
             out = (x - x0) / sigma
         x = euler_flow_step(out, x, sigma, sigma_next)
+        if callback is not None:
+            callback(i, sigma, x, x0)
+    return x
+
+
+# ----------------------------------------------------------------------------- EDM: Euler over Karras sigmas
+def euler_edm_step(x: Tensor, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of the probability-flow ODE ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022,
+    eq. 3 with ``sigma(t) = t``; Algorithm 1 without its Heun correction):
+    ``x + (sigma_next - sigma) (x - x0) / sigma``."""
+    return x + (sigma_next - sigma) * ((x - x0) / sigma)
+
+
+@register_sampler("euler_karras", EDMDiffusion, settings=("clip_x0",))
+@torch.no_grad()
+def euler_karras_sample(
+    denoise: DenoiseFn,
+    process: EDMDiffusion,
+    noise: Tensor,
+    *,
+    steps: int = 25,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
+    sigmas: Optional[Sequence[float] | Tensor] = None,
+    clip_x0: Optional[float] = None,
+) -> Tensor:
+    """Euler sampling of an :class:`EDMDiffusion` over Karras sigmas (Karras et al. 2022, eq. 5 and Algorithm 1,
+    first order, no churn): Stable Video Diffusion's sampler.
+
+    It is diffusers' ``EulerDiscreteScheduler`` as ``StableVideoDiffusionPipeline`` configures it
+    (``prediction_type="v_prediction"``, ``use_karras_sigmas=True``, ``sigma_min=0.002``, ``sigma_max=700``,
+    ``timestep_type="continuous"``, ``timestep_spacing="leading"``):
+
+    * the grid is :meth:`EDMDiffusion.sampling_sigmas` ``(steps)`` (Karras sigmas, then 0), or the decreasing
+      ``sigmas`` given (ending at 0);
+    * ``noise`` is unit Gaussian and the start is ``noise * sqrt(sigma_0^2 + 1)``: the std of ``x0 + sigma_0 eps``
+      for unit-variance data, and diffusers' ``init_noise_sigma`` for "leading" spacing;
+    * at each sigma the denoiser gets ``c_in x = x / sqrt(sigma^2 + 1)`` at ``c_noise = ln(sigma) / 4``
+      (:meth:`EDMDiffusion.model_timesteps`), its output gives ``x0 = D(x; sigma)`` (EDM preconditioning), and
+      :func:`euler_edm_step` moves to the next sigma; the last step (to 0) returns ``x0``.
+
+    Only the sample ``x`` is scaled: conditioning (``cond.image_latents`` of image-to-video) reaches the denoiser
+    untouched through ``denoise``. ``clip_x0`` clamps ``x0`` before the step. ``generator`` is unused
+    (deterministic sampler). ``callback(i, sigma, x, x0)``.
+    """
+    del generator
+    _require(process, EDMDiffusion, "euler_karras_sample")
+    process = process.for_shape(noise.shape)  # token-shifted sigmas, if a shift is configured
+    if sigmas is None:
+        grid = process.sampling_sigmas(steps).tolist()
+    else:
+        grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
+        if len(grid) < 2 or grid[-1] < 0 or any(b >= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"sigmas must be strictly decreasing, >= 0, with >= 2 entries, got {grid}")
+    x = noise * math.sqrt(grid[0] ** 2 + 1.0)
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
+        s_vec = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
+        x_in = x * float(process.c_in(sigma))  # (B, C, ...) the denoiser's input
+        out = denoise(x_in, process.model_timesteps(s_vec))
+        x0 = process.to_x0(out, x_in, s_vec)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        x = euler_edm_step(x, x0, sigma, sigma_next)
         if callback is not None:
             callback(i, sigma, x, x0)
     return x

@@ -178,6 +178,33 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas)
 
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSchedule":
+        """A schedule with exactly these (float64, strictly decreasing, in [0, 1)) cumulative alphas."""
+        acp = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
+        if acp.ndim != 1 or acp.numel() < 2 or bool((acp[1:] >= acp[:-1]).any()) or not 0.0 < float(acp[0]) < 1.0:
+            raise ValueError("alphas_cumprod must be a strictly decreasing 1-D tensor in [0, 1) with >= 2 entries")
+        betas = 1.0 - torch.cat([acp[:1], acp[1:] / acp[:-1]])
+        schedule = cls(betas)
+        schedule.alphas_cumprod = acp.clone()  # exact values, not re-accumulated from the betas
+        return schedule
+
+    def shift_snr(self, scale: float) -> "NoiseSchedule":
+        """The schedule whose SNR is ``scale`` times this one's at every step: ``SNR'(t) = scale * SNR(t)``.
+
+        With ``a = alphas_cumprod[t]`` and ``SNR = a / (1 - a)`` this is ``a' = scale * a / (scale * a + 1 - a)``.
+        ``scale = base / size`` is the shifted schedule of Hoogeboom et al. 2023 ("simple diffusion", section 3.1:
+        ``log SNR'(t) = log SNR(t) + 2 log(base_side / side)``) and of Chen 2023 ("On the importance of noise
+        scheduling for diffusion models", input scaling ``b``: ``SNR' = b^2 SNR``). ``scale = 1`` returns ``self``;
+        a zero-SNR last step stays at zero SNR.
+        """
+        if not scale > 0.0 or not math.isfinite(scale):
+            raise ValueError(f"scale: got {scale!r}; expected a finite float > 0")
+        if scale == 1.0:
+            return self
+        a = self.alphas_cumprod
+        return NoiseSchedule.from_alphas_cumprod(scale * a / (scale * a + (1.0 - a)))
+
     @property
     def num_timesteps(self) -> int:
         return int(self.betas.numel())

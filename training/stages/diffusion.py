@@ -174,7 +174,7 @@ class DenoisingObjective(StagePart):
             batch = batch.to(stage.device)
             x0 = stage.latents_of(batch, generator=g)
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
-            t = stage.process.sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
+            t = stage.process.for_shape(x0.shape).sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
             terms = stage.process.training_loss_terms(x0, noise=noise, t=t)
             out = model(terms.x_t, terms.timesteps, stage.conditioning_of(batch))
             total += float(stage.process.loss(out, terms)) * len(batch)
