@@ -75,9 +75,9 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"shard index {path}: cannot read it ({e})") from e
-    if data.get("__kind__") != INDEX_KIND or not isinstance(data.get("shardlist"), list):
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: arrays nested too deep to parse
+        raise ValueError(f"shard index {path}: cannot read it ({type(e).__name__}: {str(e)[:100]})") from e
+    if not isinstance(data, dict) or data.get("__kind__") != INDEX_KIND or not isinstance(data.get("shardlist"), list):
         raise ValueError(f"shard index {path}: not a {INDEX_KIND} file (no '__kind__'/'shardlist')")
     shards = []
     for i, entry in enumerate(data["shardlist"]):

@@ -14,17 +14,22 @@ The layout (Kirstain et al. 2023, "Pick-a-Pic"; the data Diffusion-DPO trains on
 ``jpg_0``, ``jpg_1``, ``label_0`` (Pick-a-Pic's names; the caption column follows ``caption_column``). An image
 cell is a file path (relative to the table's folder), raw bytes (parquet binary, as in Pick-a-Pic's own parquet
 files) or a ``{"bytes": ..., "path": ...}`` struct (Hugging Face ``datasets`` images). Rows are skipped and
-counted by reason: ``bad_row`` (not an object, or an image cell of an unknown kind), ``missing_caption``,
-``missing_image`` (an absent cell or a path that is not there), ``corrupt_image``, ``image_too_large``,
-``bad_label`` (``label_0`` absent or outside [0, 1]). Ties are written; readers decide.
+counted by reason: ``bad_row`` (not an object, an image cell of an unknown kind, a flag that is not a boolean, or
+another column holding text that is not UTF-8), ``missing_caption``, ``bad_caption`` (not UTF-8: a lone
+surrogate), ``missing_image`` (an absent cell or a path that is not there), ``corrupt_image``, ``image_too_large``,
+``bad_label`` (``label_0`` absent or outside [0, 1], ``label_1`` given but not a number in [0, 1]), and, read as
+Pick-a-Pic means them (:func:`label_problem`): ``unlabelled`` (``has_label`` false: nobody chose),
+``same_images`` (``are_different`` false: the same image twice), ``inconsistent_labels`` (``label_0 + label_1``
+not 1, such as both 1). Ties are written; readers decide.
 
 **Reading** (:func:`iter_preference_pairs`): one pass over the shards in order (the streaming loader's url syntax:
 paths, braces, globs, ``pipe:``), both images decoded to ``resolution``² RGB the way the streaming loader decodes
 (resize to cover, centre crop). A pair with a missing or undecodable image, bad json, no caption or a bad label is
-skipped and counted (the reasons above, plus the shard-level ``truncated_tar`` / ``unreadable_shard`` /
-``empty_shard``); ties are dropped (counted as ``tie``) or kept, by config. The DPO stage encodes what it reads once
-into cached latent pairs and trains on those through the ordinary streaming loader (shuffle buffer, rank and worker
-split, exact resume), so the loader itself needs no two-image mode.
+skipped and counted (the reasons above, ``bad_json`` also for nesting too deep or text that is not UTF-8,
+``duplicate_key`` for a sample with the key of the one before it, plus the shard-level ``truncated_tar`` /
+``unreadable_shard`` / ``empty_shard``); ties are dropped (counted as ``tie``) or kept, by config. The DPO stage
+encodes what it reads once into cached latent pairs and trains on those through the ordinary streaming loader
+(shuffle buffer, rank and worker split, exact resume), so the loader itself needs no two-image mode.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.data_config import DataConfig
+from data_pipeline.errors import SkipSample
 from data_pipeline.index import index_path
+from data_pipeline.sampletext import json_text_problem, text_problem
 from data_pipeline.shardlists import resolve_sources
 from data_pipeline.sources import SkipLog, TableSource, decode_image
-from data_pipeline.stream import close_shard, iter_groups, open_shard, read_meta, select_caption
+from data_pipeline.stream import close_shard, iter_groups, open_shard, read_meta, select_caption, text_checks
 from data_pipeline.transforms import decode_image as decode_to_target
 from data_pipeline.writer import (
     PAIR_TABLE_SUFFIXES,
@@ -85,6 +92,65 @@ def parse_label(value: Any) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return label if math.isfinite(label) and 0.0 <= label <= 1.0 else None
+
+
+_TRUE = ("true", "t", "yes", "y", "1")
+_FALSE = ("false", "f", "no", "n", "0")
+LABEL_SUM_TOLERANCE = 1e-6  # |label_0 + label_1 - 1| above this is inconsistent_labels
+
+
+def _absent(value: Any) -> bool:
+    """A cell with nothing in it: None, NaN (pandas / parquet), or blank text (CSV)."""
+    return value is None or (isinstance(value, float) and value != value) or (isinstance(value, str)
+                                                                                and not value.strip())
+
+
+def parse_flag(value: Any) -> Optional[bool]:
+    """A boolean column (``has_label``, ``are_different``): ``True`` / ``False`` from a bool, 0/1, or text such as
+    ``"false"``, ``"True"``, ``"0"``; None when the cell is empty. Raises ``ValueError`` for anything else."""
+    if _absent(value):
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, (str, bytes)):
+        text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def label_problem(row: dict[str, Any], label_0: float) -> Optional[tuple[str, str]]:
+    """``(reason, detail)`` when a Pick-a-Pic row (a table row or a shard's json) with a valid ``label_0`` is not a
+    usable preference, else None; the checks, in order:
+
+    * ``has_label`` false → ``unlabelled`` (the rater chose nothing; Pick-a-Pic stores 0.5/0.5 for these);
+    * ``are_different`` false → ``same_images`` (the same image twice: no preference to learn);
+    * ``label_1`` present but not a number in [0, 1] → ``bad_label``; ``label_0 + label_1`` not 1 (both 1, both 0,
+      ...) → ``inconsistent_labels`` (never "repaired" by recomputing ``label_1``).
+
+    A flag that is neither true nor false is ``bad_row``. Absent columns (the minimal layout: ``label_0`` only)
+    pass."""
+    for column, reason, meaning in (("has_label", "unlabelled", "no preference was recorded"),
+                                    ("are_different", "same_images", "the two images are the same")):
+        try:
+            flag = parse_flag(row.get(column))
+        except ValueError as e:
+            return "bad_row", f"{column}: {e}"
+        if flag is False:
+            return reason, f"{column} is false: {meaning}"
+    raw_1 = row.get("label_1")
+    if _absent(raw_1):
+        return None
+    label_1 = parse_label(raw_1)
+    if label_1 is None:
+        return "bad_label", f"label_1={raw_1!r}"
+    if abs(label_0 + label_1 - 1.0) > LABEL_SUM_TOLERANCE:
+        return "inconsistent_labels", f"label_0={label_0:g} + label_1={label_1:g} is not 1"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- table source
@@ -177,6 +243,10 @@ class PairTableSource:
             caption = row.get(self.caption_column)
             caption = "" if caption is None or (isinstance(caption, float) and caption != caption) \
                 else str(caption).strip()
+            problem = text_problem(caption)
+            if problem:
+                self.skips.add("bad_caption", f"{where} (caption {problem})")
+                continue
             if not caption and not self.allow_empty_caption:
                 self.skips.add("missing_caption", where)
                 continue
@@ -184,14 +254,22 @@ class PairTableSource:
             if label is None:
                 self.skips.add("bad_label", f"{where} ({LABEL_COLUMN}={row.get(LABEL_COLUMN)!r})")
                 continue
+            refusal = label_problem(row, label)
+            if refusal is not None:
+                self.skips.add(refusal[0], f"{where} ({refusal[1]})")
+                continue
+            extra = {k: v for k, v in row.items() if k not in (*PAIR_IMAGE_COLUMNS, self.caption_column, LABEL_COLUMN)
+                     and k and not isinstance(v, (bytes, bytearray, dict))}
+            problem = json_text_problem(extra)
+            if problem:
+                self.skips.add("bad_row", f"{where} ({problem})")
+                continue
             first = self._image(row.get(PAIR_IMAGE_COLUMNS[0]), where)
             if first is None:
                 continue
             second = self._image(row.get(PAIR_IMAGE_COLUMNS[1]), where)
             if second is None:
                 continue
-            extra = {k: v for k, v in row.items() if k not in (*PAIR_IMAGE_COLUMNS, self.caption_column, LABEL_COLUMN)
-                     and k and not isinstance(v, (bytes, bytearray, dict))}
             self.ties += label == TIE
             yield PreferenceSample(first[0], second[0], caption, label, extra, where, first[1], second[1])
 
@@ -235,6 +313,12 @@ def write_preference_shards(
     o = writer.options
     with writer, tqdm(total=total, desc=prefix, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for s in samples:
+            problem = text_problem(s.caption)
+            refusal = ("bad_caption", f"caption {problem}") if problem else label_problem(s.extra, s.label_0)
+            if refusal is not None:  # samples built in code meet the table's rules too
+                skips.add(refusal[0], f"{s.source_id} ({refusal[1]})")
+                bar.update(writer.count + skips.total - bar.n)
+                continue
             try:
                 enc = [encode_image(img, o.image_format, o.jpeg_quality, o.max_size, dec)
                        for img, dec in ((s.image_0, s.decoded_0), (s.image_1, s.decoded_1))]
@@ -248,8 +332,12 @@ def write_preference_shards(
             meta.update(caption=s.caption, label_0=s.label_0, label_1=1.0 - s.label_0, source=s.source_id)
             for i, e in enumerate(enc):
                 meta.update({f"width_{i}": e.width, f"height_{i}": e.height, f"format_{i}": e.ext})
-            writer.write_members({"jpg_0": enc[0].data, "jpg_1": enc[1].data, "txt": s.caption.encode("utf-8")},
-                                 meta)
+            try:
+                writer.write_members({"jpg_0": enc[0].data, "jpg_1": enc[1].data, "txt": s.caption.encode("utf-8")},
+                                     meta)
+            except SkipSample as e:  # json that cannot be written (checked before anything reaches the tar)
+                skips.add(e.reason, f"{s.source_id} ({e.detail})")
+                continue
             ties += s.label_0 == TIE
             bar.update(writer.count + skips.total - bar.n)  # inputs seen, written or skipped
         bar.update(writer.count + skips.total - bar.n)
@@ -292,11 +380,15 @@ def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], t
                ) -> Optional[PreferencePair]:
     """One tar sample → a decoded pair, or None after counting why not."""
     where = f"{url} {key}"
-    meta, _ = read_meta(members)
+    meta, why = read_meta(members)
     if meta is None:
-        skips.add("bad_json", where)
+        skips.add("bad_json", f"{where} ({why})")
         return None
     caption = select_caption(cfg.caption_keys, members, meta)
+    reason, detail = text_checks(members, meta, caption)
+    if reason is not None:
+        skips.add(reason, f"{where} ({detail})")
+        return None
     if not caption and cfg.require_caption:
         skips.add("missing_caption", where)
         return None
@@ -304,6 +396,10 @@ def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], t
     label = parse_label(raw_label)
     if label is None:
         skips.add("bad_label", where)
+        return None
+    refusal = label_problem(meta, label)
+    if refusal is not None:
+        skips.add(refusal[0], f"{where} ({refusal[1]})")
         return None
     if label == TIE and ties == "drop":
         skips.add("tie", where)
@@ -344,7 +440,10 @@ def iter_preference_pairs(
                     if item[0] == "error":
                         skips.add(item[1], f"{url} ({item[2][:80]})")
                         break
-                    _, _, key, members = item
+                    kind, _, key, members = item
+                    if kind == "duplicate":
+                        skips.add("duplicate_key", f"{url} {key} (same key as the pair before it, which is kept)")
+                        continue
                     pair = parse_pair(cfg, key, url, members, ties, skips)
                     if pair is not None:
                         yield pair
@@ -354,5 +453,5 @@ def iter_preference_pairs(
 
 __all__ = [
     "DEFAULT_PAIR_PREFIX", "PairTableSource", "PairWriteSummary", "PreferencePair", "PreferenceSample",
-    "iter_preference_pairs", "parse_label", "parse_pair", "write_preference_shards",
+    "iter_preference_pairs", "label_problem", "parse_flag", "parse_label", "parse_pair", "write_preference_shards",
 ]

@@ -16,16 +16,17 @@ stream without one decodable frame), ``unsupported_codec`` (no decoder in this F
 
 Skip reasons used here: ``missing_caption`` (no caption file, or an empty caption), ``missing_image`` (a table
 row names a file that is not there), ``corrupt_image`` (PIL cannot decode it), ``image_too_large`` (PIL's
-decompression-bomb guard), ``bad_caption`` (a caption file that is not UTF-8), ``bad_metadata`` (a side-car
-``.json`` that is not a JSON object), ``bad_row`` (a table line that is not a JSON object, or lacks the image
-column).
+decompression-bomb guard), ``bad_caption`` (a caption file that is not UTF-8, or a table's caption holding a lone
+surrogate), ``bad_metadata`` (a side-car ``.json`` that is not a JSON object, nests deeper than
+:data:`~data_pipeline.sampletext.MAX_JSON_DEPTH` levels or holds a string that is not UTF-8), ``bad_row`` (a table
+line that is not a JSON object or nests too deep, lacks the image column, or has a column holding a string that is
+not UTF-8).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from PIL import Image
+
+from data_pipeline.sampletext import json_text_problem, parse_json_object, text_problem
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")  # kept under their own extension in a shard
@@ -108,6 +111,12 @@ class SkipLog:
         if len(ex) < self.max_examples:
             ex.append(example)
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        """Add counts by reason from elsewhere (a loader's ``stats()["skipped"]``), without examples."""
+        for reason, n in counts.items():
+            if n:
+                self.counts[reason] = self.counts.get(reason, 0) + int(n)
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -120,7 +129,8 @@ class SkipLog:
         for reason in sorted(self.counts):
             shown = ", ".join(self.examples.get(reason, []))
             more = ", ..." if self.counts[reason] > len(self.examples.get(reason, [])) else ""
-            parts.append(f"{reason} {self.counts[reason]} (e.g. {shown}{more})")
+            parts.append(f"{reason} {self.counts[reason]} (e.g. {shown}{more})" if shown else
+                         f"{reason} {self.counts[reason]}")
         return "; ".join(parts)
 
 
@@ -328,15 +338,16 @@ class FolderSource:
             if not caption and not self.allow_empty_caption:
                 self.skips.add("missing_caption", rel)
                 continue
-            extra: dict[str, Any] = {}
+            extra: Optional[dict[str, Any]] = {}
             meta_path = path.with_suffix(".json")
             if meta_path.is_file():
                 try:
-                    extra = json.loads(meta_path.read_text(encoding="utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    extra = None  # type: ignore[assignment]
-                if not isinstance(extra, dict):
-                    self.skips.add("bad_metadata", rel)
+                    extra, why = parse_json_object(meta_path.read_text(encoding="utf-8-sig"))
+                except UnicodeDecodeError as e:
+                    extra, why = None, str(e)[:100]
+                why = why or json_text_problem(extra)  # a lone surrogate would stop the writer's json
+                if extra is None or why:
+                    self.skips.add("bad_metadata", f"{rel} ({why})")
                     continue
             sample = _read_media(path, caption, extra, rel, self.skips, rel)
             if sample is not None:
@@ -398,10 +409,10 @@ class TableSource:
                     if not raw.strip():
                         continue
                     try:
-                        row = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError):
+                        row, _why = parse_json_object(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                    except UnicodeDecodeError:
                         row = None
-                    yield lineno, row if isinstance(row, dict) else None
+                    yield lineno, row
         else:  # undecodable bytes become U+FFFD: the row still counts (e.g. as missing_image), the run goes on
             with self.path.open(newline="", encoding="utf-8-sig", errors="replace") as f:
                 reader = self._csv_reader(f)
@@ -419,10 +430,18 @@ class TableSource:
                 continue
             image_ref = image_ref.strip()
             caption = _caption_text(row.get(self.caption_column))
+            problem = text_problem(caption)
+            if problem:
+                self.skips.add("bad_caption", f"{where} {image_ref} (caption {problem})")
+                continue
             if not caption and not self.allow_empty_caption:
                 self.skips.add("missing_caption", f"{where} {image_ref}")
                 continue
             extra = {k: v for k, v in row.items() if k not in (self.image_column, self.caption_column) and k}
+            problem = json_text_problem(extra)
+            if problem:
+                self.skips.add("bad_row", f"{where} {image_ref} ({problem})")
+                continue
             sample = _read_media(folder / image_ref, caption, extra, image_ref, self.skips, f"{where} {image_ref}")
             if sample is not None:
                 yield sample

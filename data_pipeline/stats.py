@@ -2,8 +2,11 @@
 
 Skip reasons (a sample is skipped, never fatal): ``corrupt_image`` (header or pixels unreadable),
 ``missing_image`` (both named after the pixel member's decoder kind, :mod:`data_pipeline.decoders`),
-``missing_caption``, ``bad_json``, ``bad_array`` (a latent/extra member that does not load), ``missing_array``
-(a configured extra member absent). Shard-level reasons count shards, not samples:
+``missing_caption``, ``bad_caption`` (a caption that cannot be written as UTF-8: a lone surrogate from the json),
+``bad_json`` (not a JSON object, nested deeper than :data:`~data_pipeline.sampletext.MAX_JSON_DEPTH`, or holding a
+string that is not UTF-8), ``bad_array`` (a latent/extra member that does not load), ``missing_array`` (a
+configured extra member absent), ``duplicate_key`` (a sample with the same key as the one before it, which is
+kept: the tar's members would otherwise merge into one sample). Shard-level reasons count shards, not samples:
 ``truncated_tar`` (read error mid-tar, or fewer samples than its index lists), ``empty_shard``,
 ``unreadable_shard`` (cannot be opened, or not a tar).
 

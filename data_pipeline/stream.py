@@ -1,7 +1,9 @@
 """Reading tars: grouping members into samples, classifying bad ones, and one source's resumable shard stream.
 
 A *sample* is a run of consecutive tar members sharing a key (``webdataset``'s ``base_plus_ext``: the text
-before the first dot of the file name). Samples are numbered ``0, 1, ...`` in each shard, bad ones included,
+before the first dot of the file name); a member repeating an extension of the run starts the next sample, which
+is counted as ``duplicate_key`` and skipped (two adjacent samples with one key: the first is kept, none is lost
+uncounted). Samples are numbered ``0, 1, ...`` in each shard, bad ones included,
 so ``(shard url, index)`` names a sample for good: a loader state refers to samples that way and a resumed
 stream reopens a shard and skips ``offset`` samples (reading tar headers, decoding nothing).
 
@@ -16,7 +18,6 @@ raises :class:`DataError` instead of looping forever.
 
 from __future__ import annotations
 
-import json
 import re
 import tarfile
 from collections import Counter
@@ -29,6 +30,7 @@ from webdataset.tariterators import base_plus_ext
 from data_pipeline.data_config import DataConfig
 from data_pipeline.decoders import member_decoder
 from data_pipeline.errors import DataError
+from data_pipeline.sampletext import json_text_problem, parse_json_object, printable, text_problem
 from data_pipeline.shardlists import T_RESAMPLE, ResolvedSource, mix64, shard_order, slot_share
 from data_pipeline.stats import Counters, format_counts
 from data_pipeline.transforms import array_shape
@@ -96,7 +98,12 @@ def _exit_status(fh) -> Optional[int]:
 
 def iter_groups(fh, want: Callable[[int], bool]) -> Iterator[tuple]:
     """Samples of an open tar: ``("sample", index, key, members or None)``; ``members`` (``{ext: bytes}``, lower
-    case) is read only when ``want(index)``. A read error ends the shard with ``("error", reason, detail)``."""
+    case) is read only when ``want(index)``. A read error ends the shard with ``("error", reason, detail)``.
+
+    Two adjacent samples with the same key (``a.jpg a.txt a.jpg a.txt``) would merge into one group, the second
+    one's members silently dropped (``webdataset`` does the same). Here a member whose extension the current group
+    already holds starts a new group, yielded as ``("duplicate", index, key, members or None)``: it takes a sample
+    number like any other and the readers count it as ``duplicate_key`` (the first sample is kept)."""
     try:
         tf = tarfile.open(fileobj=fh, mode="r|*")
     except Exception as e:  # noqa: BLE001
@@ -107,7 +114,8 @@ def iter_groups(fh, want: Callable[[int], bool]) -> Iterator[tuple]:
         else:
             yield ("error", "empty_shard" if "empty file" in msg else "unreadable_shard", msg[:200])
         return
-    g, key, members = -1, None, None
+    g, key, members, kind = -1, None, None, "sample"
+    seen: set[str] = set()  # member extensions (lower case) of the current group, read or not
     try:
         for ti in tf:
             if not ti.isreg():
@@ -115,34 +123,44 @@ def iter_groups(fh, want: Callable[[int], bool]) -> Iterator[tuple]:
             prefix, suffix = base_plus_ext(ti.name)
             if prefix is None or ti.name.rsplit("/", 1)[-1].startswith("__"):
                 continue
-            if prefix != key:
+            suffix = suffix.lower()
+            if prefix != key or suffix in seen:
                 if key is not None:
-                    yield ("sample", g, key, members)
+                    yield (kind, g, printable(key), members)
+                kind = "duplicate" if prefix == key else "sample"
                 g, key = g + 1, prefix
                 members = {} if want(g) else None
+                seen = set()
+            seen.add(suffix)
             if members is not None:
-                suffix = suffix.lower()
-                if suffix not in members:
-                    members[suffix] = tf.extractfile(ti).read()
+                members[suffix] = tf.extractfile(ti).read()
             tf.members = []
         if key is not None:
-            yield ("sample", g, key, members)
+            yield (kind, g, printable(key), members)
     except Exception as e:  # noqa: BLE001 - any failure inside a tar is a truncated / damaged tar
         yield ("error", "truncated_tar", f"read error after {max(g, 0)} samples: {str(e)[:200]}")
 
 
 def read_meta(members: dict[str, bytes]) -> tuple[Optional[dict], str]:
     """``(meta, "")`` from the sample's ``json`` member (``{}`` when it has none), or ``(None, why)`` when the
-    member is not a JSON object."""
+    member is not a JSON object, or nests deeper than :data:`~data_pipeline.sampletext.MAX_JSON_DEPTH` levels
+    (200,000 levels would exhaust the parser's stack: a ``RecursionError``, counted here like any bad json)."""
     if "json" not in members:
         return {}, ""
-    try:
-        meta = json.loads(members["json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        return None, str(e)[:100]
-    if not isinstance(meta, dict):
-        return None, f"a {type(meta).__name__}, not an object"
-    return meta, ""
+    return parse_json_object(members["json"])
+
+
+def text_checks(members: dict[str, bytes], meta: dict, caption: str) -> tuple[Optional[str], str]:
+    """``(None, "")`` when the caption and every string of the json can be written back as UTF-8 (a cache shard,
+    a tokenizer); else ``("bad_caption" | "bad_json", why)``: a lone surrogate such as ``"\\ud800"`` is valid
+    JSON but no valid UTF-8."""
+    problem = text_problem(caption)
+    if problem:
+        return "bad_caption", f"caption {problem}"
+    problem = json_text_problem(meta, members["json"]) if "json" in members else ""
+    if problem:
+        return "bad_json", problem
+    return None, ""
 
 
 def select_caption(caption_keys: list[str], members: dict[str, bytes], meta: dict) -> str:
@@ -161,7 +179,8 @@ def select_caption(caption_keys: list[str], members: dict[str, bytes], meta: dic
 
 def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[Optional[str], str, dict]:
     """``(skip_reason, detail, fields)``: the cheap checks, in order json → motion score (``low_motion`` below
-    ``min_motion_score``) → pixel member → caption → arrays → header (the pixel member's decoder probes it)."""
+    ``min_motion_score``) → pixel member → caption (``bad_caption``, then ``bad_json`` for text that cannot be
+    written back as UTF-8: :func:`text_checks`) → arrays → header (the pixel member's decoder probes it)."""
     meta, error = read_meta(members)
     if meta is None:
         return "bad_json", error, {}
@@ -176,6 +195,9 @@ def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[
             kind = member_decoder(cfg.image_keys[0]).kind
             return f"missing_{kind}", f"members: {', '.join(sorted(members)) or 'none'}", {}
     caption = select_caption(cfg.caption_keys, members, meta)
+    reason, detail = text_checks(members, meta, caption)
+    if reason is not None:
+        return reason, detail, {}
     if not caption and cfg.require_caption:
         return "missing_caption", f"none of {', '.join(cfg.caption_keys)}", {}
     arrays = {}
@@ -214,8 +236,8 @@ def read_samples(cfg: DataConfig, url: str, wanted: dict[int, list[tuple[int, in
         for item in iter_groups(fh, lambda g: g in wanted):
             if item[0] == "error":
                 break
-            _, g, key, members = item
-            if members is not None:
+            kind, g, key, members = item
+            if members is not None and kind == "sample":
                 reason, _detail, fields = parse_sample(cfg, key, members)
                 if reason is None:
                     for src, visit, repeat in wanted[g]:
@@ -416,9 +438,12 @@ class SourceStream:
                 self._shard_error = True
                 self._skip(item[1], url, None, item[2])
                 continue
-            _, g, key, members = item
+            kind, g, key, members = item
             self.offset = g + 1
             if members is None:
+                continue
+            if kind == "duplicate":
+                self._skip("duplicate_key", url, key, "same key as the sample before it, which is kept")
                 continue
             reason, detail, fields = parse_sample(self.cfg, key, members)
             if reason is not None:

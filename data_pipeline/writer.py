@@ -18,7 +18,13 @@ Image handling (``image_format``): ``keep`` stores already-encoded jpg/png/webp 
 anything else (bmp, arrays, PIL images) as PNG; ``jpg`` and ``png`` re-encode, except that bytes already in the
 requested format pass through untouched. An image is always re-encoded when ``max_size`` asks for a downscale
 (longer side to ``max_size``, Lanczos) or its EXIF orientation tag asks for a rotation (applied to the pixels).
-When re-encoding to jpg, transparency is composited onto white.
+When re-encoding to jpg, transparency is composited onto white. A re-encoded image is 8-bit (L, LA, RGB or RGBA:
+:func:`~data_pipeline.transforms.normalize_mode`; 16/32-bit integer and float greys are scaled by their range, not
+clipped), and its ``width`` / ``height`` are those of the upright image.
+
+A sample whose caption or json cannot be written as UTF-8 (a lone surrogate such as ``"\\ud800"``, valid in JSON)
+or whose json nests deeper than :data:`~data_pipeline.sampletext.MAX_JSON_DEPTH` is counted (``bad_caption``,
+``bad_json``) and skipped; nothing of it reaches the tar.
 
 Videos (a source's mp4/webm/mov/mkv/avi/gif bytes with their probe, or raw :class:`~data_pipeline.sources
 .VideoFrames`) are stored as ``KEY.<container ext>`` + ``KEY.txt`` + ``KEY.json``; the json holds, beside key,
@@ -43,7 +49,6 @@ threads and SIMD; their encoded bytes may differ between runs, while kept files,
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -58,7 +63,9 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from data_pipeline.errors import SkipSample
 from data_pipeline.index import ShardIndex, ShardInfo, index_path, write_index
+from data_pipeline.sampletext import encode_json, text_problem
 from data_pipeline.sources import (
     TABLE_SUFFIXES,
     VIDEO_FIELDS,
@@ -72,6 +79,7 @@ from data_pipeline.sources import (
     iter_video_frames,
     probe_video,
 )
+from data_pipeline.transforms import normalize_mode
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +271,6 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def _normalize_mode(img: Image.Image) -> Image.Image:
-    """L, LA, RGB or RGBA (palette, CMYK, 16-bit, ... converted), so any encoder and resampler accepts it."""
-    if img.mode in ("L", "LA", "RGB", "RGBA"):
-        return img
-    has_alpha = img.mode in ("PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
-    return img.convert("RGBA" if has_alpha else "RGB")
-
-
 def _to_jpeg_mode(img: Image.Image) -> Image.Image:
     if img.mode in ("L", "RGB"):
         return img
@@ -318,7 +318,7 @@ def encode_image(
     target = image_format if image_format != "keep" else ("jpg" if src_ext == "jpg" else "png")
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
-    img = _normalize_mode(img)
+    img = normalize_mode(img)  # L, LA, RGB or RGBA; 16/32-bit and float greys scaled by their range
     if too_big:
         scale = max_size / max(img.size)  # type: ignore[operator]
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -637,9 +637,23 @@ class ShardWriter:
             return None
         key = f"{self.count:09d}"
         caption = sample.caption if sample.caption is not None else ""
+        if not self._text_ok(caption, sample):
+            return None
         meta = {k: v for k, v in sample.extra.items() if k not in RESERVED_FIELDS}
         meta.update(key=key, width=enc.width, height=enc.height, caption=caption, source=sample.source_id)
-        return self.write_members({enc.ext: enc.data, "txt": caption.encode("utf-8")}, meta)
+        try:
+            return self.write_members({enc.ext: enc.data, "txt": caption.encode("utf-8")}, meta)
+        except SkipSample as e:
+            self.skips.add(e.reason, f"{sample.source_id or f'sample {self.count + self.skips.total}'} ({e.detail})")
+            return None
+
+    def _text_ok(self, caption: str, sample: Sample) -> bool:
+        """False after counting ``bad_caption`` (a caption that cannot be written as UTF-8: a lone surrogate)."""
+        problem = text_problem(caption)
+        if problem:
+            where = sample.source_id or f"sample {self.count + self.skips.total}"
+            self.skips.add("bad_caption", f"{where} (caption {problem})")
+        return not problem
 
     def _write_video(self, sample: Sample) -> Optional[str]:
         where = sample.source_id or f"sample {self.count + self.skips.total}"
@@ -652,22 +666,31 @@ class ShardWriter:
         for start, end in dropped:
             self.skips.add("short_scene", f"{where} {start:.2f}-{end:.2f}s")
         caption = sample.caption if sample.caption is not None else ""
+        if not self._text_ok(caption, sample):
+            return None
         keys = []
         for clip in clips:
             meta = {k: v for k, v in sample.extra.items() if k not in VIDEO_RESERVED_FIELDS}
             meta.update(clip.info.fields(), **clip.extra)
             meta.update(caption=caption, source=sample.source_id)
-            keys.append(self.write_members({clip.ext: clip.data, "txt": caption.encode("utf-8")}, meta))
+            try:
+                keys.append(self.write_members({clip.ext: clip.data, "txt": caption.encode("utf-8")}, meta))
+            except SkipSample as e:
+                self.skips.add(e.reason, f"{where} ({e.detail})")
         return keys[0] if keys else None
 
     def write_members(self, members: dict[str, bytes], meta: dict[str, Any]) -> str:
         """Add one sample made of ready member bytes by extension (``{"latent.npy": ..., "txt": ...}``) plus its
-        json (``key`` is set here); returns the key. Used for derived shards such as cached latents."""
+        json (``key`` is set here); returns the key. Used for derived shards such as cached latents.
+
+        Raises :class:`~data_pipeline.errors.SkipSample` (reason ``bad_json``) when ``meta`` cannot be written as
+        UTF-8 JSON (a lone surrogate, nesting too deep), before anything is added: the caller counts the skip and
+        the tar stays whole."""
         if self.index is not None:
             raise RuntimeError(f"shard writer {self.prefix!r} is closed")
         key = f"{self.count:09d}"
         meta = dict(meta, key=key)
-        meta_bytes = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=_json_default).encode("utf-8")
+        meta_bytes = encode_json(meta, _json_default)  # SkipSample("bad_json") before anything reaches the tar
         members = dict(members, json=meta_bytes)
         if self._tar is None:
             self._open_shard()

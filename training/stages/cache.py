@@ -35,7 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from data_pipeline.data_config import DataConfig
+from data_pipeline.errors import SkipSample
 from data_pipeline.loader import build_loader
+from data_pipeline.sampletext import text_problem
+from data_pipeline.sources import SkipLog
+from data_pipeline.stats import format_counts
 from data_pipeline.writer import ShardWriter, WriterOptions
 
 log = logging.getLogger(__name__)
@@ -141,7 +145,8 @@ def cache_shards(
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"cache {prefix}", unit="sample", dynamic_ncols=True)
-    with ShardWriter(out_dir, prefix, WriterOptions(cfg.max_samples_per_shard, overwrite=True)) as writer:
+    skips = SkipLog()  # samples the cache could not write (and, at the end, what the loader skipped)
+    with ShardWriter(out_dir, prefix, WriterOptions(cfg.max_samples_per_shard, overwrite=True), skips) as writer:
         for batch in loader:
             moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w) or (B, 2C, T, h, w)
             cond = text_encoder.encode(list(batch.captions))
@@ -149,11 +154,15 @@ def cache_shards(
             mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
             pooled = cond.pooled.float().cpu().numpy() if cond.pooled is not None else None  # (B, P)
             for i in range(len(batch)):
+                caption = batch.captions[i]
+                if text_problem(caption):  # the loader skips these as bad_caption; a guard, never a crash
+                    _skip_cached(skips, "bad_caption", batch, i, f"caption {text_problem(caption)}")
+                    continue
                 members = {
                     "latent.npy": npy(moments[i].astype(np_dtype)),
                     "context.npy": npy(context[i].astype(np_dtype)),
                     "context_mask.npy": npy(mask[i]),
-                    "txt": batch.captions[i].encode("utf-8"),
+                    "txt": caption.encode("utf-8"),
                 }
                 if pooled is not None:
                     members["pooled.npy"] = npy(pooled[i].astype(np_dtype))
@@ -162,15 +171,29 @@ def cache_shards(
                             crop_top_left=batch.crop_top_left[i].tolist(), target_size=batch.target_size[i].tolist())
                 if batch.pixels.ndim == 5:  # a clip (an image in a video run: one frame)
                     meta["clip_frames"] = batch.num_frames
-                writer.write_members(members, meta)
+                try:
+                    writer.write_members(members, meta)
+                except SkipSample as e:  # json that cannot be written: counted, nothing of it in the tar
+                    _skip_cached(skips, e.reason, batch, i, e.detail)
+                    continue
                 written += 1
             if bar is not None:
                 bar.update(len(batch))
+        stats = loader.stats()
+        skips.add_counts(stats.get("skipped", {}))  # the cache's index records what reading its input skipped
     if bar is not None:
         bar.close()
-    stats = loader.stats()
-    log.info("cached %d samples of %r into %s (skipped: %s)", written, prefix, out_dir, stats.get("skipped"))
+    log.info("cached %d samples of %r into %s (skipped: %s)", written, prefix, out_dir,
+             format_counts(dict(skips.counts)))
     return written
+
+
+def _skip_cached(skips: SkipLog, reason: str, batch: Any, i: int, detail: str) -> None:
+    """Count one sample the cache cannot write, and say which (source and key) and why."""
+    source = batch.sources[i] if i < len(batch.sources) else "?"
+    where = f"sample {batch.keys[i]!r} of source {source!r}"
+    skips.add(reason, where)
+    log.warning("cache: skipped %s: %s (%s)", where, reason, detail)
 
 
 def in_run_dir(run_dir: Path, path: str) -> Path:

@@ -52,7 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.data_config import DataConfig
+from data_pipeline.errors import SkipSample
 from data_pipeline.preference import iter_preference_pairs
+from data_pipeline.sampletext import printable, text_problem
 from data_pipeline.sources import SkipLog
 from data_pipeline.transforms import to_float_pixels
 from data_pipeline.writer import ShardWriter, WriterOptions
@@ -188,7 +190,14 @@ def cache_preference_pairs(
         context = cond.context.float().cpu().numpy()  # (B, L, D)
         mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
         pooled = cond.pooled.float().cpu().numpy() if cond.pooled is not None else np.zeros((len(chunk), 0))
+        done = 0
         for i, p in enumerate(chunk):
+            where = f"{printable(p.url)} {printable(p.key)}"
+            problem = text_problem(p.caption)  # the pair reader skips these as bad_caption; a guard, never a crash
+            if problem:
+                skips.add("bad_caption", where)
+                log.warning("dpo: skipped pair %s: bad_caption (caption %s)", where, problem)
+                continue
             members = {
                 "latent.npy": npy(moments_w[i].astype(np_dtype)),
                 "latent_l.npy": npy(moments_l[i].astype(np_dtype)),
@@ -197,9 +206,16 @@ def cache_preference_pairs(
                 "pooled.npy": npy(pooled[i].astype(np_dtype)),
                 "txt": p.caption.encode("utf-8"),
             }
-            writer.write_members(members, {"preference": p.strength, "label_0": p.label_0, "source_key": p.key,
-                                           "source_url": p.url, "winner": 0 if p.winner_is_0 else 1})
-        return len(chunk)
+            meta = {"preference": p.strength, "label_0": p.label_0, "source_key": printable(p.key),
+                    "source_url": printable(p.url), "winner": 0 if p.winner_is_0 else 1}
+            try:
+                writer.write_members(members, meta)
+            except SkipSample as e:  # json that cannot be written: counted, nothing of it in the tar
+                skips.add(e.reason, where)
+                log.warning("dpo: skipped pair %s: %s (%s)", where, e.reason, e.detail)
+                continue
+            done += 1
+        return done
 
     with ShardWriter(out_dir, prefix, WriterOptions(max_samples_per_shard, overwrite=True), skips) as writer:
         chunk: list = []
@@ -293,7 +309,8 @@ class DpoObjective(StagePart):
         process = self.stage.process
         b = xw.shape[0]
         noise = process.sample_noise(xw, generator)  # shaped like xw, shared by winner and loser
-        t = process.sample_timesteps(b, generator, xw.device if generator is None else torch.device("cpu"))
+        draw_on = xw.device if generator is None else torch.device("cpu")
+        t = process.for_shape(xw.shape).sample_timesteps(b, generator, draw_on)  # token-shifted times, if configured
         t = t.to(xw.device)
         terms = process.training_loss_terms(torch.cat([xw, xl]), noise=torch.cat([noise, noise]),
                                             t=torch.cat([t, t]))
