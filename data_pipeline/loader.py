@@ -48,10 +48,16 @@ endless (``nominal``) mode, re-reading the samples referenced by the carried-ove
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import signal
+import sys
+import weakref
 import zlib
-from typing import Iterator, Optional
+from functools import partial
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -86,6 +92,66 @@ class _Delivery:
 
 def _identity(x):
     return x
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what the trainer answers with a checkpoint (SLURM pre-emption)
+
+
+def _worker_init(parent: int, worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader worker: the stop signals are the main process's to answer.
+
+    SLURM's pre-emption and ``scancel`` signal every process of the job, the workers included; a worker that died
+    of it would take the main process down (``DataLoader worker ... is killed by signal``) before its handler could
+    checkpoint. So a worker ignores SIGTERM and SIGUSR1 (``SIG_IGN``); the main process decides, stops at the end of
+    the step and shuts its workers down (:func:`_close_workers`, which also ends a stuck one with SIGKILL, since
+    SIGTERM no longer does). The worker asks the kernel for a SIGKILL when its parent ends (``PR_SET_PDEATHSIG``,
+    Linux), so that it is never left orphaned, whatever ended the main process.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the main process ended before the request was in place
+        os._exit(0)
+
+
+_OPEN_WORKER_ITERATORS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # DataLoader iterators whose workers may run
+
+
+def _close_workers(it: Any, wait: bool = True) -> None:
+    """Shut down a DataLoader iterator's workers: the DataLoader's own shutdown (an end-of-work message, up to a
+    few seconds' wait per worker), then SIGKILL for any still alive — a stuck worker ignores the SIGTERM the
+    DataLoader would send. ``wait=False`` (an error is on its way out): SIGKILL at once, after unregistering their
+    pids so that the main process's SIGCHLD check does not report the kill as the failure."""
+    _OPEN_WORKER_ITERATORS.discard(it)
+    workers = list(getattr(it, "_workers", None) or [])
+    if not wait:
+        if getattr(it, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+@atexit.register
+def _close_all_workers() -> None:
+    """At interpreter exit (before multiprocessing's own exit handler, registered earlier, would SIGTERM the daemon
+    workers and wait for them for ever): close the workers of iterators still open, e.g. held by a traceback."""
+    for it in list(_OPEN_WORKER_ITERATORS):
+        _close_workers(it)
 
 
 def _run_worker(pipe: WorkerPipeline, epoch: int, owed: Optional[int], snapshots: bool) -> Iterator[_Delivery]:
@@ -274,11 +340,24 @@ class StreamingLoader:
             # Our workers' randomness comes from (seed, counters) alone, so a fixed generator is enough.
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
                                      pin_memory=self.cfg.pin_memory, prefetch_factor=self.cfg.prefetch_factor,
-                                     generator=torch.Generator().manual_seed(self.seed)))
-        for d in source:
-            batch = self._record(d)
-            if batch is not None:
-                yield batch
+                                     generator=torch.Generator().manual_seed(self.seed),
+                                     worker_init_fn=partial(_worker_init, os.getpid())))
+            _OPEN_WORKER_ITERATORS.add(source)
+        try:
+            for d in source:
+                batch = self._record(d)
+                if batch is not None:
+                    yield batch
+        except GeneratorExit:  # closed by the consumer (a stop at a signal, the end of training)
+            if self.cfg.num_workers > 0:
+                _close_workers(source)
+            raise
+        except BaseException:  # an error (a data stall): no time for the graceful wait
+            if self.cfg.num_workers > 0:
+                _close_workers(source, wait=False)
+            raise
+        if self.cfg.num_workers > 0:
+            _close_workers(source)
         if self.epoch != epoch:  # the epoch's batches were all delivered (_record advanced it)
             return
         if self.batches_per_epoch is not None:

@@ -7,6 +7,13 @@ presets, then each ``--config`` (a preset name from ``configs/`` or a YAML path)
 overrides. A bad config stops here, before any work, with the key, the value and what is allowed.
 ``--dry-run`` prints the resolved config and the plan, then exits.
 
+**The error boundary** (:func:`main`): what a user can fix ends the command with one line on stderr naming the file,
+key or value, and no traceback — exit status 2 for a config error (:class:`training.config_io.ConfigError`), 1 for
+the others (:data:`USER_ERRORS`: :class:`training.errors.LoomError` — a bad file, a full disk, a stuck loader, a
+diverging run —, :class:`data_pipeline.errors.DataError`, a missing file or folder). ``--log-level DEBUG`` adds the
+traceback. Anything else is a bug and keeps its traceback. Under a launcher (torchrun, SLURM) the line names the rank
+and the error goes to torchelastic's error file, so the launcher's summary shows it.
+
 Only the command used is imported (:mod:`launch.commands`): its options are added to its sub-parser when argparse
 reaches it, so ``loom shards`` does not load the training stack.
 """
@@ -21,8 +28,14 @@ import socket
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
+from data_pipeline.errors import DataError
 from launch.commands import COMMAND_HELP, Command, load_commands
 from training.config_io import ConfigError, load_config, to_yaml
+from training.errors import LoomError
+
+# what a user can fix: one line and exit status 1 (ConfigError: 2), no traceback
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, LoomError, DataError, FileNotFoundError,
+                                                 NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _add_command_arguments(p: argparse.ArgumentParser, cmd: Command) -> None:
@@ -101,9 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if values:
                 overrides.append(f"{key}={json.dumps(values)}")  # a JSON list is a YAML flow sequence
         cfg = build_config(cmd, getattr(args, "positional", None), args.config, overrides)
-    except ConfigError as e:
-        print(f"loom {cmd.name}: config error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return _user_error(cmd.name, e)
     if args.dry_run:
         print("# resolved config")
         print(to_yaml(cfg), end="")
@@ -112,10 +124,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         code = cmd.run(cfg)
+    except USER_ERRORS as exc:
+        return _user_error(cmd.name, exc)
     except Exception as exc:
         report_rank_failure(exc)
         raise
     return int(code or 0)
+
+
+def _user_error(command: str, exc: BaseException) -> int:
+    """One line for an error the user can fix (see the module docstring); its exit status."""
+    config = isinstance(exc, ConfigError)
+    if process_label() != "process":  # launched as one of several: name the rank, tell torchrun
+        report_rank_failure(exc)
+    else:
+        print(f"loom {command}: {'config error: ' if config else ''}{exc}", file=sys.stderr)
+    logging.getLogger("loom").debug("traceback of the error above", exc_info=exc)
+    return 2 if config else 1
 
 
 def process_label() -> str:

@@ -18,11 +18,19 @@ A sharded checkpoint resumes only under the strategy family and the world size t
 portable.
 
 It is written under a temporary name (``.tmp-step_...``) and renamed when complete, so a crash mid-save leaves the
-previous checkpoint as the latest one; leftovers of an interrupted save are removed by the next save.
+previous checkpoint as the latest one; leftovers of an interrupted save are removed by the next save. A disk that
+fills up mid-save ends the run with :class:`training.errors.NoSpaceError` ("no space left ... while writing
+checkpoint ...", naming the folder and the checkpoint that stays the latest); the partial folder is removed at once.
+
+**Trust.** Resuming reads the checkpoint folder named by ``train.resume`` (or the latest one under the run). The
+whole-weights formats cannot run code; DeepSpeed's ``pytorch_model/`` pickles are loaded with
+``weights_only=False`` and FSDP2's metadata is pickled, so such a checkpoint folder from an untrusted source is
+code: resume only from checkpoints you wrote.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +42,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.errors import NoSpaceError
 from training.sharding import strategy_name
 
 log = logging.getLogger(__name__)
@@ -99,18 +108,28 @@ def save_checkpoint(
         for stale in root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    rank = accelerator.process_index
-    if loader_state is not None:
-        (tmp / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
-    if accelerator.is_main_process:
-        if ema_state is not None:
-            save_file(ema_state, str(tmp / "ema.safetensors"))
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        state = dict(trainer_state, step=step, world_size=accelerator.num_processes,
-                     strategy=strategy_name(accelerator))
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        rank = accelerator.process_index
+        if loader_state is not None:
+            (tmp / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
+        if accelerator.is_main_process:
+            if ema_state is not None:
+                save_file(ema_state, str(tmp / "ema.safetensors"))
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+            state = dict(trainer_state, step=step, world_size=accelerator.num_processes,
+                         strategy=strategy_name(accelerator))
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
+    except Exception as e:
+        if not _out_of_space(e, root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
+        kept = latest_checkpoint(run_dir)
+        raise NoSpaceError(
+            f"no space left on the device of {root} while writing checkpoint step {step} ({type(e).__name__}: {e}); "
+            f"the partial checkpoint was removed and {kept or 'no earlier checkpoint'} stays the latest: free some "
+            "space (or lower train.keep_checkpoints) and run the same command to resume") from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # re-saving a step (e.g. after a resume): replace it
@@ -121,6 +140,31 @@ def save_checkpoint(
         log.info("checkpoint saved: %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+_NO_SPACE_WORDS = ("no space left", "os error 28", "disk quota exceeded", "file write failed", "unexpected pos")
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT anywhere in the exception's chain, the words
+    safetensors and torch's writer use for it, or (torch's writer says only "unexpected pos") less than 1 MiB left
+    on ``folder``'s device."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if any(w in text for w in _NO_SPACE_WORDS[:3]):
+            return True
+        if any(w in text for w in _NO_SPACE_WORDS[3:]):
+            try:
+                return shutil.disk_usage(folder).free < 2**20
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _family(strategy: str) -> str:

@@ -217,10 +217,12 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 def resolve_preset(name: str | os.PathLike) -> Path:
     """A preset name (``quickstart``) or a path to a YAML file → the file's path; errors list the presets."""
     p = Path(name)
+    if p.is_dir():
+        raise ConfigError(f"config {str(name)!r}: is a directory; give a YAML file or a preset name")
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
     candidate = CONFIG_DIR / f"{name}.yaml"
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
     available = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(str(name), available, n=1)
@@ -238,9 +240,14 @@ def load_yaml(path: str | os.PathLike, _seen: Optional[set[Path]] = None) -> dic
         raise ConfigError(f"{path}: '{BASE_KEY}' inheritance loops back to this file")
     seen.add(real)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the "
+                          "YAML file as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     bases = data.pop(BASE_KEY, [])

@@ -308,14 +308,12 @@ class LoadedAdapter:
 
 
 def load_adapter(path: str | Path) -> LoadedAdapter:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from training.errors import read_safetensors, safetensors_metadata
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"LoRA adapter {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    header = safetensors_metadata(path, "LoRA adapter")
     if METADATA_KEY not in header:
         raise ValueError(f"LoRA adapter {path}: no '{METADATA_KEY}' metadata in its header; expected a file "
                          "written by the lora or dpo stage (export/adapter.safetensors)")
@@ -323,7 +321,7 @@ def load_adapter(path: str | Path) -> LoadedAdapter:
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"LoRA adapter {path}: format {meta.get('format')!r}, this version reads {ADAPTER_FORMAT!r}")
     cfg = from_dict(LoraAdapterConfig, meta["adapter"])
-    return LoadedAdapter(path, load_file(str(path)), cfg, list(meta["targets"]), meta)
+    return LoadedAdapter(path, read_safetensors(path, "LoRA adapter"), cfg, list(meta["targets"]), meta)
 
 
 @dataclass

@@ -130,10 +130,9 @@ def load_denoiser_weights(model: nn.Module, path: Path, is_checkpoint_ema: bool)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if is_checkpoint_ema:
-        from safetensors.torch import load_file
-
         from training.ema import ema_weights
+        from training.errors import read_safetensors
 
-        model.load_state_dict(ema_weights(load_file(str(path))), strict=True)
+        model.load_state_dict(ema_weights(read_safetensors(path, "checkpoint EMA file")), strict=True)
     else:
         load_weights(model, path)

@@ -32,7 +32,9 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -102,6 +104,8 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest if any), latest (must exist), none, or a checkpoint folder
     cpu: bool = False  # force the CPU even where a GPU is present
     collective_timeout_s: Optional[float] = None  # seconds a collective waits on a stuck rank; null: NCCL 10m, gloo 30m
+    data_timeout_s: Optional[float] = None  # seconds a rank waits for one batch before failing under its own name;
+    # null: 0.75 × collective_timeout_s when several ranks run (so the stalled rank is reported, not a peer's timeout)
     progress: bool = True  # console progress bar
 
     def __post_init__(self) -> None:
@@ -116,10 +120,40 @@ class TrainConfig:
             raise ValueError(f"ema_decay: {self.ema_decay} must be in [0, 1) or null")
         if self.collective_timeout_s is not None and self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s: {self.collective_timeout_s} must be > 0 (seconds) or null")
+        if self.data_timeout_s is not None and self.data_timeout_s <= 0:
+            raise ValueError(f"data_timeout_s: {self.data_timeout_s} must be > 0 (seconds) or null")
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
+
+
+class DataStallError(RuntimeError):
+    """A rank waited longer than ``train.data_timeout_s`` for one batch from its loader."""
+
+
+@contextmanager
+def _deadline(seconds: Optional[float], message: Callable[[], str]) -> Iterator[None]:
+    """Raise :class:`DataStallError` (``message()``) if the block runs longer than ``seconds``.
+
+    A real-time interval timer (``setitimer``) delivers SIGALRM, which also interrupts a blocking read or a
+    DataLoader queue wait; the handler raises. A no-op without a limit, off the main thread (signals reach only it)
+    or where ``setitimer`` does not exist.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise DataStallError(message())
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -284,6 +318,9 @@ class Trainer:
             )
             _apply_collective_timeout(cfg.collective_timeout_s)
         self.accelerator = accelerator
+        self.data_timeout_s = cfg.data_timeout_s  # the longest wait for one batch (see TrainConfig.data_timeout_s)
+        if self.data_timeout_s is None and cfg.collective_timeout_s is not None and accelerator.num_processes > 1:
+            self.data_timeout_s = 0.75 * cfg.collective_timeout_s
 
     # ---------------------------------------------------------------------------------------------- helpers
 
@@ -490,16 +527,24 @@ class Trainer:
         """The loader's next batch, on the device (a new epoch when one ends); the wait and the samples are counted
         in the logging window."""
         t0 = time.perf_counter()
-        try:
-            batch = next(state.batches)
-        except StopIteration:
-            state.batches = iter(self.loader)  # next epoch
+        acc, limit = self.accelerator, self.data_timeout_s
+
+        def stalled() -> str:
+            return (f"rank {acc.process_index}/{acc.num_processes}: no batch from the data loader for {limit:g} s at "
+                    f"step {state.step + 1} (train.data_timeout_s); the loader is stuck (a hung read, a slow or "
+                    "unreachable data source), and the other ranks would wait for this one at their next collective")
+
+        with _deadline(limit, stalled):
             try:
                 batch = next(state.batches)
             except StopIteration:
-                raise RuntimeError(
-                    f"stage {self.stage.name!r}: the data loader yielded no batch in a whole epoch"
-                ) from None
+                state.batches = iter(self.loader)  # next epoch
+                try:
+                    batch = next(state.batches)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"stage {self.stage.name!r}: the data loader yielded no batch in a whole epoch"
+                    ) from None
         state.window.data_time += time.perf_counter() - t0
         if hasattr(batch, "to"):
             batch = batch.to(self.accelerator.device)

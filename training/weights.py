@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from training.errors import read_safetensors, torch_load_tensors
 
 # a diffusers pipeline folder's model subfolders, by the role of the module that loads them
 PIPELINE_SUBFOLDERS = {"denoiser": ("unet", "transformer"), "autoencoder": ("vae",), "text_encoder": ("text_encoder",)}
@@ -40,19 +40,19 @@ def read_state_dict(path: str | Path, role: str | None = None) -> dict[str, Tens
         folder = model_folder(path, role)
         index = folder / f"{DIFFUSERS_WEIGHTS}.index.json"
         if not index.is_file():
-            return load_file(str(folder / DIFFUSERS_WEIGHTS))
+            return read_safetensors(folder / DIFFUSERS_WEIGHTS)
         import json
 
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(read_safetensors(folder / shard))
         return state
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    state = torch_load_tensors(path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

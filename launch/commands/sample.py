@@ -101,6 +101,11 @@ def run(cfg: SampleCommandConfig) -> int:
     if height % f or width % f:
         print(f"loom sample: height/width must be multiples of the autoencoder factor {f}", file=sys.stderr)
         return 2
+    patch = int(getattr(getattr(pipe.denoiser, "config", None), "patch_size", None) or 1)  # a DiT's latent patches
+    if height % (f * patch) or width % (f * patch):
+        print(f"loom sample: height={height}, width={width}: must be multiples of {f * patch} (the autoencoder "
+              f"factor {f} x the DiT's patch size {patch})", file=sys.stderr)
+        return 2
     prompts = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
     images = pipe.generate(prompts, height=height, width=width)
     out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)

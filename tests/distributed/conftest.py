@@ -39,3 +39,15 @@ def reference_run(demo_shards, tmp_path_factory) -> Run:
     logs = root / "logs"
     statuses = harness.run_nodes(config, nodes=2, nproc=1, logs=logs, LOG_DIR=logs)
     return Run(root / "runs" / "tiny" / "diffusion", statuses, logs)
+
+
+@pytest.fixture(scope="session")
+def single_reference_run(demo_shards, tmp_path_factory) -> Run:
+    """``loom train`` in one process (no launcher), never interrupted: the reference of the one-process fault
+    tests."""
+    root = tmp_path_factory.mktemp("single-reference")
+    config = harness.tiny_config(root / "tiny.yaml", demo_shards, root / "runs")
+    proc = harness.start([sys.executable, "-m", "launch", "train", "--config", str(config)], harness.launch_env(),
+                         root / "run.out")
+    status = harness.finish(proc, timeout=240)
+    return Run(root / "runs" / "tiny" / "diffusion", [status], root)

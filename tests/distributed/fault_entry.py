@@ -6,8 +6,10 @@ fault is set by environment variables and hits one rank at its k-th training mic
 
 * ``LOOM_FAULT_RANK``: the rank (``RANK``) that misbehaves; unset: no fault, plain ``loom``;
 * ``LOOM_FAULT_AT``: k (default 3);
-* ``LOOM_FAULT_KIND``: ``raise`` (a RuntimeError: the rank dies) or ``hang`` (the rank sleeps
-  ``LOOM_FAULT_HANG_S`` seconds, default 600: stuck, not dead, so only a collective timeout ends the job);
+* ``LOOM_FAULT_KIND``: ``raise`` (a RuntimeError: the rank dies), ``hang`` (the rank sleeps
+  ``LOOM_FAULT_HANG_S`` seconds, default 600: stuck, not dead, so only a collective timeout ends the job) or
+  ``stall`` (the rank's data loader sleeps that long while forming its k-th batch, in the DataLoader worker when
+  there is one: k counts that process's batches);
 * ``LOOM_FAULT_ONCE``: a file path; the fault fires only while it does not exist and creates it, so a restarted
   worker group runs clean (an elastic restart after a crash).
 
@@ -32,6 +34,12 @@ def install() -> None:
     kind = os.environ.get("LOOM_FAULT_KIND", "raise")
     once = os.environ.get("LOOM_FAULT_ONCE")
 
+    if faulty and kind == "stall":
+        _stall_loader(rank, at, float(os.environ.get("LOOM_FAULT_HANG_S", "600")))
+        faulty = False
+        if not pause:
+            return
+
     from training.stages.diffusion import DiffusionStage
 
     original = DiffusionStage.loss
@@ -52,6 +60,24 @@ def install() -> None:
         return original(self, model, batch)
 
     DiffusionStage.loss = loss
+
+
+def _stall_loader(rank: str, at: int, seconds: float) -> None:
+    from data_pipeline.worker import WorkerPipeline
+
+    original = WorkerPipeline.next_batch
+    calls = 0
+
+    def next_batch(self):
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            print(f"fault_entry: rank {rank}'s loader stalls at batch {at} (pid {os.getpid()})", file=sys.stderr,
+                  flush=True)
+            time.sleep(seconds)
+        return original(self)
+
+    WorkerPipeline.next_batch = next_batch
 
 
 if __name__ == "__main__":

@@ -29,12 +29,13 @@ STEPS = 24  # optimizer steps of every run that is compared with the reference r
 CHECKPOINT_EVERY = 2
 
 
-def tiny_config(path: Path, demo: Path, output_dir: Path, name: str = "tiny", **train: object) -> Path:
-    """Write the tiny run config; ``train`` overrides ``diffusion.train`` keys."""
+def tiny_config(path: Path, demo: Path, output_dir: Path, name: str = "tiny", data: Optional[dict] = None,
+                **train: object) -> Path:
+    """Write the tiny run config; ``data`` overrides ``data`` keys, ``train`` overrides ``diffusion.train`` keys."""
     cfg = {
         "run": {"name": name, "output_dir": str(output_dir), "seed": 0},
         "data": {"urls": f"{demo}/train-{{000000..000001}}.tar", "resolution": 8, "batch_size": 8,
-                 "num_workers": 0, "shuffle_buffer": 64, "seed": 0},
+                 "num_workers": 0, "shuffle_buffer": 64, "seed": 0, **(data or {})},
         "pipeline": ["diffusion"],
         "diffusion": {
             "denoiser": "dit", "latents": "pixels",
@@ -118,6 +119,56 @@ def run_nodes(config: Path, nodes: int, nproc: int, logs: Path, timeout: float =
         for p in procs:
             if p.poll() is None:
                 kill_session(p)
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state letter) of every live process, from ``/proc``."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def descendants(root: int) -> list[int]:
+    """The live (not zombie) processes under ``root``, ``root`` included."""
+    table = _process_table()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table and table[pid][2] != "Z":
+            found.append(pid)
+        todo.extend(p for p, (ppid, _, _) in table.items() if ppid == pid)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not)."""
+    entry = _process_table().get(pid)
+    return entry is not None and entry[2] != "Z"
+
+
+def job_process_groups(root: int) -> list[int]:
+    """The process groups of ``root`` and of all its descendants (torchrun starts each rank in a session of its
+    own), read from ``/proc``."""
+    table = _process_table()
+    return list(dict.fromkeys(table[p][1] for p in descendants(root) if p in table))
+
+
+def signal_job(proc: subprocess.Popen, sig: int) -> list[int]:
+    """Send ``sig`` to every process of the job ``proc`` started, as SLURM does at pre-emption or ``scancel``:
+    ``os.killpg`` on its process group and on that of every descendant (the ranks, their DataLoader workers).
+    Returns the groups signalled."""
+    groups = job_process_groups(proc.pid)
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+    return groups
 
 
 def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
