@@ -6,12 +6,17 @@
     loom sample run_dir=runs/quickstart --lora runs/lora-mirrored/lora/export/adapter.safetensors:0.8
     loom sample run_dir=runs/quickstart lora='["runs/lora-mirrored/lora/export/adapter.safetensors:0.8"]'  # the same
     loom sample run_dir=runs/quickstart lora='["a.safetensors:0.8", "b.safetensors:0.5"]'   # combined adapters
+    loom sample run_dir=runs/video prompts='["a handwritten digit three moving left"]' num_frames=9 fps=8  # clips
 
 The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
 EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file. ``lora`` attaches
 LoRA adapters written by the ``lora`` / ``dpo`` stages (``path:scale``; scale 1 when omitted) on top of those weights:
 several adapters add up, each scaled; ``lora_merge`` folds them into the weights before sampling (same images,
 plain-Linear speed).
+
+With ``num_frames`` the run draws clips: ``output`` becomes a PNG contact sheet (one clip per row, its frames left
+to right), and beside it each clip is an mp4 (``<stem>-p<prompt>-<n>.mp4``, H.264) and each prompt's clips an
+animated grid (``<stem>-p<prompt>.gif``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class SampleCommandConfig:
     height: Optional[int] = None  # image height in pixels (null: the run's data.resolution)
     width: Optional[int] = None  # image width in pixels (null: the run's data.resolution)
     output: str = "samples.png"  # the PNG grid (relative paths are inside run_dir)
+    num_frames: Optional[int] = None  # draw clips of this many frames (null: images)
+    fps: float = 8.0  # frame rate of the written clips (mp4, animated grid)
     device: Optional[str] = None  # cpu | cuda (null: cuda when available)
     lora: list[str] = field(default_factory=list)  # LoRA adapters "path.safetensors:scale" (scale 1 if omitted)
     lora_merge: bool = True  # merge the adapters into the weights before sampling (else run them unmerged)
@@ -54,6 +61,10 @@ class SampleCommandConfig:
             raise ValueError("prompts: empty; give at least one prompt")
         if self.num_per_prompt < 1:
             raise ValueError(f"num_per_prompt: {self.num_per_prompt} must be >= 1")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames: {self.num_frames} must be >= 1 or null")
+        if not self.fps > 0:
+            raise ValueError(f"fps: {self.fps} must be > 0")
 
 
 def _weights_path(cfg: SampleCommandConfig) -> tuple[Path, bool]:
@@ -78,14 +89,15 @@ def plan(cfg: SampleCommandConfig) -> str:
     adapters = "".join(f"\nLoRA adapter: {a.path} x {a.scale:g}" for a in _adapter_specs(cfg))
     if adapters:
         adapters += "\nadapters " + ("merged into the weights" if cfg.lora_merge else "applied unmerged")
-    return (f"weights: {path}{adapters}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} images\n"
+    what = "images" if cfg.num_frames is None else f"clips of {cfg.num_frames} frames at {cfg.fps:g} fps"
+    return (f"weights: {path}{adapters}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} {what}\n"
             f"sampler: {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed}, "
             f"negative prompt {s.negative_prompt!r}\noutput: {Path(cfg.run_dir) / cfg.output}")
 
 
 def run(cfg: SampleCommandConfig) -> int:
     from training.builders import open_run
-    from training.evaluation import save_grid
+    from training.evaluation import save_clip_grid_animation, save_clip_mp4, save_grid
 
     try:
         pipe = open_run(cfg.run_dir, weights=cfg.weights, device=cfg.device, sampling=cfg.sampling,
@@ -97,19 +109,30 @@ def run(cfg: SampleCommandConfig) -> int:
         print("LoRA: " + ", ".join(f"{a.path} x {a.scale:g}" for a in _adapter_specs(cfg))
               + (" (merged)" if cfg.lora_merge else " (unmerged)"))
     height, width = cfg.height or pipe.image_size[0], cfg.width or pipe.image_size[1]
-    f = 1 if pipe.autoencoder is None else pipe.autoencoder.config.downsample_factor
+    f = 1 if pipe.autoencoder is None else pipe.autoencoder.spatial_factor
     if height % f or width % f:
         print(f"loom sample: height/width must be multiples of the autoencoder factor {f}", file=sys.stderr)
         return 2
-    patch = int(getattr(getattr(pipe.denoiser, "config", None), "patch_size", None) or 1)  # a DiT's latent patches
+    patch = getattr(getattr(pipe.denoiser, "config", None), "patch_size", None) or 1  # a DiT's latent patches
+    patch = int(patch[-1] if isinstance(patch, (tuple, list)) else patch)  # (t, h, w) patches: the spatial one
     if height % (f * patch) or width % (f * patch):
         print(f"loom sample: height={height}, width={width}: must be multiples of {f * patch} (the autoencoder "
               f"factor {f} x the DiT's patch size {patch})", file=sys.stderr)
         return 2
     prompts = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
-    images = pipe.generate(prompts, height=height, width=width)
+    images = pipe.generate(prompts, height=height, width=width, num_frames=cfg.num_frames)
     out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)
-    print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")
+    if cfg.num_frames is None:
+        print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")
+        return 0
+    n = cfg.num_per_prompt
+    for i in range(len(cfg.prompts)):
+        clips = images[i * n:(i + 1) * n]  # (n, C, T, H, W)
+        for j, clip in enumerate(clips):
+            save_clip_mp4(clip, out.with_name(f"{out.stem}-p{i}-{j}.mp4"), fps=cfg.fps)
+        save_clip_grid_animation(clips, out.with_name(f"{out.stem}-p{i}.gif"), fps=cfg.fps, scale=2)
+    print(f"wrote {len(images)} clips ({images.shape[2]} frames, {images.shape[-2]}x{images.shape[-1]}): contact "
+          f"sheet {out}, one mp4 per clip and one animated grid per prompt beside it")
     return 0
 
 

@@ -136,3 +136,26 @@ def test_validation_samples_of_a_micro_conditioned_denoiser(tmp_path):
     assert cond.vector.shape == (2, 6 * 8)
     cond_other, _ = pipe.conditioning(PROMPTS, "", 16, 12)
     assert not torch.equal(cond.vector, cond_other.vector)  # the size enters the vector
+
+
+def test_loom_sample_writes_clips_as_mp4_gif_and_contact_sheet(tmp_path):
+    """``loom sample num_frames=N``: a contact sheet (one clip per row), an mp4 per clip, an animated grid per
+    prompt."""
+    import av
+    from PIL import Image
+
+    from launch import cli
+
+    _, run_dir, _ = pixel_run(tmp_path)
+    code = cli.main(["sample", f"run_dir={run_dir}", "prompts=[a handwritten digit four, a handwritten digit two]",
+                     "num_per_prompt=2", "num_frames=3", "fps=6", "sampling.steps=2", "device=cpu",
+                     "output=clips.png"])
+    assert code == 0
+    sheet = Image.open(run_dir / "clips.png")
+    assert sheet.size == (2 * (2 + 3 * (8 + 2)), 2 * (2 + 4 * (8 + 2)))  # 3 frames a row, 4 clips, ×2
+    for i in range(2):
+        with Image.open(run_dir / f"clips-p{i}.gif") as gif:
+            assert gif.n_frames == 3
+        for j in range(2):
+            with av.open(str(run_dir / f"clips-p{i}-{j}.mp4")) as container:
+                assert sum(1 for _ in container.decode(video=0)) == 3
