@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -329,6 +329,27 @@ class MidBlock(nn.Module):
         return checkpointed(self.res[1], h, emb, enabled=self.gradient_checkpointing)  # (B, C, H, W)
 
 
+def build_levels(cfg: Any, widths: list[int], down_cls: Callable[..., nn.Module], mid_cls: Callable[..., nn.Module],
+                 up_cls: Callable[..., nn.Module]) -> tuple[nn.ModuleList, nn.Module, nn.ModuleList]:
+    """A U-Net's down levels, middle block and up levels (Ronneberger et al. 2015, as Latent Diffusion lays them
+    out): level i of ``widths[i]`` channels, every level but the last halving the size; each up level takes the
+    skips its mirror pushed, last first. The image and the video U-Net build theirs here from their own classes."""
+    skip_channels = [widths[0]]  # the channel count of every skip, in the order they are pushed
+    down = nn.ModuleList()
+    for level, c in enumerate(widths):
+        last = level == len(widths) - 1
+        down.append(down_cls(level, widths[max(level - 1, 0)], cfg, downsample=not last))
+        skip_channels += [c] * (cfg.layers_per_block + (0 if last else 1))
+    mid = mid_cls(cfg)
+    up = nn.ModuleList()
+    cin = widths[-1]
+    for level in reversed(range(len(widths))):
+        popped = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
+        up.append(up_cls(level, cin, popped, cfg, upsample=level > 0))
+        cin = widths[level]
+    return down, mid, up
+
+
 class UNet(nn.Module):
     """Text-conditioned latent U-Net (SD 1.x/2.x, SDXL). ``forward(x_t, timesteps, cond) -> (B, C_out, ...)``."""
 
@@ -345,19 +366,7 @@ class UNet(nn.Module):
             TimestepMLP(cfg.addition_embed_input_dim, cfg.embed_dim) if cfg.addition_embed_type == "text_time" else None
         )
 
-        skip_channels = [widths[0]]  # the channel count of every skip, in the order they are pushed
-        self.down = nn.ModuleList()
-        for level, c in enumerate(widths):
-            last = level == len(widths) - 1
-            self.down.append(DownLevel(level, widths[max(level - 1, 0)], cfg, downsample=not last))
-            skip_channels += [c] * (cfg.layers_per_block + (0 if last else 1))
-        self.mid = MidBlock(cfg)
-        self.up = nn.ModuleList()
-        cin = widths[-1]
-        for level in reversed(range(len(widths))):
-            popped = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up.append(UpLevel(level, cin, popped, cfg, upsample=level > 0))
-            cin = widths[level]
+        self.down, self.mid, self.up = build_levels(cfg, widths, DownLevel, MidBlock, UpLevel)
         self.norm_out = group_norm(widths[0], cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = cfg.gradient_checkpointing

@@ -54,7 +54,7 @@ from models.blocks import Downsample, ResBlock, Upsample, fold_frames, group_nor
 from models.conditioning import Conditioning
 from models.embeddings import TimestepMLP, broadcast_timesteps, fourier_features, timestep_embedding
 from models.registry import register_architecture, register_preset
-from models.unet import SpatialTransformer, UNet, UNetConfig
+from models.unet import SpatialTransformer, UNet, UNetConfig, build_levels
 from models.utils import checkpointed
 
 ADD_TIME_IDS: tuple[str, ...] = ("fps", "motion_bucket", "aug_strength")  # SVD's added conditioning, in its order
@@ -468,19 +468,7 @@ class VideoUNet(nn.Module):
             if cfg.add_time_ids
             else None
         )
-        skip_channels = [widths[0]]  # the channel count of every skip, in the order they are pushed
-        self.down = nn.ModuleList()
-        for level, c in enumerate(widths):
-            last = level == len(widths) - 1
-            self.down.append(VideoDownLevel(level, widths[max(level - 1, 0)], cfg, downsample=not last))
-            skip_channels += [c] * (cfg.layers_per_block + (0 if last else 1))
-        self.mid = VideoMidBlock(cfg)
-        self.up = nn.ModuleList()
-        cin = widths[-1]
-        for level in reversed(range(len(widths))):
-            popped = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
-            self.up.append(VideoUpLevel(level, cin, popped, cfg, upsample=level > 0))
-            cin = widths[level]
+        self.down, self.mid, self.up = build_levels(cfg, widths, VideoDownLevel, VideoMidBlock, VideoUpLevel)
         self.norm_out = group_norm(widths[0], cfg.norm_num_groups, cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = cfg.gradient_checkpointing
