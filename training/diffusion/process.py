@@ -52,7 +52,7 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional, Sequence, get_args
+from typing import Any, Optional, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -286,7 +286,33 @@ class DiffusionProcess(ABC):
         return weighted.mean() if reduction == "mean" else weighted
 
 
-class DiscreteDiffusion(DiffusionProcess):
+class VariancePreserving:
+    """Conversions of a model output for a process whose model input is ``x_t = alpha x0 + sigma eps`` with
+    ``alpha^2 + sigma^2 = 1`` (DDPM's; EDM's ``c_in x_sigma`` is one too, with alpha = c_in and sigma = sigma c_in,
+    which is how EDM's ``D = c_skip x_sigma + c_out F`` reads in these terms). ``_coefs(t, like)`` gives
+    ``(alpha, sigma)`` shaped to broadcast over ``like``."""
+
+    prediction: str
+    _coefs: Any
+
+    def to_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self._coefs(t, x_t)
+        if self.prediction == "epsilon":
+            return (x_t - sigma * model_output) / alpha
+        if self.prediction == "v_prediction":
+            return alpha * x_t - sigma * model_output
+        return model_output
+
+    def to_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self._coefs(t, x_t)
+        if self.prediction == "epsilon":
+            return model_output
+        if self.prediction == "v_prediction":
+            return alpha * model_output + sigma * x_t
+        return (x_t - alpha * model_output) / sigma
+
+
+class DiscreteDiffusion(VariancePreserving, DiffusionProcess):
     """DDPM-style variance-preserving process on integer steps ``0 .. T-1``.
 
     ``x_t = alpha_t x0 + sigma_t eps`` with ``alpha_t = sqrt(alphas_cumprod[t])``
@@ -406,22 +432,6 @@ class DiscreteDiffusion(DiffusionProcess):
         return weight.float()
 
     # ------------------------------------------------------------------ conversions
-    def to_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        alpha, sigma = self._coefs(t, x_t)
-        if self.prediction == "epsilon":
-            return (x_t - sigma * model_output) / alpha
-        if self.prediction == "v_prediction":
-            return alpha * x_t - sigma * model_output
-        return model_output
-
-    def to_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        alpha, sigma = self._coefs(t, x_t)
-        if self.prediction == "epsilon":
-            return model_output
-        if self.prediction == "v_prediction":
-            return alpha * model_output + sigma * x_t
-        return (x_t - alpha * model_output) / sigma
-
     def to_v(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Velocity implied by a model output."""
         if self.prediction == "v_prediction":
@@ -561,7 +571,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     return (hi + ramp * (lo - hi)) ** rho
 
 
-class EDMDiffusion(DiffusionProcess):
+class EDMDiffusion(VariancePreserving, DiffusionProcess):
     """Continuous-sigma diffusion with EDM preconditioning (Karras et al. 2022), as Stable Video Diffusion trains.
 
     The data are noised as ``x_sigma = x0 + sigma eps`` for a continuous ``sigma > 0`` (the process time ``t`` is
@@ -665,23 +675,6 @@ class EDMDiffusion(DiffusionProcess):
 
     def loss_weight(self, t: Tensor) -> Tensor:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-
-    def to_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """``D = c_skip x_sigma + c_out F`` written with ``x_t = c_in x_sigma``."""
-        alpha, s = self._coefs(t, x_t)
-        if self.prediction == "epsilon":
-            return (x_t - s * model_output) / alpha
-        if self.prediction == "v_prediction":
-            return alpha * x_t - s * model_output
-        return model_output
-
-    def to_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        alpha, s = self._coefs(t, x_t)
-        if self.prediction == "epsilon":
-            return model_output
-        if self.prediction == "v_prediction":
-            return alpha * model_output + s * x_t
-        return (x_t - alpha * model_output) / s
 
     def sampling_sigmas(self, steps: int) -> Tensor:
         """``steps + 1`` decreasing float64 sigmas: :func:`karras_sigmas` over ``[sigma_min, sigma_max]``, then 0."""
