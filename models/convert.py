@@ -234,8 +234,9 @@ def to_diffusers_unet_state_dict(state_dict: StateDict) -> dict[str, Tensor]:
     return _export(state_dict, diffusers_name)
 
 
-def from_diffusers_vae_state_dict(state_dict: StateDict, config: AutoencoderConfig) -> dict[str, Tensor]:
-    """A diffusers ``AutoencoderKL`` state dict (current or pre-0.14 attention names) → ours."""
+def current_vae_attention_names(state_dict: StateDict) -> dict[str, Tensor]:
+    """A diffusers autoencoder state dict with the mid-block attention's pre-0.14 names (``query``, ``key``,
+    ``value``, ``proj_attn``) renamed to the current ones; other keys unchanged."""
     renamed = {}
     for k, v in state_dict.items():
         if ".mid_block.attentions.0." in k:
@@ -245,7 +246,13 @@ def from_diffusers_vae_state_dict(state_dict: StateDict, config: AutoencoderConf
                     last = new + last[len(old):]
             k = f"{head}.attentions.0.{last}"
         renamed[k] = v
-    return _rename(renamed, _meta_shapes(lambda: AutoencoderKL(config)), diffusers_name, "diffusers autoencoder")
+    return renamed
+
+
+def from_diffusers_vae_state_dict(state_dict: StateDict, config: AutoencoderConfig) -> dict[str, Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict (current or pre-0.14 attention names) → ours."""
+    return _rename(current_vae_attention_names(state_dict), _meta_shapes(lambda: AutoencoderKL(config)),
+                   diffusers_name, "diffusers autoencoder")
 
 
 def to_diffusers_vae_state_dict(state_dict: StateDict) -> dict[str, Tensor]:

@@ -865,26 +865,11 @@ def svd_diffusers_name(name: str) -> str:
     return _rewrite(diffusers_name(name), _whole_segments(_SVD_EXTRA_RULES))
 
 
-def _legacy_attention_names(state: StateDict) -> dict[str, Tensor]:
-    from models.convert import _DIFFUSERS_LEGACY_VAE
-
-    out = {}
-    for k, v in state.items():
-        if ".mid_block.attentions.0." in k:
-            head, _, last = k.rpartition(".attentions.0.")
-            for old, new in _DIFFUSERS_LEGACY_VAE.items():
-                if last.startswith(old):
-                    last = new + last[len(old):]
-            k = f"{head}.attentions.0.{last}"
-        out[k] = v
-    return out
-
-
 def from_diffusers_svd_vae_state_dict(state: StateDict, config: TemporalAutoencoderConfig) -> dict[str, Tensor]:
     """A diffusers ``AutoencoderKLTemporalDecoder`` state dict → ours (load with ``strict=True``)."""
-    from models.convert import _meta_shapes, _rename
+    from models.convert import _meta_shapes, _rename, current_vae_attention_names
 
-    return _rename(_legacy_attention_names(state), _meta_shapes(lambda: TemporalDecoderAutoencoder(config)),
+    return _rename(current_vae_attention_names(state), _meta_shapes(lambda: TemporalDecoderAutoencoder(config)),
                    svd_diffusers_name, "diffusers SVD temporal-decoder autoencoder")
 
 
