@@ -159,3 +159,22 @@ def test_loom_sample_writes_clips_as_mp4_gif_and_contact_sheet(tmp_path):
         for j in range(2):
             with av.open(str(run_dir / f"clips-p{i}-{j}.mp4")) as container:
                 assert sum(1 for _ in container.decode(video=0)) == 3
+
+
+def test_validation_of_a_clip_run_writes_a_contact_sheet_mp4s_and_an_animation(tmp_path):
+    text = build_text_encoder(TE, tmp_path, 0)
+    cfg = DiffusionStageConfig(model={"dit": dit().config}, text_encoder=TE, latents="pixels",
+                               sampling=SamplingConfig(steps=2), validation_prompts=PROMPTS, validation_num_frames=3,
+                               validation_fps=4.0)
+    stage = DiffusionStage(cfg, text, None, (8, 8))
+    stage.setup(torch.device("cpu"), torch.float32)
+    stage.validate(stage.model.eval(), 7, tmp_path / "validation")
+    from PIL import Image
+
+    out = tmp_path / "validation"
+    assert Image.open(out / "samples_00000007.png").size == (2 * (2 + 3 * (8 + 2)), 2 * (2 + 2 * (8 + 2)))
+    with Image.open(out / "samples_00000007.gif") as gif:
+        assert gif.n_frames == 3
+    assert (out / "samples_00000007-p0.mp4").stat().st_size > 0 and (out / "samples_00000007-p1.mp4").exists()
+    with pytest.raises(ValueError, match="validation_num_frames"):
+        DiffusionStageConfig(validation_num_frames=0)

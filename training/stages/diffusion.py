@@ -27,7 +27,7 @@ from models.registry import build_model, get_architecture, list_architectures, r
 from models.text_encoder import TextEncoderConfig
 from training.config_io import ConfigError, from_dict, to_dict
 from training.diffusion import DiffusionConfig, build_process
-from training.evaluation import save_grid
+from training.evaluation import save_clip_grid_animation, save_clip_mp4, save_grid
 from training.inference import Inference
 from training.sampling import SamplingConfig, check_sampler
 from training.stages.autoencoder import export_module
@@ -59,12 +59,18 @@ class DiffusionStageConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # validation and `loom sample` defaults
     validation_prompts: list[str] = field(default_factory=list)  # prompts drawn at each validation
     validation_loss_batches: int = 2  # validation batches for the fixed-noise validation loss
+    validation_num_frames: Optional[int] = None  # validation prompts drawn as clips of this many frames; null: images
+    validation_fps: float = 8.0  # frame rate of the validation clips (mp4, animated grid)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout: {self.cond_dropout} must be in [0, 1]")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1 or null")
+        if self.validation_num_frames is not None and self.validation_num_frames < 1:
+            raise ValueError(f"validation_num_frames: {self.validation_num_frames} must be >= 1 or null")
+        if not self.validation_fps > 0:
+            raise ValueError(f"validation_fps: {self.validation_fps} must be > 0")
         configs = {name.lower(): denoiser_config(name, overrides, f"model.{name}")
                    for name, overrides in self.model.items()}
         active = configs.get(self.denoiser.lower())
@@ -310,9 +316,19 @@ class DiffusionStage(Stage):
         with self.autocast(self.device) if autocast else contextlib.nullcontext():
             metrics = self.objective.validation_metrics(model)
             if self.cfg.validation_prompts:
-                images = self.inference(model).generate(list(self.cfg.validation_prompts))
-                save_grid(images, out_dir / f"samples_{step:08d}.png", nrow=len(images), scale=2)
+                self.save_samples(model, step, out_dir)
         return metrics
+
+    def save_samples(self, model: nn.Module, step: int, out_dir: Path) -> None:
+        """The validation prompts drawn at fixed seed: a PNG grid of images, or for clips
+        (``validation_num_frames``) a PNG contact sheet, an H.264 mp4 per prompt and one animated grid."""
+        cfg = self.cfg
+        samples = self.inference(model).generate(list(cfg.validation_prompts), num_frames=cfg.validation_num_frames)
+        sheet = save_grid(samples, out_dir / f"samples_{step:08d}.png", nrow=len(samples), scale=2)
+        if samples.ndim == 5:  # (B, C, T, H, W)
+            for i, clip in enumerate(samples):
+                save_clip_mp4(clip, sheet.with_name(f"{sheet.stem}-p{i}.mp4"), fps=cfg.validation_fps)
+            save_clip_grid_animation(samples, sheet.with_suffix(".gif"), fps=cfg.validation_fps, scale=2)
 
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
         if self.adapters is not None:
