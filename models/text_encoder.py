@@ -7,10 +7,15 @@ Only open_clip's text tower is kept (token embedding, positional embedding, caus
     encoder), downloaded by open_clip; where the machine cannot download, :class:`TextEncoderLoadError` says so;
 (b) a local checkpoint (``.safetensors``, or an open_clip ``.pt``/``.bin`` read with ``weights_only=True``): a
     full CLIP checkpoint, a ``CustomTextCLIP`` one (``text.`` prefix), or one written by
-    :meth:`TextEncoder.save_checkpoint`; only the text weights are read;
+    :meth:`TextEncoder.save_checkpoint`, or an original Stable Diffusion 2.x single file (its
+    ``cond_stage_model.model.*`` text tower); only the text weights are read;
 (c) random initialisation from a model config: an open_clip model name, a JSON file in open_clip's model-config
     format (``{"embed_dim", "text_cfg", ["quick_gelu"]}``), or a config bundled in ``models/configs/`` such as
     ``openclip-tiny-text`` (for tests; it uses open_clip's bundled BPE vocabulary, which needs no download).
+
+Hugging Face text encoders (SD 1.5 / 2.x / SDXL ``text_encoder/`` folders, T5 for PixArt and Wan) are built by the
+same ``TextEncoder(config)`` with ``config.format`` ``hf-clip`` / ``hf-sdxl`` / ``hf-t5``
+(:mod:`models.hf_text_encoders`). ``config.mask_padding`` says whether the padding is masked, per model.
 
 What :meth:`TextEncoder.encode` returns, checked against the Stability AI references:
 
@@ -24,7 +29,7 @@ What :meth:`TextEncoder.encode` returns, checked against the Stability AI refere
   SDXL's pooled embedding.
 * ``context_mask``: True for the start token, the caption and the end-of-text token; False for the padding after
   it. (CLIP's causal mask means padding never changes the earlier states; the mask is for the denoiser's
-  cross-attention. Stable Diffusion itself attends to the padding; pass ``context_mask=None`` to do that.)
+  cross-attention. Stable Diffusion itself attends to the padding; ``mask_padding=False`` makes the mask all True.)
 """
 
 from __future__ import annotations
@@ -42,6 +47,11 @@ from models.conditioning import Conditioning
 from models.openclip_towers import DTYPES, OpenClipTower, TowerLoadError, resolve_openclip_config
 
 logger = logging.getLogger(__name__)
+
+# format -> whether its padding is masked by default (see TextEncoderConfig.mask_padding)
+FORMATS: dict[str, bool] = {"openclip": True, "hf-clip": False, "hf-sdxl": False, "hf-t5": True}
+# Where an original Stable Diffusion 2.x single file keeps its OpenCLIP text tower (open_clip's own names below it).
+SD2_TEXT_PREFIX = "cond_stage_model.model."
 
 # Top-level names of the text tower's weights in an open_clip CLIP state dict.
 TEXT_KEYS: tuple[str, ...] = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -71,6 +81,18 @@ class TextEncoderConfig:
     """Parameter dtype after loading."""
     cache_dir: Optional[str] = None
     """Where open_clip caches downloads (None: its default)."""
+    format: Literal["openclip", "hf-clip", "hf-sdxl", "hf-t5"] = "openclip"
+    """Which files and implementation: ``openclip`` (this module: ``model`` / ``pretrained`` tag / ``checkpoint``);
+    ``hf-clip`` (a transformers CLIP text model: SD 1.5 / 2.x ``text_encoder/``), ``hf-sdxl`` (SDXL's two encoders
+    as one conditioning) or ``hf-t5`` (a T5 / umT5 encoder: PixArt, Wan), read from ``pretrained`` = a folder or
+    Hub id (:mod:`models.hf_text_encoders`; needs the ``hf`` extra)."""
+    mask_padding: Optional[bool] = None
+    """Whether the denoiser's cross-attention masks the padding after the end-of-text token (``context_mask``);
+    False attends to every position, as Stable Diffusion 1.x/2.x/XL were trained. None: the format's default (mask
+    for ``openclip`` and ``hf-t5``, attend to all for ``hf-clip`` and ``hf-sdxl``)."""
+    max_length: Optional[int] = None
+    """Tokens per prompt for the Hugging Face formats (padded and truncated to it); None: the tokenizer's
+    (CLIP 77). PixArt-α 120, PixArt-Σ 300, Wan 512."""
 
     def __post_init__(self) -> None:
         if self.pretrained is not None and self.checkpoint is not None:
@@ -84,6 +106,24 @@ class TextEncoderConfig:
             raise ValueError(f"TextEncoderConfig.dtype={self.dtype!r}: choose one of {list(DTYPES)}")
         if not self.model:
             raise ValueError("TextEncoderConfig.model is empty: give an open_clip model name or a JSON config path")
+        if self.format not in FORMATS:
+            raise ValueError(f"TextEncoderConfig.format={self.format!r}: choose one of {list(FORMATS)}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"TextEncoderConfig.max_length={self.max_length!r}: must be a positive number")
+        if self.format != "openclip":
+            if self.pretrained is None or self.checkpoint is not None:
+                raise ValueError(
+                    f"TextEncoderConfig.format={self.format!r} reads its weights and tokenizer from pretrained= (a "
+                    "transformers model folder, a diffusers pipeline folder or a Hub id), not from checkpoint="
+                )
+            if self.format == "hf-t5" and self.layer != "last":
+                raise ValueError("TextEncoderConfig.format='hf-t5' reads the encoder's last hidden states (what "
+                                 f"PixArt and Wan use): set layer='last' (got {self.layer!r})")
+
+    @property
+    def masks_padding(self) -> bool:
+        """``mask_padding``, or the format's default when it is None."""
+        return FORMATS[self.format] if self.mask_padding is None else bool(self.mask_padding)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -116,7 +156,10 @@ def build_text_tower(model_config: dict[str, Any]) -> nn.Module:
 
 def extract_text_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The text tower's weights, keyed as in open_clip's ``TextTransformer``, from a CLIP / CustomTextCLIP /
-    :meth:`TextEncoder.save_checkpoint` state dict."""
+    :meth:`TextEncoder.save_checkpoint` state dict, or the text tower inside an original Stable Diffusion 2.x
+    single file (under ``cond_stage_model.model.``)."""
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state):
+        state = {k[len(SD2_TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(SD2_TEXT_PREFIX)}
     if any(k.startswith("text.") for k in state):
         return {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
     return {k: v for k, v in state.items() if k.split(".", 1)[0] in TEXT_KEYS}
@@ -135,7 +178,19 @@ def _tokenizer_for(model: str, builtin: bool, context_length: int) -> Any:
 
 
 class TextEncoder(OpenClipTower):
-    """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``."""
+    """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``.
+
+    ``TextEncoder(config)`` with a Hugging Face ``config.format`` builds the
+    :class:`models.hf_text_encoders.HFTextEncoder` instead (same ``encode`` / ``null_conditioning`` contract), so
+    every caller builds any text encoder the same way.
+    """
+
+    def __new__(cls, config: Optional[TextEncoderConfig] = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is TextEncoder and config is not None and getattr(config, "format", "openclip") != "openclip":
+            from models.hf_text_encoders import HFTextEncoder
+
+            return HFTextEncoder(config)  # not a TextEncoder: Python then skips TextEncoder.__init__
+        return super().__new__(cls)
 
     config_cls = TextEncoderConfig
     load_error = TextEncoderLoadError
@@ -203,7 +258,10 @@ class TextEncoder(OpenClipTower):
         return self.tokenizer(list(captions))
 
     def token_mask(self, tokens: Tensor) -> Tensor:
-        """``(B, L)`` bool, True up to and including each row's end-of-text token."""
+        """``(B, L)`` bool, True up to and including each row's end-of-text token (all True when the config does
+        not mask the padding)."""
+        if not self.config.masks_padding:
+            return torch.ones_like(tokens, dtype=torch.bool)
         if self.eot_token_id is not None:
             is_eot = tokens == self.eot_token_id  # (B, L)
             eot = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.argmax(dim=1))  # (B,)

@@ -153,7 +153,7 @@ def test_the_architectures_register_themselves_with_converters_and_blocks():
     from models.unet import UNet, UNetConfig
 
     assert {"dit", "unet", "autoencoder-kl"} <= set(list_architectures())
-    expected = {"dit": (DiTConfig, DiT, ("diffusers", "wan"), ("DiTBlock",)),
+    expected = {"dit": (DiTConfig, DiT, ("diffusers", "wan", "original"), ("DiTBlock",)),
                 "unet": (UNetConfig, UNet, ("diffusers", "ldm"), ("ResBlock", "TransformerBlock")),
                 "autoencoder-kl": (AutoencoderConfig, AutoencoderKL, ("diffusers", "ldm"), ("ResBlock",))}
     for name, (config_cls, module_cls, namings, blocks) in expected.items():
