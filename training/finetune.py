@@ -11,6 +11,8 @@ An adapter file is one small safetensors file holding only the ``lora_A`` / ``lo
 the denoiser (``blocks.0.attn.to_q.lora_A.weight``), with everything needed to attach it again in its header
 metadata (key ``latentloom``, JSON): the adapter config, the adapted module names, the denoiser kind and a SHA-256
 fingerprint of the base weights it was trained against. ``<name>.json`` beside it repeats the metadata for people.
+The same adapter can be written in diffusers/PEFT or kohya layout (``save_adapter(..., format=...)``, ``loom lora``),
+and files in those layouts load like ours (:mod:`training.lora_formats`).
 
 At sampling time several adapters can be attached at once, each under its own name and with its own scale
 (``ΔW_i`` multiplied by ``scale_i``); their updates add up (``W + Σ scale_i ΔW_i``). Merging folds the active
@@ -19,6 +21,7 @@ adapters into the base weights (plain-Linear speed); unmerging subtracts them ag
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -35,12 +38,16 @@ from training.config_io import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
-TargetGroup = Literal["attention", "feedforward", "projection"]
+TargetGroup = Literal["attention", "feedforward", "projection", "temporal"]
+# group -> module-name suffixes it selects; "temporal" has none: the model declares its temporal parts
+# (``temporal_module_prefixes()``, see :func:`temporal_prefixes`) and every Linear/Conv inside them is selected
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": LORA_TARGETS,
     "feedforward": LORA_FEEDFORWARD_TARGETS,
     "projection": LORA_PROJECTION_TARGETS,
+    "temporal": (),
 }
+TEMPORAL_DECLARATION = "temporal_module_prefixes"  # the method a video denoiser lists its temporal parts with
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)  # layer types peft's LoRA adapts here
 PEFT_PREFIX = "base_model.model."  # peft's prefix of the wrapped model's parameter names
 ADAPTER_FORMAT = "latentloom-lora-1"
@@ -55,7 +62,8 @@ class LoraAdapterConfig:
     alpha: Optional[float] = None  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora); null: rank
     dropout: float = 0.0  # dropout on the adapter branch's input while training
     init: Literal["kaiming", "gaussian"] = "kaiming"  # A's initialisation (B starts at 0 either way: ΔW = 0)
-    targets: list[TargetGroup] = field(default_factory=lambda: ["attention"])  # attention, feedforward, projection
+    # attention, feedforward, projection, temporal (every layer of a video denoiser's temporal parts); a union
+    targets: list[TargetGroup] = field(default_factory=lambda: ["attention"])
     rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) (Kalajdzievski 2023)
 
     def __post_init__(self) -> None:
@@ -66,7 +74,7 @@ class LoraAdapterConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: {self.dropout} must be in [0, 1)")
         if not self.targets:
-            raise ValueError("targets: empty; allowed: a list of attention, feedforward, projection")
+            raise ValueError(f"targets: empty; allowed: a list of {', '.join(TARGET_GROUPS)}")
         unknown = [t for t in self.targets if t not in TARGET_GROUPS]
         if unknown:
             raise ValueError(f"targets: {unknown} unknown; allowed: {', '.join(TARGET_GROUPS)}")
@@ -90,16 +98,50 @@ def _matches(name: str, suffixes: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def temporal_prefixes(model: nn.Module) -> list[str]:
+    """Full names of the submodules of ``model`` that act across frames, as the denoisers inside it declare them:
+    a module with a ``temporal_module_prefixes()`` method (the video U-Net: its temporal ResBlocks, temporal
+    transformer blocks and frame embeddings; a factorised video DiT: its temporal blocks) lists them relative to
+    itself. A model that declares none (an image model) or cannot have any (a full-attention video DiT, whose every
+    block attends across space and time at once: its method says why) is an error naming it."""
+    found: list[str] = []
+    declared = False
+    for name, module in model.named_modules():
+        declare = getattr(module, TEMPORAL_DECLARATION, None)
+        if not callable(declare):
+            continue
+        declared = True
+        try:
+            prefixes = list(declare())
+        except ValueError as e:
+            raise ValueError(f"targets: temporal: {e}") from e
+        found += [f"{name}.{p}" if name else p for p in prefixes]
+    if not declared:
+        raise ValueError(f"targets: temporal: {type(model).__name__} has no temporal layers (it declares none with "
+                         f"{TEMPORAL_DECLARATION}()); temporal targets are for video denoisers (the video U-Net, a "
+                         "factorised video DiT)")
+    if not found:
+        raise ValueError(f"targets: temporal: {type(model).__name__} declares no temporal layers")
+    return sorted(set(found))
+
+
 def lora_target_names(model: nn.Module, groups: Sequence[str]) -> list[str]:
-    """Full names of the layers of ``model`` the target groups select (Linear / Conv only), in module order."""
+    """Full names of the layers of ``model`` the target groups select (Linear / Conv only), in module order: the
+    union of the groups. ``attention`` / ``feedforward`` / ``projection`` match module-name suffixes; ``temporal``
+    selects every such layer inside the temporal parts the model declares (:func:`temporal_prefixes`)."""
     adaptable = [(n, m) for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
     feedforward = {n for n, _ in adaptable if _matches(n, LORA_FEEDFORWARD_TARGETS)}
+    temporal = temporal_prefixes(model) if "temporal" in groups else []
     out = []
     for name, _ in adaptable:
         for group in groups:
             if group == "projection" and name in feedforward:
                 continue
-            if _matches(name, TARGET_GROUPS[group]):
+            if group == "temporal":
+                if any(name == p or name.startswith(p + ".") for p in temporal):
+                    out.append(name)
+                    break
+            elif _matches(name, TARGET_GROUPS[group]):
                 out.append(name)
                 break
     if not out:
@@ -107,13 +149,15 @@ def lora_target_names(model: nn.Module, groups: Sequence[str]) -> list[str]:
     return out
 
 
-def peft_config(cfg: LoraAdapterConfig, target_names: Sequence[str]) -> Any:
-    """The peft ``LoraConfig`` for ``cfg`` on exactly ``target_names``."""
+def peft_config(cfg: LoraAdapterConfig, target_names: Sequence[str], rank_pattern: Optional[dict[str, int]] = None,
+                alpha_pattern: Optional[dict[str, float]] = None) -> Any:
+    """The peft ``LoraConfig`` for ``cfg`` on exactly ``target_names`` (per-layer ranks / alphas: the patterns)."""
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.dropout,
                       target_modules=list(target_names), bias="none", use_rslora=cfg.rslora,
-                      init_lora_weights=True if cfg.init == "kaiming" else "gaussian")
+                      init_lora_weights=True if cfg.init == "kaiming" else "gaussian",
+                      rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}))
 
 
 def add_lora(model: nn.Module, cfg: LoraAdapterConfig, adapter_name: str = "default") -> nn.Module:
@@ -277,18 +321,33 @@ def save_adapter(
     base_sha256: Optional[str],
     adapter_name: str = "default",
     extra: Optional[dict[str, Any]] = None,
+    format: str = "ours",
 ) -> Path:
-    """Write ``path`` (.safetensors, adapter tensors + metadata) and ``path.with_suffix('.json')``."""
+    """Write ``path`` (.safetensors, adapter tensors + metadata) and ``path.with_suffix('.json')``.
+
+    ``format``: ``ours`` (the default; what ``loom sample --lora`` and the stages read back with every setting),
+    ``diffusers`` (``unet.`` / ``transformer.`` PEFT keys, alpha in ``lora_adapter_metadata``: diffusers'
+    ``load_lora_weights``) or ``kohya`` (``lora_unet_*`` with ``.alpha``: ComfyUI, A1111). The foreign layouts
+    also carry our metadata in the header; all three load back into ``--lora`` (:mod:`training.lora_formats`)."""
     from safetensors.torch import save_file
 
+    from training import lora_formats
+
+    if format not in lora_formats.LORA_FILE_FORMATS:
+        raise ValueError(f"format: got {format!r}; expected one of {list(lora_formats.LORA_FILE_FORMATS)}")
     path = Path(path)
     state = adapter_state_dict(model, adapter_name)
     targets = sorted({k.split(".lora_")[0] for k in state})  # peft may have shortened its own target list
     meta = {"format": ADAPTER_FORMAT, "adapter": to_dict(cfg), "targets": targets, "denoiser": denoiser,
             "base_sha256": base_sha256, **(extra or {})}
+    header = {"format": "pt", METADATA_KEY: json.dumps(meta)}
+    if format != "ours":
+        layers = lora_formats.layers_from_ours(state, cfg.scaling)
+        state, header = lora_formats.write(layers, base_module(model), format,
+                                           {"latentloom_source": json.dumps(dict(meta, file_format=format))})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+    save_file(state, str(tmp), metadata=header)
     tmp.replace(path)
     n = sum(v.numel() for v in state.values())
     readable = dict(meta, parameters=n, file_bytes=path.stat().st_size)
@@ -305,9 +364,13 @@ class LoadedAdapter:
     config: LoraAdapterConfig
     targets: list[str]
     meta: dict[str, Any]
+    layers: Optional[dict[str, Any]] = None  # a diffusers / kohya file: its layers by foreign name (LayerLora)
 
 
 def load_adapter(path: str | Path) -> LoadedAdapter:
+    """Read an adapter file: ours (lora / dpo stage), or a diffusers/PEFT or kohya LoRA file, whose layer names
+    are resolved against the denoiser when it is attached (:func:`attach_adapters`)."""
+    from training import lora_formats
     from training.errors import read_safetensors, safetensors_metadata
 
     path = Path(path)
@@ -315,8 +378,19 @@ def load_adapter(path: str | Path) -> LoadedAdapter:
         raise FileNotFoundError(f"LoRA adapter {path} does not exist")
     header = safetensors_metadata(path, "LoRA adapter")
     if METADATA_KEY not in header:
-        raise ValueError(f"LoRA adapter {path}: no '{METADATA_KEY}' metadata in its header; expected a file "
-                         "written by the lora or dpo stage (export/adapter.safetensors)")
+        state = read_safetensors(path, "LoRA adapter")
+        what = f"LoRA adapter {path}"
+        try:
+            fmt = lora_formats.detect_format(list(state), header, METADATA_KEY)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}; expected a file written by the lora or dpo stage, or a diffusers/PEFT "
+                             "or kohya LoRA") from None
+        layers = (lora_formats.read_kohya(state, what) if fmt == "kohya"
+                  else lora_formats.read_diffusers(state, header, what))
+        if not layers:
+            raise ValueError(f"{what}: holds no LoRA layer")
+        rank = collections.Counter(v.rank for v in layers.values()).most_common(1)[0][0]
+        return LoadedAdapter(path, state, LoraAdapterConfig(rank=rank), [], {"format": fmt}, layers)
     meta = json.loads(header[METADATA_KEY])
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"LoRA adapter {path}: format {meta.get('format')!r}, this version reads {ADAPTER_FORMAT!r}")
@@ -353,8 +427,20 @@ def attach_adapters(model: nn.Module, adapters: Sequence[tuple[LoadedAdapter, fl
     fingerprint = weights_fingerprint(base_state_dict(model))
     modules = {n for n, _ in model.named_modules()}
     wrapped, names = None, []
+    resolved: dict[int, tuple[dict[str, Tensor], list[str], Any]] = {}
+    for i, (adapter, _) in enumerate(adapters):  # foreign files: names resolved on the bare denoiser, first
+        if adapter.layers is not None:
+            from training import lora_formats
+
+            layers = lora_formats.resolve(adapter.layers, base_module(model), f"LoRA adapter {adapter.path}")
+            r, alpha, ranks, alphas = lora_formats.peft_patterns(layers)
+            state = {f"{n}.lora_{ab}.weight": t for n, v in layers.items() for ab, t in (("A", v.down), ("B", v.up))}
+            cfg = LoraAdapterConfig(rank=r, alpha=alpha)
+            resolved[i] = (state, list(layers), peft_config(cfg, list(layers), ranks, alphas))
     for i, (adapter, _) in enumerate(adapters):
         name = f"adapter_{i}"
+        if i in resolved:
+            adapter = LoadedAdapter(adapter.path, resolved[i][0], adapter.config, resolved[i][1], adapter.meta)
         missing = [t for t in adapter.targets if t not in modules]
         if missing:
             raise ValueError(f"LoRA adapter {adapter.path}: adapts modules this denoiser does not have "
@@ -363,7 +449,7 @@ def attach_adapters(model: nn.Module, adapters: Sequence[tuple[LoadedAdapter, fl
         if adapter.meta.get("base_sha256") not in (None, fingerprint):
             log.warning("LoRA adapter %s was trained on other base weights than these (fingerprints differ)",
                         adapter.path)
-        config = peft_config(adapter.config, adapter.targets)
+        config = resolved[i][2] if i in resolved else peft_config(adapter.config, adapter.targets)
         if wrapped is None:
             wrapped = get_peft_model(model, config, adapter_name=name)
         else:
@@ -415,6 +501,6 @@ __all__ = [
     "AdapterSpec", "LoadedAdapter", "LoraAdapterConfig", "TARGET_GROUPS", "adapter_state_dict", "adapters_disabled",
     "add_lora", "as_peft", "attach_adapters", "base_module", "base_state_dict", "cast_frozen_", "is_adapter_name",
     "load_adapter", "lora_layers", "lora_target_names", "merge_adapters", "merged_state_dict", "parameter_bytes",
-    "peft_config", "save_adapter", "set_adapter_scales", "unmerge_adapters", "unwrap", "weights_fingerprint",
-    "weights_fingerprints", "held_dtype",
+    "peft_config", "save_adapter", "set_adapter_scales", "temporal_prefixes", "unmerge_adapters", "unwrap",
+    "weights_fingerprint", "weights_fingerprints", "held_dtype",
 ]

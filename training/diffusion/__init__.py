@@ -45,6 +45,8 @@ from .samplers import (
     euler_flow_sample,
     euler_flow_step,
     euler_karras_sample,
+    flow_sigmas,
+    karras_discrete_grid,
     register_sampler,
     sampler_for,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "euler_flow_sample",
     "euler_flow_step",
     "euler_karras_sample",
+    "flow_sigmas",
+    "karras_discrete_grid",
     "frame_guidance_scale",
     "karras_sigmas",
     "make_betas",

@@ -25,15 +25,18 @@ def rescale_guidance(guided: Tensor, cond_out: Tensor, rescale: float) -> Tensor
     Sample Steps are Flawed", section 3.4, eq. 15-16).
 
     Rescales the guided output to the per-sample standard deviation of the
-    conditional output, then blends: ``rescale * rescaled + (1 - rescale) * guided``.
+    conditional output, then blends: ``rescale * rescaled + (1 - rescale) * guided`` (diffusers'
+    ``rescale_noise_cfg``, the ``guidance_rescale`` of its Stable Diffusion pipelines; a sampling config sets it as
+    ``SamplingConfig.guidance_rescale``).
     """
     if rescale == 0.0:
         return guided
     dims = tuple(range(1, guided.ndim))
-    std_cond = cond_out.float().std(dim=dims, keepdim=True)
-    std_guided = guided.float().std(dim=dims, keepdim=True).clamp(min=1e-12)
-    rescaled = guided.float() * (std_cond / std_guided)
-    return (rescale * rescaled + (1.0 - rescale) * guided.float()).to(guided.dtype)
+    wide = torch.promote_types(guided.dtype, torch.float32)  # half precision computes in float32, float64 stays
+    std_cond = cond_out.to(wide).std(dim=dims, keepdim=True)
+    std_guided = guided.to(wide).std(dim=dims, keepdim=True).clamp(min=1e-12)
+    rescaled = guided.to(wide) * (std_cond / std_guided)
+    return (rescale * rescaled + (1.0 - rescale) * guided.to(wide)).to(guided.dtype)
 
 
 def stacked_forward(denoiser: Denoiser, x: Tensor, t: Tensor, stacked_cond: Any, k: int) -> tuple[Tensor, ...]:
@@ -88,6 +91,8 @@ class ClassifierFreeGuidance:
         self.denoiser = denoiser
         self.cond = cond
         self.scale = scale
+        if not 0.0 <= float(rescale) <= 1.0:
+            raise ValueError(f"rescale: got {rescale!r}; expected a float in [0, 1] (0: off; Lin et al. 2023 use 0.7)")
         self.rescale = float(rescale)
         unit = bool((scale == 1.0).all()) if isinstance(scale, Tensor) else scale == 1.0
         self.single = null_cond is None or unit  # one forward on the conditional batch

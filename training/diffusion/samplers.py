@@ -100,9 +100,19 @@ def sampler_for(name: str, process: Any) -> SamplerSpec:
     return spec
 
 
-#: Smallest alphas_cumprod used by DPM-Solver, so that log-SNR stays finite on a
-#: zero-terminal-SNR schedule (the value diffusers uses for the same purpose).
+#: The alphas_cumprod DPM-Solver puts in place of a zero-terminal-SNR schedule's last entry (exactly 0), so that
+#: log-SNR stays finite there: diffusers' ``DPMSolverMultistepScheduler`` does the same with
+#: ``rescale_betas_zero_snr=True``, and only then and only there (every other entry, e.g. the tiny ones at the end
+#: of the cosine schedule, is used as it is).
 DPM_MIN_ALPHAS_CUMPROD = 2.0**-24
+
+FlowGrid = Literal["sd3", "linear"]
+FLOW_GRIDS: tuple[str, ...] = get_args(FlowGrid)
+#: Training steps of diffusers' flow-matching schedulers (``num_train_timesteps``, SD3 and Flux ship 1000): the
+#: SD3 grid's smallest time before shifting is ``1 / FLOW_TRAIN_TIMESTEPS``.
+FLOW_TRAIN_TIMESTEPS = 1000
+#: Karras et al. 2022's spacing exponent, as diffusers' ``use_karras_sigmas`` fixes it.
+KARRAS_RHO = 7.0
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -170,7 +180,7 @@ def _resolve_timesteps(
     process: DiscreteDiffusion,
     steps: Optional[int],
     default_steps: int,
-    spacing: str,
+    spacing: Optional[str],
     steps_offset: int,
     timesteps: Optional[Sequence[int]],
     schedule_fn: Callable[[int, int, str, int], list[int]],
@@ -181,7 +191,10 @@ def _resolve_timesteps(
         if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= T or ts[-1] < 0:
             raise ValueError(f"timesteps must be strictly decreasing within [0, {T}), got {ts}")
         return ts
-    return schedule_fn(T, default_steps if steps is None else steps, spacing, steps_offset)
+    if steps_offset < 0:
+        raise ValueError(f"steps_offset: got {steps_offset!r}; expected an int >= 0")
+    default_spacing = "linspace" if schedule_fn is dpm_solver_timesteps else "leading"
+    return schedule_fn(T, default_steps if steps is None else steps, spacing or default_spacing, steps_offset)
 
 
 def _require(process: Any, cls: type, sampler: str) -> None:
@@ -248,7 +261,7 @@ def ddpm_step(
     return x_prev, x0
 
 
-@register_sampler("ddpm", DiscreteDiffusion, settings=("clip_x0",))
+@register_sampler("ddpm", DiscreteDiffusion, settings=("clip_x0", "spacing", "steps_offset"))
 @torch.no_grad()
 def ddpm_sample(
     denoise: DenoiseFn,
@@ -258,7 +271,7 @@ def ddpm_sample(
     steps: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callback] = None,
-    spacing: str = "leading",
+    spacing: Optional[str] = None,
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
@@ -266,8 +279,9 @@ def ddpm_sample(
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`ddpm_step`.
 
     ``steps`` defaults to the full chain (``process.num_timesteps``); fewer steps
-    use strided posteriors over :func:`discrete_timesteps` (or the explicit
-    decreasing ``timesteps``).  ``generator`` drives the per-step noise.
+    use strided posteriors over :func:`discrete_timesteps` with ``spacing`` (None: ``"leading"``) and
+    ``steps_offset`` as diffusers' ``DDPMScheduler`` (or the explicit decreasing ``timesteps``).  ``generator``
+    drives the per-step noise.
     """
     _require(process, DiscreteDiffusion, "ddpm_sample")
     process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
@@ -315,7 +329,7 @@ def ddim_step(
     return x_prev, x0
 
 
-@register_sampler("ddim", DiscreteDiffusion, settings=("eta", "clip_x0"))
+@register_sampler("ddim", DiscreteDiffusion, settings=("eta", "clip_x0", "spacing", "steps_offset", "set_alpha_to_one"))
 @torch.no_grad()
 def ddim_sample(
     denoise: DenoiseFn,
@@ -326,26 +340,32 @@ def ddim_sample(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callback] = None,
     eta: float = 0.0,
-    spacing: str = "leading",
+    spacing: Optional[str] = None,
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
+    set_alpha_to_one: bool = True,
 ) -> Tensor:
     """DDIM sampling (Song et al. 2020, "Denoising Diffusion Implicit Models") over :func:`discrete_timesteps`,
     with :func:`ddim_step` (``eta`` its stochasticity; ``generator`` drives the noise when ``eta > 0``).
 
-    Each step goes to the next timestep of the grid, and the last one to the
-    clean end (``alphas_cumprod = 1``).  Use ``spacing="trailing"`` with a
-    zero-terminal-SNR schedule (Lin et al. 2023, section 3.3).  (diffusers'
-    ``DDIMScheduler`` instead always steps to ``t - T // steps``; that is the
-    same grid point for "leading" and "trailing" but not for "linspace".)
+    The grid is :func:`discrete_timesteps` with ``spacing`` (None: ``"leading"``) and ``steps_offset``, the
+    settings of diffusers' ``DDIMScheduler`` (Stable Diffusion 1.x / 2.x ship ``"leading"`` with
+    ``steps_offset=1``). Each step goes to the next timestep of the grid, and the last one to the clean end
+    (``alphas_cumprod = 1``), or with ``set_alpha_to_one=False`` to ``alphas_cumprod[0]``, as diffusers'
+    ``set_alpha_to_one=False`` (SD's shipped DDIM config) does.  Use ``spacing="trailing"`` with a
+    zero-terminal-SNR schedule (Lin et al. 2023, section 3.3).  (diffusers' ``DDIMScheduler`` always steps to
+    ``t - T // steps``: the next grid point for "leading" and "trailing", so those match it step for step, but
+    not for "linspace", where its target is off the grid and the next model call is made at another noise level
+    than the sample's; here "linspace" steps along its own grid.)
     """
     _require(process, DiscreteDiffusion, "ddim_sample")
     process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
     ts = _resolve_timesteps(process, steps, 50, spacing, steps_offset, timesteps, discrete_timesteps)
+    final = -1 if set_alpha_to_one else 0  # t = 0: alphas_cumprod[0], diffusers' final_alpha_cumprod
     x = noise
     for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        t_prev = ts[i + 1] if i + 1 < len(ts) else final
         out = denoise(x, _tvec(x, t))
         x, x0 = ddim_step(process, out, x, t, t_prev, eta=eta, generator=generator, clip_x0=clip_x0)
         if callback is not None:
@@ -354,7 +374,57 @@ def ddim_sample(
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++(2M)
-@register_sampler("dpm_solver_2m", DiscreteDiffusion, settings=("clip_x0",))
+def dpm_alphas_cumprod(process: DiscreteDiffusion) -> Tensor:
+    """The float64 ``alphas_cumprod`` DPM-Solver works with: the schedule's own, except that a last entry of exactly
+    0 (a zero-terminal-SNR schedule) becomes :data:`DPM_MIN_ALPHAS_CUMPROD`, as diffusers'
+    ``DPMSolverMultistepScheduler(rescale_betas_zero_snr=True)`` sets it. Nothing else is floored."""
+    acp = process.schedule.alphas_cumprod.clone()
+    if float(acp[-1]) == 0.0:
+        acp[-1] = DPM_MIN_ALPHAS_CUMPROD
+    return acp
+
+
+def sigma_to_timestep(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of the VP noise levels ``sigma = sqrt((1 - a) / a)``, interpolated linearly in
+    ``log sigma`` between the two neighbouring training steps (clamped to the table's range), as diffusers'
+    schedulers place Karras sigmas on their timestep axis."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    above = (log_sigma[None, :] - log_sigmas[:, None]) >= 0  # (T, n): training step at or below each sigma
+    low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+    return (1.0 - w) * low + w * (low + 1)
+
+
+def karras_discrete_grid(process: DiscreteDiffusion, steps: int, rho: float = KARRAS_RHO) -> tuple[list[int], Tensor]:
+    """Karras et al. 2022 (eq. 5) noise levels for a discrete VP schedule, as diffusers' ``use_karras_sigmas=True``.
+
+    ``steps`` sigmas from the schedule's largest ``sqrt((1 - a) / a)`` down to its smallest, spaced with exponent
+    ``rho``; the denoiser is called at each one's interpolated training timestep (:func:`sigma_to_timestep`),
+    rounded, or for the cosine schedule truncated (diffusers leaves ``squaredcos_cap_v2`` timesteps fractional
+    and casts them to int64). Returns ``(timesteps, sigmas)``, the sigmas float64 and without the final 0.
+    """
+    from .process import karras_sigmas
+
+    acp = dpm_alphas_cumprod(process).numpy()
+    train_sigmas = np.sqrt((1.0 - acp) / acp)
+    sigmas = karras_sigmas(steps, float(train_sigmas[0]), float(train_sigmas[-1]), rho)
+    t = sigma_to_timestep(sigmas.numpy(), np.log(train_sigmas))
+    if getattr(process.schedule, "name", None) != "cosine":
+        t = t.round()
+    return [int(v) for v in t.astype(np.int64)], sigmas
+
+
+def _vp_x0(prediction: str, out: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
+    """Clean-data estimate from a model output at the VP point ``x = alpha x0 + sigma eps``."""
+    if prediction == "epsilon":
+        return (x - sigma * out) / alpha
+    if prediction == "v_prediction":
+        return alpha * x - sigma * out
+    return out
+
+
+@register_sampler("dpm_solver_2m", DiscreteDiffusion, settings=("clip_x0", "spacing", "steps_offset", "karras_sigmas"))
 @torch.no_grad()
 def dpm_solver_2m_sample(
     denoise: DenoiseFn,
@@ -364,10 +434,11 @@ def dpm_solver_2m_sample(
     steps: int = 20,
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callback] = None,
-    spacing: str = "linspace",
+    spacing: Optional[str] = None,
     steps_offset: int = 0,
     timesteps: Optional[Sequence[int]] = None,
     clip_x0: Optional[float] = None,
+    karras_sigmas: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
     of Diffusion Probabilistic Models", Algorithm 2), the multistep second-order
@@ -381,33 +452,42 @@ def dpm_solver_2m_sample(
         D = (1 + 1 / (2 r)) D_i - 1 / (2 r) D_{i-1},  r = h_prev / h   (later steps)
 
     The last step goes to sigma = 0 and returns the data estimate (first order,
-    as the solver does at the final step).  ``generator`` is unused (the solver is
-    deterministic) and accepted for a uniform signature.  ``alphas_cumprod`` is
-    floored at :data:`DPM_MIN_ALPHAS_CUMPROD` so that zero-terminal-SNR schedules
-    keep a finite log-SNR.
+    as the solver does at the final step).  The grid is :func:`dpm_solver_timesteps` with ``spacing`` (None:
+    ``"linspace"``) and ``steps_offset``, or with ``karras_sigmas`` the Karras sigmas of
+    :func:`karras_discrete_grid` (the solver then runs on those exact noise levels and the denoiser sees their
+    rounded timesteps), both as diffusers' ``DPMSolverMultistepScheduler`` (``algorithm_type="dpmsolver++"``,
+    ``solver_order=2``, ``final_sigmas_type="zero"``).  ``generator`` is unused (the solver is
+    deterministic) and accepted for a uniform signature.  Only a zero last ``alphas_cumprod`` (zero terminal SNR)
+    is raised, to :data:`DPM_MIN_ALPHAS_CUMPROD` (:func:`dpm_alphas_cumprod`), so that log-SNR stays finite.
     """
     del generator
     _require(process, DiscreteDiffusion, "dpm_solver_2m_sample")
     process = process.for_shape(noise.shape)  # the token-shifted schedule, if one is configured
-    ts = _resolve_timesteps(process, steps, 20, spacing, steps_offset, timesteps, dpm_solver_timesteps)
-
-    def alpha_sigma(t: int) -> tuple[float, float]:
-        a = max(_acp(process, t), DPM_MIN_ALPHAS_CUMPROD)
-        return math.sqrt(a), math.sqrt(1.0 - a)
+    acp = dpm_alphas_cumprod(process)
+    if karras_sigmas:
+        if timesteps is not None:
+            raise ValueError("timesteps: cannot be given with karras_sigmas=True (the Karras grid sets them)")
+        _check_steps(steps, process.num_timesteps)
+        ts, grid = karras_discrete_grid(process, steps)
+        alphas = (1.0 / (grid * grid + 1.0)).sqrt()  # VP point of sigma_karras: alpha = 1 / sqrt(s^2 + 1)
+        points = [(float(a), float(a * s)) for a, s in zip(alphas, grid)]
+    else:
+        ts = _resolve_timesteps(process, steps, 20, spacing, steps_offset, timesteps, dpm_solver_timesteps)
+        points = [(math.sqrt(float(acp[t])), math.sqrt(1.0 - float(acp[t]))) for t in ts]
 
     x = noise
     prev_x0: Optional[Tensor] = None
     prev_h = 0.0
     for i, t in enumerate(ts):
         out = denoise(x, _tvec(x, t))
-        x0 = process.to_x0(out, x, _tvec(x, t))
+        alpha_cur, sigma_cur = points[i]
+        x0 = _vp_x0(process.prediction, out, x, alpha_cur, sigma_cur)  # at the solver's own (alpha, sigma)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
         if i + 1 == len(ts):
             x = x0  # sigma_next = 0, alpha_next = 1: the update returns the data estimate
         else:
-            alpha_cur, sigma_cur = alpha_sigma(t)
-            alpha_next, sigma_next = alpha_sigma(ts[i + 1])
+            alpha_next, sigma_next = points[i + 1]
             h = math.log(alpha_next / sigma_next) - math.log(alpha_cur / sigma_cur)
             if prev_x0 is None:
                 d = x0
@@ -428,7 +508,49 @@ def euler_flow_step(model_output: Tensor, x: Tensor, sigma: float, sigma_next: f
     return x + (sigma_next - sigma) * model_output
 
 
-@register_sampler("euler", RectifiedFlow, settings=("clip_x0",))
+def flow_sigmas(
+    steps: int,
+    shift: float = 1.0,
+    grid: str = "sd3",
+    karras_sigmas: bool = False,
+    num_train_timesteps: int = FLOW_TRAIN_TIMESTEPS,
+) -> Tensor:
+    """``steps + 1`` decreasing float64 flow times (sigmas) ending at 0, for Euler sampling of rectified flow.
+
+    * ``grid="sd3"``: the grid of diffusers' ``FlowMatchEulerDiscreteScheduler`` with a fixed ``shift`` (no dynamic
+      shifting), as Stable Diffusion 3 ships it, and of SD3's reference sampler: its trained times span
+      ``[s(1 / N), 1]`` (``s`` the time shift :func:`~.process.shift_time`, ``N = num_train_timesteps``); ``steps``
+      times are spaced linearly between those two ends and shifted once more, then 0 is appended. (The shift is
+      applied twice to the smallest time: that is what the scheduler computes.)
+    * ``grid="linear"``: ``s(linspace(1, 0, steps + 1))``, linear before the shift and reaching 0 as its own last
+      point (:meth:`RectifiedFlow.sampling_sigmas`), the grid of Flux's reference sampler with a fixed shift.
+
+    ``karras_sigmas`` re-spaces the ``steps`` nonzero times with Karras et al. 2022 (eq. 5, ``rho = 7``) between
+    their largest and smallest value, as ``use_karras_sigmas=True`` does in that scheduler.
+    """
+    from .process import karras_sigmas as karras
+    from .process import shift_time
+
+    if steps < 1:
+        raise ValueError(f"steps: got {steps!r}; expected an int >= 1")
+    if grid not in FLOW_GRIDS:
+        raise ValueError(f"flow_grid: got {grid!r}; expected one of {list(FLOW_GRIDS)}")
+    if not shift > 0:
+        raise ValueError(f"shift: got {shift!r}; expected a float > 0")
+    if grid == "sd3":
+        smallest = float(shift_time(1.0 / num_train_timesteps, shift))  # the scheduler's sigma_min
+        base = torch.from_numpy(np.linspace(1.0, smallest, steps))  # linspace of timesteps / N
+        times = shift_time(base, shift)
+    else:
+        times = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)[:-1]
+    if karras_sigmas:
+        if steps < 2:
+            raise ValueError("karras_sigmas: needs steps >= 2 (a range of noise levels to space)")
+        times = karras(steps, float(times[-1]), float(times[0]), KARRAS_RHO)
+    return torch.cat([times.to(torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+@register_sampler("euler", RectifiedFlow, settings=("clip_x0", "karras_sigmas", "flow_grid"))
 @torch.no_grad()
 def euler_flow_sample(
     denoise: DenoiseFn,
@@ -441,23 +563,29 @@ def euler_flow_sample(
     sigmas: Optional[Sequence[float] | Tensor] = None,
     shift: Optional[float] = None,
     clip_x0: Optional[float] = None,
+    karras_sigmas: bool = False,
+    flow_grid: str = "sd3",
 ) -> Tensor:
     """Euler integration of the rectified-flow ODE from t = 1 (noise) to t = 0.
 
     The probability-flow ODE of rectified flow is ``dx/dt = v(x, t)`` (Liu et al.
     2022); SD3 (Esser et al. 2024) samples it with Euler steps on a shifted grid.
-    ``sigmas`` (decreasing, ending at 0) defaults to
-    :meth:`RectifiedFlow.sampling_sigmas` ``(steps, shift)`` (an explicit ``shift`` is the whole shift, token
-    shift included).  With ``clip_x0`` the
+    ``sigmas`` (decreasing, ending at 0) defaults to :func:`flow_sigmas` ``(steps, shift, flow_grid,
+    karras_sigmas)``: with the default ``flow_grid="sd3"`` the grid of diffusers' ``FlowMatchEulerDiscreteScheduler``
+    at a fixed shift (SD3's shipped scheduler; its first time is 1, its last nonzero one about ``shift² / 1000``),
+    with ``"linear"`` the Flux-reference grid ``shift(linspace(1, 0, steps + 1))``. ``shift`` defaults to the
+    process's (its training shift, token shift for the sample's shape included); an explicit ``shift`` is the whole
+    shift.  With ``clip_x0`` the
     velocity is re-derived from the clamped x0, ``v = (x - x0) / t``.
-    ``denoise`` is called with the denoiser's timesteps, ``process.model_timesteps(t)``.
+    ``denoise`` is called with the denoiser's timesteps, ``process.model_timesteps(t)``
+    (``1000 t`` by default, as diffusers passes ``sigma * num_train_timesteps``).
     ``generator`` is unused (deterministic sampler).
     """
     del generator
     _require(process, RectifiedFlow, "euler_flow_sample")
     process = process.for_shape(noise.shape)  # the token-shifted time shift, if one is configured
     if sigmas is None:
-        grid = process.sampling_sigmas(steps, shift).tolist()
+        grid = flow_sigmas(steps, process.shift if shift is None else float(shift), flow_grid, karras_sigmas).tolist()
     else:
         grid = [float(s) for s in (sigmas.tolist() if isinstance(sigmas, Tensor) else sigmas)]
         if len(grid) < 2 or any(b >= a for a, b in zip(grid, grid[1:])):

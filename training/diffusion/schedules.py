@@ -18,6 +18,8 @@ Schedules:
                     u = i / (T - 1).
 * ``geometric``     log-spaced betas: constant ratio beta_{i+1} / beta_i.
 * ``constant``      every beta equal to beta_end (Ho et al.'s reference "const" schedule).
+* ``sigmoid``       betas following a sigmoid over [-6, 6]: beta_start + (beta_end - beta_start) * sigmoid(u),
+                    u = -6 + 12 i / (T - 1) (GeoDiff, Xu et al. 2022; diffusers' ``beta_schedule="sigmoid"``).
 
 :func:`rescale_zero_terminal_snr` implements Algorithm 1 of Lin et al. 2023,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed".
@@ -31,7 +33,7 @@ from typing import Literal, Optional, get_args
 import torch
 from torch import Tensor
 
-ScheduleName = Literal["linear", "scaled_linear", "cosine", "quadratic", "geometric", "constant"]
+ScheduleName = Literal["linear", "scaled_linear", "cosine", "quadratic", "geometric", "constant", "sigmoid"]
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 
 #: Default (beta_start, beta_end) per schedule when the caller gives none.
@@ -43,6 +45,7 @@ DEFAULT_BETA_RANGE: dict[str, tuple[float, float]] = {
     "quadratic": (1e-4, 2e-2),
     "geometric": (1e-4, 2e-2),
     "constant": (2e-2, 2e-2),
+    "sigmoid": (1e-4, 2e-2),
 }
 
 #: Beta cap of the cosine schedule (Nichol & Dhariwal 2021, section 3.2).
@@ -93,6 +96,14 @@ def constant_betas(num_timesteps: int, beta: float) -> Tensor:
     return torch.full((num_timesteps,), float(beta), dtype=torch.float64)
 
 
+def sigmoid_betas(num_timesteps: int, beta_start: float, beta_end: float, half_width: float = 6.0) -> Tensor:
+    """Betas rising along a sigmoid: ``beta_start + (beta_end - beta_start) * sigmoid(u)`` with ``u`` linearly
+    spaced over ``[-half_width, half_width]`` (GeoDiff, Xu et al. 2022, "GeoDiff: a Geometric Diffusion Model for
+    Molecular Conformation Generation"; diffusers' ``DDPMScheduler`` ``sigmoid`` schedule, which spans [-6, 6])."""
+    u = torch.linspace(-half_width, half_width, num_timesteps, dtype=torch.float64)
+    return beta_start + (beta_end - beta_start) * torch.sigmoid(u)
+
+
 def make_betas(
     name: str,
     num_timesteps: int = 1000,
@@ -121,6 +132,8 @@ def make_betas(
         return quadratic_betas(num_timesteps, start, end)
     if name == "geometric":
         return geometric_betas(num_timesteps, start, end)
+    if name == "sigmoid":
+        return sigmoid_betas(num_timesteps, start, end)
     return constant_betas(num_timesteps, end)
 
 
@@ -161,6 +174,7 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.name: Optional[str] = None  # the schedule's name when built by name (samplers mirror diffusers by it)
         self._cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     @classmethod
@@ -176,7 +190,9 @@ class NoiseSchedule:
         betas = make_betas(name, num_timesteps, beta_start, beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas)
+        schedule = cls(betas)
+        schedule.name = name
+        return schedule
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: Tensor) -> "NoiseSchedule":
