@@ -10,30 +10,44 @@ The layout (Kirstain et al. 2023, "Pick-a-Pic"; the data Diffusion-DPO trains on
 ``label_0`` is the probability that ``jpg_0`` is preferred: 1 (it won), 0 (``jpg_1`` won) or 0.5 (a tie);
 ``label_1 = 1 - label_0``.
 
+**Clip pairs** (Diffusion-DPO on video) have ``mp4_0`` / ``mp4_1`` members instead (any container the video decoder
+reads: ``webm_0``, ``gif_0``, ...; both of one pair the same kind), and the json adds ``num_frames_i`` / ``fps_i``.
+They are written from raw frames (:class:`~data_pipeline.sources.VideoFrames`, encoded H.264 like every clip) or
+video bytes with their probe (:class:`PreferenceSample` ``video_0`` / ``video_1``); the bundled example is
+:func:`moving_digit_pair_samples` (``loom shards moving-digit-pairs``): a digit moving the captioned way is preferred
+to the same digit moving the opposite way, so only the clips' motion tells winner from loser. A pair of an image
+and a clip, or of two clips whose frame counts or frame sizes differ, is skipped as ``mismatched_clips`` (when
+written, and when read from shards written elsewhere): the two sides of a pair must be comparable frame for frame.
+
 **Writing** (``loom shards pairs input=pairs.jsonl``): a JSONL, CSV/TSV or parquet table with columns ``caption``,
-``jpg_0``, ``jpg_1``, ``label_0`` (Pick-a-Pic's names; the caption column follows ``caption_column``). An image
-cell is a file path (relative to the table's folder), raw bytes (parquet binary, as in Pick-a-Pic's own parquet
-files) or a ``{"bytes": ..., "path": ...}`` struct (Hugging Face ``datasets`` images). Rows are skipped and
-counted by reason: ``bad_row`` (not an object, an image cell of an unknown kind, a flag that is not a boolean, or
-another column holding text that is not UTF-8), ``missing_caption``, ``bad_caption`` (not UTF-8: a lone
-surrogate), ``missing_image`` (an absent cell or a path that is not there), ``corrupt_image``, ``image_too_large``,
-``bad_label`` (``label_0`` absent or outside [0, 1], ``label_1`` given but not a number in [0, 1]), and, read as
-Pick-a-Pic means them (:func:`label_problem`): ``unlabelled`` (``has_label`` false: nobody chose),
-``same_images`` (``are_different`` false: the same image twice), ``inconsistent_labels`` (``label_0 + label_1``
-not 1, such as both 1). Ties are written; readers decide.
+``jpg_0``, ``jpg_1``, ``label_0`` (Pick-a-Pic's names; the caption column follows ``caption_column``), or ``mp4_0``,
+``mp4_1`` instead of the image columns for clip pairs (video files of any container the loader decodes, kept as-is). An
+image cell is a file path (relative to the table's folder), raw bytes (parquet binary, as in Pick-a-Pic's own parquet
+files) or a ``{"bytes": ..., "path": ...}`` struct (Hugging Face ``datasets`` images). Rows are skipped and counted by
+reason: ``bad_row`` (not an object, an image cell of an unknown kind, a flag that is not a boolean, or another column
+holding text that is not UTF-8), ``missing_caption``, ``bad_caption`` (not UTF-8: a lone surrogate), ``missing_image``
+(an absent cell or a path that is not there), ``corrupt_image``, ``image_too_large``, ``bad_label`` (``label_0`` absent
+or outside [0, 1], ``label_1`` given but not a number in [0, 1]), and, read as Pick-a-Pic means them
+(:func:`label_problem`): ``unlabelled`` (``has_label`` false: nobody chose), ``same_images`` (``are_different`` false:
+the same image twice), ``inconsistent_labels`` (``label_0 + label_1`` not 1, such as both 1). Ties are written; readers
+decide.
 
 **Reading** (:func:`iter_preference_pairs`): one pass over the shards in order (the streaming loader's url syntax:
 paths, braces, globs, ``pipe:``), both images decoded to ``resolution``² RGB the way the streaming loader decodes
-(resize to cover, centre crop). A pair with a missing or undecodable image, bad json, no caption or a bad label is
-skipped and counted (the reasons above, ``bad_json`` also for nesting too deep or text that is not UTF-8,
-``duplicate_key`` for a sample with the key of the one before it, plus the shard-level ``truncated_tar`` /
-``unreadable_shard`` / ``empty_shard``); ties are dropped (counted as ``tie``) or kept, by config. The DPO stage
-encodes what it reads once into cached latent pairs and trains on those through the ordinary streaming loader
-(shuffle buffer, rank and worker split, exact resume), so the loader itself needs no two-image mode.
+(resize to cover, centre crop); both clips of a clip pair through the loader's video decoder
+(:mod:`data_pipeline.video`) with the data config's ``video`` section (``num_frames`` frames at its stride or rate, the
+centred clip, as the cache stage takes it), after both headers were probed and compared (``mismatched_clips``; the
+decoder's own reasons, such as ``short_clip`` or ``corrupt_video``, are counted too). A pair with a missing or
+undecodable image, bad json, no caption or a bad label is skipped and counted (the reasons above, ``bad_json`` also for
+nesting too deep or text that is not UTF-8, ``duplicate_key`` for a sample with the key of the one before it, plus the
+shard-level ``truncated_tar`` / ``unreadable_shard`` / ``empty_shard``); ties are dropped (counted as ``tie``) or kept,
+by config. The DPO stage encodes what it reads once into cached latent pairs and trains on those through the ordinary
+streaming loader (shuffle buffer, rank and worker split, exact resume), so the loader itself needs no two-image mode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -46,13 +60,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.data_config import DataConfig
+from data_pipeline.decoders import DecodeRequest, member_decoder
 from data_pipeline.errors import SkipSample
 from data_pipeline.index import index_path
 from data_pipeline.sampletext import json_text_problem, text_problem
 from data_pipeline.shardlists import resolve_sources
-from data_pipeline.sources import SkipLog, TableSource, decode_image
+from data_pipeline.sources import BadVideoError, SkipLog, TableSource, VideoFrames, VideoInfo, decode_image
 from data_pipeline.stream import close_shard, iter_groups, open_shard, read_meta, select_caption, text_checks
 from data_pipeline.transforms import decode_image as decode_to_target
+from data_pipeline.video import EXTENSIONS as VIDEO_EXTENSIONS
 from data_pipeline.writer import (
     PAIR_TABLE_SUFFIXES,
     CorruptImageError,
@@ -60,12 +76,16 @@ from data_pipeline.writer import (
     WriterOptions,
     WriteSummary,
     encode_image,
+    encode_video,
 )
 
 PAIR_IMAGE_COLUMNS = ("jpg_0", "jpg_1")  # the table columns and tar members of the two images
+PAIR_VIDEO_COLUMNS = ("mp4_0", "mp4_1")  # the table columns of the two clips of a clip pair (any container)
 LABEL_COLUMN = "label_0"
 DEFAULT_PAIR_PREFIX = "pairs"
 IMAGE_MEMBERS = (("jpg_0", "jpeg_0", "png_0", "webp_0"), ("jpg_1", "jpeg_1", "png_1", "webp_1"))
+VIDEO_MEMBERS = tuple(tuple(f"{ext}_{i}" for ext in VIDEO_EXTENSIONS) for i in (0, 1))  # mp4_0, webm_0, ...
+MISMATCH = "mismatched_clips"  # skip reason: an image against a clip, or clips of different frames or sizes
 TIE = 0.5
 
 
@@ -81,6 +101,15 @@ class PreferenceSample:
     source_id: str = ""  # where it came from (table:line)
     decoded_0: Optional[Image.Image] = None  # image_0 already decoded (when bytes)
     decoded_1: Optional[Image.Image] = None
+    video_0: Optional[VideoInfo] = None  # set when image_0 holds a video file's bytes: its probe (a clip pair)
+    video_1: Optional[VideoInfo] = None
+    video_exts: tuple[str, str] = ("mp4", "mp4")  # member extensions kept video bytes are stored under (containers)
+
+    @property
+    def clips(self) -> tuple[bool, bool]:
+        """Whether each side is a clip (raw frames or probed video bytes) rather than an image."""
+        return (isinstance(self.image_0, VideoFrames) or self.video_0 is not None,
+                isinstance(self.image_1, VideoFrames) or self.video_1 is not None)
 
 
 def parse_label(value: Any) -> Optional[float]:
@@ -174,17 +203,20 @@ class PairTableSource:
         self.ties = 0  # tie rows yielded
         self._table: Optional[TableSource] = None
         if self.kind != "parquet":  # the plain-table reader checks CSV headers and parses lines
-            self._table = TableSource(self.path, PAIR_IMAGE_COLUMNS[0], caption_column, allow_empty_caption)
+            first_column = PAIR_IMAGE_COLUMNS[0]
             if self.kind != "jsonl":
                 import csv
 
                 with self.path.open(newline="", encoding="utf-8-sig") as f:
                     header = csv.DictReader(f, delimiter="\t" if self.kind == "tsv" else ",").fieldnames or []
-                missing = [c for c in (*PAIR_IMAGE_COLUMNS, LABEL_COLUMN) if c not in header]
+                columns = PAIR_VIDEO_COLUMNS if set(PAIR_VIDEO_COLUMNS) <= set(header) else PAIR_IMAGE_COLUMNS
+                first_column = columns[0]
+                missing = [c for c in (*columns, LABEL_COLUMN) if c not in header]
                 if missing:
                     raise ValueError(f"input: {self.path} has no column {', '.join(map(repr, missing))} "
                                      f"(columns: {', '.join(header)}); a pairs table needs "
-                                     f"{caption_column}, jpg_0, jpg_1, label_0")
+                                     f"{caption_column}, jpg_0, jpg_1 (or mp4_0, mp4_1 for clips), label_0")
+            self._table = TableSource(self.path, first_column, caption_column, allow_empty_caption)
 
     def size_hint(self) -> int:
         if self._table is not None:
@@ -235,6 +267,36 @@ class PairTableSource:
             self.skips.add("corrupt_image", where)
         return None
 
+    def _video(self, cell: Any, where: str) -> Optional[tuple[bytes, VideoInfo, str]]:
+        """(bytes, probe, container extension) of a clip cell (path / bytes / struct); None after counting why it
+        is unusable (``missing_image``, or the video prober's reason)."""
+        from data_pipeline.sources import probe_video
+
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path")
+        ext = "mp4"
+        if _absent(cell):
+            self.skips.add("missing_image", f"{where} (no clip)")
+            return None
+        if isinstance(cell, (bytes, bytearray, memoryview)):
+            data = bytes(cell)
+        elif isinstance(cell, str):
+            try:
+                data = (self.path.parent / cell.strip()).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                self.skips.add("missing_image", f"{where} {cell.strip()}")
+                return None
+            suffix = Path(cell.strip()).suffix.lower().lstrip(".")
+            ext = suffix if suffix in VIDEO_EXTENSIONS else ext
+        else:
+            self.skips.add("bad_row", f"{where} (clip cell of type {type(cell).__name__})")
+            return None
+        try:
+            return data, probe_video(data), ext
+        except BadVideoError as e:
+            self.skips.add(e.reason, f"{where} ({e})")
+            return None
+
     def __iter__(self) -> Iterator[PreferenceSample]:
         for where, row in self._rows():
             if row is None:
@@ -258,11 +320,25 @@ class PairTableSource:
             if refusal is not None:
                 self.skips.add(refusal[0], f"{where} ({refusal[1]})")
                 continue
-            extra = {k: v for k, v in row.items() if k not in (*PAIR_IMAGE_COLUMNS, self.caption_column, LABEL_COLUMN)
+            extra = {k: v for k, v in row.items()
+                     if k not in (*PAIR_IMAGE_COLUMNS, *PAIR_VIDEO_COLUMNS, self.caption_column, LABEL_COLUMN)
                      and k and not isinstance(v, (bytes, bytearray, dict))}
             problem = json_text_problem(extra)
             if problem:
                 self.skips.add("bad_row", f"{where} ({problem})")
+                continue
+            if _absent(row.get(PAIR_IMAGE_COLUMNS[0])) and not _absent(row.get(PAIR_VIDEO_COLUMNS[0])):
+                clips = []
+                for column in PAIR_VIDEO_COLUMNS:
+                    clip = self._video(row.get(column), where)
+                    if clip is None:
+                        break
+                    clips.append(clip)
+                if len(clips) < 2:
+                    continue
+                self.ties += label == TIE
+                yield PreferenceSample(clips[0][0], clips[1][0], caption, label, extra, where, video_0=clips[0][1],
+                                       video_1=clips[1][1], video_exts=(clips[0][2], clips[1][2]))
                 continue
             first = self._image(row.get(PAIR_IMAGE_COLUMNS[0]), where)
             if first is None:
@@ -319,22 +395,29 @@ def write_preference_shards(
                 skips.add(refusal[0], f"{s.source_id} ({refusal[1]})")
                 bar.update(writer.count + skips.total - bar.n)
                 continue
-            try:
-                enc = [encode_image(img, o.image_format, o.jpeg_quality, o.max_size, dec)
-                       for img, dec in ((s.image_0, s.decoded_0), (s.image_1, s.decoded_1))]
-            except Image.DecompressionBombError:
-                skips.add("image_too_large", s.source_id)
-                continue
-            except CorruptImageError:
-                skips.add("corrupt_image", s.source_id)
-                continue
             meta = {k: v for k, v in s.extra.items() if k not in ("key", "caption", "label_0", "label_1", "source")}
             meta.update(caption=s.caption, label_0=s.label_0, label_1=1.0 - s.label_0, source=s.source_id)
-            for i, e in enumerate(enc):
-                meta.update({f"width_{i}": e.width, f"height_{i}": e.height, f"format_{i}": e.ext})
+            if any(s.clips):
+                encoded = _encode_clip_pair(s, o, skips)
+                if encoded is None:
+                    continue
+                members, fields = encoded
+                meta.update(fields)
+            else:
+                try:
+                    enc = [encode_image(img, o.image_format, o.jpeg_quality, o.max_size, dec)
+                           for img, dec in ((s.image_0, s.decoded_0), (s.image_1, s.decoded_1))]
+                except Image.DecompressionBombError:
+                    skips.add("image_too_large", s.source_id)
+                    continue
+                except CorruptImageError:
+                    skips.add("corrupt_image", s.source_id)
+                    continue
+                for i, e in enumerate(enc):
+                    meta.update({f"width_{i}": e.width, f"height_{i}": e.height, f"format_{i}": e.ext})
+                members = {"jpg_0": enc[0].data, "jpg_1": enc[1].data}
             try:
-                writer.write_members({"jpg_0": enc[0].data, "jpg_1": enc[1].data, "txt": s.caption.encode("utf-8")},
-                                     meta)
+                writer.write_members({**members, "txt": s.caption.encode("utf-8")}, meta)
             except SkipSample as e:  # json that cannot be written (checked before anything reaches the tar)
                 skips.add(e.reason, f"{s.source_id} ({e.detail})")
                 continue
@@ -347,12 +430,47 @@ def write_preference_shards(
     return PairWriteSummary(summary, ties)
 
 
+def _encode_clip_pair(s: PreferenceSample, o: WriterOptions, skips: SkipLog
+                      ) -> Optional[tuple[dict[str, bytes], dict[str, Any]]]:
+    """The two clip members (``mp4_0``, ``mp4_1``, or the kept files' own containers) and their json fields; None
+    after counting why the pair cannot be written (an image against a clip, clips that differ in frames or size,
+    a video the writer refuses)."""
+    if not all(s.clips):
+        skips.add(MISMATCH, f"{s.source_id} (an image against a clip: {'clip' if s.clips[0] else 'image'}_0, "
+                            f"{'clip' if s.clips[1] else 'image'}_1)")
+        return None
+    options = dataclasses.replace(o, split_scenes=False)  # one clip per side, whatever the shard options say
+    encoded = []
+    for i, (video, info) in enumerate(((s.image_0, s.video_0), (s.image_1, s.video_1))):
+        try:
+            clips, _ = encode_video(video, options, info, s.video_exts[i])
+        except BadVideoError as e:
+            skips.add(e.reason, f"{s.source_id} (clip {i}: {e})")
+            return None
+        encoded.append(clips[0])
+    shapes = [(e.info.num_frames, e.info.width, e.info.height) for e in encoded]
+    if shapes[0] != shapes[1]:
+        skips.add(MISMATCH, f"{s.source_id} (clip 0: {_shape_text(shapes[0])}, clip 1: {_shape_text(shapes[1])})")
+        return None
+    members, fields = {}, {}
+    for i, e in enumerate(encoded):
+        members[f"{e.ext}_{i}"] = e.data
+        fields.update({f"width_{i}": e.info.width, f"height_{i}": e.info.height, f"format_{i}": e.ext,
+                       f"num_frames_{i}": e.info.num_frames, f"fps_{i}": e.info.fps})
+    return members, fields
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]} frames of {shape[1]}x{shape[2]}"
+
+
 # ------------------------------------------------------------------------------------------------- reader
 
 
 @dataclass
 class PreferencePair:
-    """A decoded pair: both images ``(H, W, 3)`` uint8 at the target size, the caption and ``label_0``."""
+    """A decoded pair: both images ``(H, W, 3)`` (or both clips ``(T, H, W, 3)``) uint8 at the target size, the
+    caption and ``label_0``."""
 
     key: str
     url: str
@@ -404,19 +522,66 @@ def parse_pair(cfg: DataConfig, key: str, url: str, members: dict[str, bytes], t
     if label == TIE and ties == "drop":
         skips.add("tie", where)
         return None
-    images = []
-    for names in IMAGE_MEMBERS:
-        data = next((members[n] for n in names if n in members), None)
-        if data is None:
-            skips.add("missing_image", f"{where} (no {names[0]})")
+    found = []
+    for image_names, video_names in zip(IMAGE_MEMBERS, VIDEO_MEMBERS):
+        name = next((n for n in (*image_names, *video_names) if n in members), None)
+        if name is None:
+            skips.add("missing_image", f"{where} (no {image_names[0]} or {video_names[0]})")
             return None
+        found.append(name)
+    clips = [n in VIDEO_MEMBERS[i] for i, n in enumerate(found)]
+    if clips[0] != clips[1]:
+        skips.add(MISMATCH, f"{where} (an image against a clip: {found[0]}, {found[1]})")
+        return None
+    if clips[0]:
+        pixels = _decode_clip_pair(cfg, [(n, members[n]) for n in found], where, skips)
+        if pixels is None:
+            return None
+        return PreferencePair(key, url, caption, pixels[0], pixels[1], label, meta)
+    images = []
+    for name in found:
         try:
-            images.append(decode_to_target(data, (cfg.resolution, cfg.resolution), "center",
+            images.append(decode_to_target(members[name], (cfg.resolution, cfg.resolution), "center",
                                            draft=cfg.jpeg_draft).pixels)
         except Exception:  # truncated or garbage bytes: PIL raises many kinds
-            skips.add("corrupt_image", f"{where} ({names[0]})")
+            skips.add("corrupt_image", f"{where} ({name})")
             return None
     return PreferencePair(key, url, caption, images[0], images[1], label, meta)
+
+
+def _decode_clip_pair(cfg: DataConfig, clips: list[tuple[str, bytes]], where: str, skips: SkipLog
+                      ) -> Optional[list[np.ndarray]]:
+    """Both clips of a pair as ``(T, resolution, resolution, 3)`` uint8 (``T = cfg.video.num_frames``, the centred
+    clip), or None after counting why not: a header the decoder refuses (its reason), headers that disagree on the
+    frames available or the frame size (``mismatched_clips``), a clip that fails to decode (its reason)."""
+    shapes = []
+    for name, data in clips:
+        decoder = member_decoder(name.rsplit("_", 1)[0])
+        try:
+            shapes.append(decoder.probe(data, cfg))  # (frames available for a clip, h, w)
+        except SkipSample as e:
+            skips.add(e.reason, f"{where} ({name}: {e.detail})")
+            return None
+        except Exception as e:  # noqa: BLE001 - a damaged container
+            skips.add("corrupt_video", f"{where} ({name}: {str(e)[:80]})")
+            return None
+    if shapes[0] != shapes[1]:
+        skips.add(MISMATCH, f"{where} ({clips[0][0]}: {_shape_text(shapes[0])}, {clips[1][0]}: "
+                            f"{_shape_text(shapes[1])})")
+        return None
+    video = dataclasses.replace(cfg.video, clip_start="center")  # the same frames of both clips
+    request = DecodeRequest((cfg.video.num_frames, cfg.resolution, cfg.resolution), "center", video=video)
+    out = []
+    for name, data in clips:
+        try:
+            out.append(member_decoder(name.rsplit("_", 1)[0]).decode(data, request).pixels)
+        except SkipSample as e:
+            skips.add(e.reason, f"{where} ({name}: {e.detail})")
+            return None
+        except Exception as e:  # noqa: BLE001
+            skips.add("corrupt_video", f"{where} ({name}: {str(e)[:80]})")
+            return None
+    return out
 
 
 def iter_preference_pairs(
@@ -451,7 +616,83 @@ def iter_preference_pairs(
                 close_shard(fh)
 
 
+# ------------------------------------------------------------------------------------- bundled clip pairs
+
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}  # the rejected clip's direction
+
+
+def moving_digit_pair_samples(split: str, seed: int = 0, val_fraction: float = 0.1, *,
+                              directions: Optional[Iterable[str]] = None, limit: Optional[int] = None
+                              ) -> list[PreferenceSample]:
+    """Clip preference pairs from the moving-digits set (:mod:`data_pipeline.moving_digits`), one per digit of
+    ``split`` (the demo set's stratified split, the clip set's seeded directions): the caption names the digit's
+    direction (``"a handwritten digit three moving left"``); the preferred clip is that digit moving that way, the
+    rejected one the same digit moving the opposite way (the same frames in reverse order), so only the motion tells
+    them apart. Which side (``mp4_0`` or ``mp4_1``) holds the winner is a seeded coin, recorded in ``label_0``.
+    ``directions`` keeps only the digits whose (captioned) direction is listed; ``limit``: at most that many pairs,
+    in dataset order."""
+    from data_pipeline import moving_digits as md
+    from data_pipeline.demo import SPLITS, _digits, caption_for_digit, stratified_split
+
+    if split not in SPLITS:
+        raise ValueError(f"split: got {split!r}; allowed: {', '.join(SPLITS)}")
+    images, labels = _digits()
+    train_idx, val_idx = stratified_split(labels, seed, val_fraction)
+    dirs = md.directions(len(labels), seed)
+    first = np.random.default_rng((seed, 2)).integers(0, 2, len(labels))  # 1: the winner is mp4_0
+    keep = set(md.DIRECTIONS if directions is None else directions)
+    unknown = sorted(keep - set(md.DIRECTIONS))
+    if unknown:
+        raise ValueError(f"directions: {unknown} unknown; allowed: {', '.join(md.DIRECTIONS)}")
+    out: list[PreferenceSample] = []
+    for i in train_idx if split == "train" else val_idx:
+        label, direction = int(labels[i]), md.DIRECTIONS[int(dirs[i])]
+        if direction not in keep:
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        rejected = OPPOSITE[direction]
+        good = VideoFrames(md.clip_frames(images[i], direction), md.FPS)
+        bad = VideoFrames(md.clip_frames(images[i], rejected), md.FPS)
+        pair = (good, bad) if first[i] else (bad, good)
+        extra = {"label": label, "digit": caption_for_digit(label).split()[-1], "direction": direction,
+                 "rejected_direction": rejected, "split": split, "index": int(i)}
+        out.append(PreferenceSample(pair[0], pair[1], md.caption_for(label, direction), float(first[i]), extra,
+                                    f"sklearn-digits/{int(i)}/{direction}-over-{rejected}"))
+    return out
+
+
+def build_moving_digit_pairs(
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    max_samples_per_shard: int = 1000,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, PairWriteSummary]:
+    """Write :func:`moving_digit_pair_samples` as ``train-*.tar`` / ``val-*.tar`` clip-pair shards (H.264 mp4 at the
+    moving-digits codec settings) with their indexes; refuses, before writing anything, when either split's files
+    exist and ``overwrite`` is off."""
+    from data_pipeline.demo import SPLITS, demo_output_files
+    from data_pipeline.moving_digits import CRF
+    from data_pipeline.writer import existing_shard_files
+
+    if not overwrite:
+        existing = demo_output_files(output_dir)
+        if existing:
+            raise FileExistsError(f"{output_dir} already holds shards (e.g. {existing[0].name}); "
+                                  "set overwrite=true to replace them")
+    else:
+        for path in existing_shard_files(output_dir, "val"):  # a stale val set must not outlive val_fraction=0
+            path.unlink()
+    options = WriterOptions(max_samples_per_shard, overwrite=overwrite, video_crf=CRF)
+    return {split: write_preference_shards(moving_digit_pair_samples(split, seed, val_fraction), output_dir, split,
+                                           options, skips=SkipLog(), progress=progress)
+            for split in SPLITS if split == "train" or val_fraction > 0}
+
+
 __all__ = [
-    "DEFAULT_PAIR_PREFIX", "PairTableSource", "PairWriteSummary", "PreferencePair", "PreferenceSample",
-    "iter_preference_pairs", "label_problem", "parse_flag", "parse_label", "parse_pair", "write_preference_shards",
+    "DEFAULT_PAIR_PREFIX", "MISMATCH", "PairTableSource", "PairWriteSummary", "PreferencePair", "PreferenceSample",
+    "build_moving_digit_pairs", "iter_preference_pairs", "label_problem", "moving_digit_pair_samples", "parse_flag",
+    "parse_label", "parse_pair", "write_preference_shards",
 ]

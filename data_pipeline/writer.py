@@ -83,8 +83,8 @@ from data_pipeline.transforms import normalize_mode
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("demo", "moving-digits", "folder", "table", "pairs")
-BUNDLED = ("demo", "moving-digits")  # sources that read no input and write train-* / val-*
+SOURCES = ("demo", "moving-digits", "moving-digit-pairs", "folder", "table", "pairs")
+BUNDLED = ("demo", "moving-digits", "moving-digit-pairs")  # sources that read no input and write train-* / val-*
 PAIR_TABLE_SUFFIXES = {**TABLE_SUFFIXES, ".parquet": "parquet"}  # source=pairs (data_pipeline.preference)
 IMAGE_FORMATS = ("keep", "jpg", "png")
 KEEPABLE = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> shard extension
@@ -155,7 +155,8 @@ class WriterOptions:
 class ShardsConfig(WriterOptions):
     """What ``loom shards`` writes: the source, where the shards go, and how (the :class:`WriterOptions` fields)."""
 
-    source: Literal["demo", "moving-digits", "folder", "table", "pairs"] = "demo"  # bundled sets, folder, table, pairs
+    # bundled sets (moving-digit-pairs: clip preference pairs, data_pipeline.preference), folder, table, pairs
+    source: Literal["demo", "moving-digits", "moving-digit-pairs", "folder", "table", "pairs"] = "demo"
     input: Optional[str] = None  # the folder (folder), .jsonl/.csv (table) or .jsonl/.csv/.parquet (pairs); demo: none
     output_dir: str = "data/shards"  # where the tars and their .shardindex.json go (created if missing)
     prefix: Optional[str] = None  # shard names {prefix}-000000.tar; None: "shard" (pairs: "pairs"; demo: train/val)
@@ -179,7 +180,7 @@ class ShardsConfig(WriterOptions):
                 raise ValueError("image_format: got 'jpg'; the demo set is stored as lossless PNG (use keep or png)")
             if self.max_size is not None:
                 raise ValueError(f"max_size: got {self.max_size!r}; {what}'s frames are 32x32, leave it null")
-            if self.source == "moving-digits":
+            if self.source in ("moving-digits", "moving-digit-pairs"):
                 for name in ("video_max_fps", "split_scenes"):
                     if getattr(self, name):
                         raise ValueError(f"{name}: got {getattr(self, name)!r}; the moving-digits clips are "

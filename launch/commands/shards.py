@@ -1,8 +1,9 @@
 """``loom shards``: write WebDataset shards from a folder, a JSONL/CSV table (images and videos), the bundled digits
-demo set or its moving-digits video set, or a table of preference pairs.
+demo set, its moving-digits video set or clip preference pairs made from it, or a table of preference pairs.
 
     loom shards demo output_dir=data/demo
     loom shards moving-digits output_dir=data/moving-digits     # 9-frame 32x32 mp4 clips of the digits moving
+    loom shards moving-digit-pairs output_dir=data/motion-prefs  # mp4_0/mp4_1 pairs: captioned motion vs opposite
     loom shards folder input=imgs/ output_dir=out/ max_samples_per_shard=500
     loom shards folder input=videos/ output_dir=out/ split_scenes=true max_size=512 video_max_fps=24
     loom shards table input=pairs.jsonl output_dir=out/ image_column=path caption_column=text
@@ -28,7 +29,7 @@ def _format_line(cfg: ShardsConfig) -> str:
 
 
 def _video_line(cfg: ShardsConfig) -> str:
-    if cfg.source == "moving-digits":
+    if cfg.source in ("moving-digits", "moving-digit-pairs"):
         from data_pipeline.moving_digits import CRF
 
         return f"H.264 mp4 (libx264 crf {CRF}, yuv420p), 9 frames at 8 fps, 32x32"
@@ -52,13 +53,16 @@ def _video_line(cfg: ShardsConfig) -> str:
 def plan(cfg: ShardsConfig) -> str:
     """What ``run(cfg)`` would write (for ``--dry-run``); reads the input only to count it."""
     lines = []
-    if cfg.source in ("demo", "moving-digits"):
+    if cfg.source in ("demo", "moving-digits", "moving-digit-pairs"):
         from data_pipeline.demo import split_sizes
 
         n_train, n_val = split_sizes(cfg.seed, cfg.val_fraction)
         prefixes = ["train", "val"] if n_val else ["train"]
-        what = ("1797 images as 32x32 RGB, white ink on black" if cfg.source == "demo" else
-                "1797 clips of a digit moving left/right/up/down, 9 frames of 32x32 RGB on black")
+        what = {"demo": "1797 images as 32x32 RGB, white ink on black",
+                "moving-digits": "1797 clips of a digit moving left/right/up/down, 9 frames of 32x32 RGB on black",
+                "moving-digit-pairs": "1797 clip preference pairs in the Pick-a-Pic layout (mp4_0, mp4_1, label_0): "
+                                      "the digit moving the captioned way preferred to it moving the opposite way"
+                }[cfg.source]
         lines.append(f"source: {cfg.source} (scikit-learn digits, {what}), "
                      f"stratified split seed={cfg.seed} val_fraction={cfg.val_fraction}: "
                      f"{n_train} train / {n_val} val")
@@ -75,8 +79,9 @@ def plan(cfg: ShardsConfig) -> str:
 
             pairs = PairTableSource(cfg.input, cfg.caption_column, cfg.allow_empty_caption)  # type: ignore[arg-type]
             lines.append(f"source: preference pairs {cfg.input} ({pairs.kind}, about {pairs.size_hint()} rows; "
-                         f"columns {cfg.caption_column!r}, 'jpg_0', 'jpg_1', 'label_0'), written in the Pick-a-Pic "
-                         "layout (KEY.jpg_0, KEY.jpg_1, KEY.txt, KEY.json with label_0/label_1)")
+                         f"columns {cfg.caption_column!r}, 'jpg_0', 'jpg_1' or 'mp4_0', 'mp4_1', 'label_0'), "
+                         "written in the Pick-a-Pic layout (KEY.jpg_0, KEY.jpg_1 or KEY.mp4_0, KEY.mp4_1, KEY.txt, "
+                         "KEY.json with label_0/label_1)")
         else:
             table = TableSource(cfg.input, cfg.image_column, cfg.caption_column,  # type: ignore[arg-type]
                                 cfg.allow_empty_caption)
@@ -85,7 +90,7 @@ def plan(cfg: ShardsConfig) -> str:
     names = ", ".join(f"{p}-NNNNNN.tar + {p}.shardindex.json" for p in prefixes)
     lines.append(f"output: {cfg.output_dir}/ {names}")
     lines.append(f"shard size: at most {cfg.max_samples_per_shard} samples per tar")
-    if cfg.source != "moving-digits":
+    if cfg.source not in ("moving-digits", "moving-digit-pairs"):
         lines.append(f"image format: {_format_line(cfg)}")
     if cfg.source != "demo":
         lines.append(f"video format: {_video_line(cfg)}")
@@ -112,6 +117,11 @@ def run(cfg: ShardsConfig) -> int:
 
             summaries = list(build_demo_set(cfg.output_dir, cfg.seed, cfg.val_fraction, cfg.max_samples_per_shard,
                                             cfg.overwrite, cfg.progress).values())
+        elif cfg.source == "moving-digit-pairs":
+            from data_pipeline.preference import build_moving_digit_pairs
+
+            summaries = list(build_moving_digit_pairs(cfg.output_dir, cfg.seed, cfg.val_fraction,
+                                                      cfg.max_samples_per_shard, cfg.overwrite, cfg.progress).values())
         elif cfg.source == "moving-digits":
             from data_pipeline.moving_digits import build_moving_digits
 

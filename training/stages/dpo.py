@@ -36,6 +36,13 @@ stage first encodes every usable pair once (rank 0) into ``<run>/<dpo.cache>/``:
 loser's autoencoder posterior moments (``latent.npy``, ``latent_l.npy``), the caption's text encoding and the
 preference strength; then it streams those through the ordinary loader (shuffle buffer, rank split, exact resume),
 drawing fresh latent samples from the moments each time, as the diffusion stage's cache does.
+
+**Clip pairs** (``mp4_0`` / ``mp4_1`` members) go through the same code with a video denoiser: the pair reader
+decodes both clips with ``dpo.data.video`` (``num_frames`` at its stride or rate, centred), the per-frame
+autoencoder encodes them to ``(2C, T, h, w)`` moments (pixels ``(3, T, H, W)`` for a pixel-space model), the json
+records ``clip_frames``, and the objective noises the two clip latents with the same noise and timestep (the
+process's token-count shift sees the clip's shape). Pairs whose clips differ in frames or size are skipped and
+counted (``mismatched_clips``), as are clips the video decoder refuses.
 """
 
 from __future__ import annotations
@@ -172,13 +179,14 @@ def cache_preference_pairs(
 ) -> tuple[int, SkipLog]:
     """Encode every usable pair of ``data`` into ``out_dir/<prefix>-*.tar`` (winner first); returns the number of
     pairs written and the skip log (bad pairs and dropped ties, by reason; also stored in the shard index).
-    Without an autoencoder (pixel-space denoiser) the pixels themselves are stored."""
+    Without an autoencoder (pixel-space denoiser) the pixels themselves are stored. Image pairs and clip pairs
+    alike (clips: ``(B, 3, T, H, W)`` in, ``(B, 2C, T, h, w)`` moments out)."""
     skips = SkipLog()
     np_dtype = np.float16 if dtype == "float16" else np.float32
     written = 0
 
     def encode(images: list[np.ndarray]) -> np.ndarray:
-        pixels = to_float_pixels(np.stack(images)).to(device)  # (B, 3, H, W) in [-1, 1]
+        pixels = to_float_pixels(np.stack(images)).to(device)  # (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1]
         if autoencoder is None:
             return pixels.cpu().numpy()
         return posterior_moments(autoencoder, pixels)  # (B, 2C, h, w)
@@ -208,6 +216,8 @@ def cache_preference_pairs(
             }
             meta = {"preference": p.strength, "label_0": p.label_0, "source_key": printable(p.key),
                     "source_url": printable(p.url), "winner": 0 if p.winner_is_0 else 1}
+            if p.image_0.ndim == 4:  # a clip pair: (T, H, W, 3) each
+                meta["clip_frames"] = int(p.image_0.shape[0])
             try:
                 writer.write_members(members, meta)
             except SkipSample as e:  # json that cannot be written: counted, nothing of it in the tar
@@ -220,6 +230,9 @@ def cache_preference_pairs(
     with ShardWriter(out_dir, prefix, WriterOptions(max_samples_per_shard, overwrite=True), skips) as writer:
         chunk: list = []
         for pair in iter_preference_pairs(data, ties, skips):  # type: ignore[arg-type]
+            if chunk and pair.image_0.shape != chunk[0].image_0.shape:  # images and clips in one set: one per batch
+                written += flush(chunk)
+                chunk = []
             chunk.append(pair)
             if len(chunk) == batch_size:
                 written += flush(chunk)
