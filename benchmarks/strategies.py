@@ -80,9 +80,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="run the training under torch.profiler and print the top operators (times inflated)")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default=None,
                         help="mixed precision (default: bf16 on the GPU, none with --cpu)")
+    parser.add_argument("--ds-config", type=Path, default=None,
+                        help="zero*: this DeepSpeed JSON instead of launch/deepspeed/<strategy>.json (option sweeps)")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix=f"strategy_{args.strategy}_"))
     os.environ.update(launcher_env(args.strategy, args.cpu))
+    if args.ds_config is not None:
+        if not args.strategy.startswith("zero") or not args.ds_config.is_file():
+            raise SystemExit(f"--ds-config {args.ds_config}: needs a zero* strategy and an existing JSON file")
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(args.ds_config.resolve())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     result = run(args, tmp)

@@ -130,7 +130,8 @@ class DataConfig:
     batch_size: int = 32  # samples per batch on each rank
     num_workers: int = 2  # DataLoader worker processes (0 = read in the main process)
     prefetch_factor: int = 2  # batches each worker prepares ahead
-    pin_memory: bool = False  # pin batches in page-locked memory (for fast GPU copies)
+    pin_memory: Optional[bool] = None  # pin batches in page-locked memory (fast, asynchronous GPU copies); null:
+    # whenever CUDA is available
     shuffle_buffer: int = 1000  # samples held per worker for shuffling (0 or 1 = no sample shuffle)
     shard_shuffle: bool = True  # shuffle the shard order every epoch from (seed, epoch)
     resampled: bool = False  # endless mode: draw shards with replacement (seeded); needs epoch_samples

@@ -38,12 +38,22 @@ rank's step the same bucket (equal quotas per worker, a shared schedule).
 was formed (:meth:`WorkerPipeline.snapshot`). The main process keeps the latest snapshot per worker, how many
 batches each worker delivered this epoch and which worker is due next. DataLoader serves workers round-robin
 from worker 0, skipping workers that are done; on resume the worker processes are rotated so that the due
-logical worker is process 0, and each is told how many batches it still owes. The same mechanism starts every
-epoch (workers are not persistent), so an epoch boundary is an ordinary resume. A different world size,
+logical worker is process 0, and each is told how many batches it still owes. A different world size,
 worker count, batch size or shard set changes the order: ``load_state_dict`` refuses it (``strict=False``
 starts the next epoch afresh instead). ``num_workers=0`` reads in the main process as one logical worker, so
-its state is interchangeable with ``num_workers=1``. Restarting workers each epoch costs a fork plus, in
-endless (``nominal``) mode, re-reading the samples referenced by the carried-over shuffle buffer.
+its state is interchangeable with ``num_workers=1``.
+
+**Persistent workers.** When the epoch length is known (``batches_per_epoch``), the worker processes live across
+epochs: the loader asks them for batches through a map-style dataset, one request per batch, from an endless
+schedule computed in the main process (:class:`_Schedule`) — request ``k`` goes to process ``k mod N``
+(DataLoader's strict round-robin), the schedule names the logical worker and epoch of each and pads with empty
+"idle" requests where the order of a fresh start would skip a process (a worker whose quota is spent, the first
+worker of the next epoch). So the batches come in exactly the order that restarting the workers every epoch
+would give (an epoch boundary is still an ordinary resume, and a resumed run equals an uninterrupted one), with
+no fork, no worker start-up and, in endless (``nominal``) mode, no re-reading of the carried-over shuffle buffer
+at each epoch. The processes are started on the first ``iter()`` and closed by ``load_state_dict``, by a consumer
+that abandons an epoch half-way (then the next ``iter()`` restarts them from the recorded states) and at exit.
+Without a known epoch length (``exhaust`` mode: caching, validation) workers are started for each epoch.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from functools import partial
 from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_pipeline.batch import Batch
 from data_pipeline.buckets import ClipBucketSet
@@ -181,6 +191,61 @@ def _run_worker(pipe: WorkerPipeline, epoch: int, owed: Optional[int], snapshots
         batch, state = nxt, nxt_state
 
 
+class _Schedule:
+    """The endless request order of persistent workers (see the module docstring): ``(epoch, logical worker)``
+    per batch, ``(epoch, -1)`` for an idle request, such that request ``k`` is for process ``k mod N`` and the real
+    requests follow a fresh start's order — from the due worker, round-robin over the workers whose quota for the
+    epoch is not yet spent; each new epoch from worker 0."""
+
+    def __init__(self, quotas: Any, workers: int, epoch: int, consumed: list[int], due: int, rotation: int):
+        self.quotas, self.workers = quotas, workers
+        self.epoch, self.consumed, self.due, self.rotation = epoch, list(consumed), due, rotation
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        n, proc = self.workers, 0
+        epoch, consumed, due = self.epoch, self.consumed, self.due
+        while True:
+            q = self.quotas(epoch)
+            while any(c < k for c, k in zip(consumed, q)):
+                w = next((due + i) % n for i in range(n) if consumed[(due + i) % n] < q[(due + i) % n])
+                target = (w - self.rotation) % n  # the process that serves logical worker w
+                while proc != target:
+                    yield epoch, -1
+                    proc = (proc + 1) % n
+                yield epoch, w
+                proc = (proc + 1) % n
+                consumed[w] += 1
+                due = (w + 1) % n
+            epoch, consumed, due = epoch + 1, [0] * n, 0
+
+
+class _PersistentDataset(Dataset):
+    """What a persistent worker process runs: one batch of its logical worker per request, its pipeline kept
+    from one request (and epoch) to the next."""
+
+    def __init__(self, ctx: Context, states: list, rotation: int):
+        super().__init__()
+        self.ctx, self.states, self.rotation = ctx, states, rotation
+        self._pipe: Optional[WorkerPipeline] = None
+
+    def __getitem__(self, request: tuple[int, int]) -> _Delivery:
+        epoch, worker = request
+        if worker < 0:
+            return _Delivery(None, -1, None)
+        info = get_worker_info()
+        proc = info.id if info is not None else 0
+        if worker != (self.rotation + proc) % self.ctx.workers:
+            raise DataError(f"internal: process {proc} asked for logical worker {worker}'s batch")
+        if self._pipe is None:
+            torch.set_num_threads(1)
+            self._pipe = WorkerPipeline(self.ctx, worker)
+            if self.states[worker] is not None:
+                self._pipe.restore(self.states[worker], epoch)
+        self._pipe.begin_epoch(epoch)
+        batch = self._pipe.next_batch()
+        return _Delivery(batch, worker, self._pipe.snapshot(), last=batch is None)
+
+
 class _EpochDataset(IterableDataset):
     """What each DataLoader worker process runs for one (rest of an) epoch."""
 
@@ -259,6 +324,7 @@ class StreamingLoader:
         self._reset_progress(epoch=0)
         self._base_stats: Optional[dict] = None
         self._live: Optional[WorkerPipeline] = None  # num_workers == 0: the in-process pipeline
+        self._stream: Optional[Iterator[_Delivery]] = None  # persistent workers' DataLoader iterator (when open)
 
     # --------------------------------------------------------------------------------------------- progress
 
@@ -333,13 +399,16 @@ class StreamingLoader:
             owed = [max(0, a - b) for a, b in zip(q, self._consumed)]
         if self.cfg.num_workers == 0:
             source = self._iter_local(epoch, owed)
+        elif self.batches_per_epoch is not None:
+            yield from self._iter_persistent(epoch)
+            return
         else:
             ds = _EpochDataset(self.ctx, epoch, list(self._states), owed, self._due)
             # A DataLoader draws its workers' base seed from the given generator; without one it would draw from
             # the global torch RNG and so shift every random number the training step draws after a resume.
             # Our workers' randomness comes from (seed, counters) alone, so a fixed generator is enough.
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_identity,
-                                     pin_memory=self.cfg.pin_memory, prefetch_factor=self.cfg.prefetch_factor,
+                                     pin_memory=self._pin_memory(), prefetch_factor=self.cfg.prefetch_factor,
                                      generator=torch.Generator().manual_seed(self.seed),
                                      worker_init_fn=partial(_worker_init, os.getpid())))
             _OPEN_WORKER_ITERATORS.add(source)
@@ -366,6 +435,52 @@ class StreamingLoader:
         if self._in_epoch == 0:
             raise self._nothing_usable()
         self._end_epoch()
+
+    def _open_stream(self) -> Iterator[_Delivery]:
+        """Start the persistent worker processes at the current position (see the module docstring)."""
+        ds = _PersistentDataset(self.ctx, list(self._states), self._due)
+        schedule = _Schedule(self.quotas, self.workers, self.epoch, self._consumed, self._due, self._due)
+        # A fixed generator for the workers' base seed: see __iter__'s non-persistent path.
+        it = iter(DataLoader(ds, batch_size=None, sampler=schedule, num_workers=self.cfg.num_workers,
+                             collate_fn=_identity, pin_memory=self._pin_memory(),
+                             prefetch_factor=self.cfg.prefetch_factor,
+                             generator=torch.Generator().manual_seed(self.seed),
+                             worker_init_fn=partial(_worker_init, os.getpid())))
+        _OPEN_WORKER_ITERATORS.add(it)
+        return it
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (the next ``iter()`` starts them again where the loader is)."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            _close_workers(stream)
+
+    def _iter_persistent(self, epoch: int) -> Iterator[Batch]:
+        if self._stream is None:
+            self._stream = self._open_stream()
+        source = self._stream
+        try:
+            while self.epoch == epoch:
+                d = next(source)
+                if d.worker < 0:  # an idle request (see _Schedule)
+                    continue
+                if d.batch is None:
+                    raise DataError(f"internal: logical worker {d.worker} ran out of batches in epoch {epoch} "
+                                    f"after {self._in_epoch} of {self.batches_per_epoch}")
+                yield self._record(d)
+        except GeneratorExit:  # the consumer left the epoch half-way: the next iter() restarts from the states
+            self._stream = None
+            _close_workers(source)
+            raise
+        except BaseException:  # an error (a data stall): no time for the graceful wait
+            self._stream = None
+            _close_workers(source, wait=False)
+            raise
+
+    def _pin_memory(self) -> bool:
+        """``data.pin_memory``; null: pinned whenever CUDA is available (faster, asynchronous host-to-GPU copies)."""
+        pin = getattr(self.cfg, "pin_memory", None)
+        return torch.cuda.is_available() if pin is None else bool(pin)
 
     def _nothing_usable(self) -> DataError:
         st = self.stats()
@@ -434,6 +549,7 @@ class StreamingLoader:
             raise DataError(f"load_state_dict: the state was saved by rank {sd.get('rank')}, this is rank "
                             f"{self.rank}: save and load one state per rank")
         self._live = None
+        self.close()  # persistent workers hold the old position
         old = sd.get("plan", {})
         diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in self._plan.items() if old.get(k) != v]
         if diffs:

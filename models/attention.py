@@ -7,13 +7,21 @@ used by tests). Asking for a backend that cannot run raises :class:`AttentionBac
 silently.
 
 Projection names (``to_q``, ``to_k``, ``to_v``, ``to_out``) are the LoRA targets, see :data:`LORA_TARGETS`.
+
+Hooks for parallelism without ``torch.distributed`` in the models: an :class:`Attention` module may carry an
+:data:`AttentionHook` (``module.attention_hook``, set with :func:`set_attention_hook`) that :func:`attention` hands the
+rotated ``q, k, v`` and the plain attention to, e.g. to exchange heads for sequence shards before and after it
+(DeepSpeed-Ulysses, :mod:`training.sequence_parallel`). A model whose tokens can be split over ranks exposes a
+:class:`SequenceShard` seam (``DiT.sequence_shard``): ``scatter`` its tokens after the patch embedding, ``gather``
+them before unpatchify. Both default to None: nothing changes unless the trainer sets them.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +41,26 @@ LORA_FEEDFORWARD_TARGETS: tuple[str, ...] = ("ff.proj_in", "ff.proj_out")
 LORA_PROJECTION_TARGETS: tuple[str, ...] = (
     "proj_in", "proj_out", "x_embedder", "context_embedder.0", "context_embedder.2", "final_layer.linear",
 )
+
+
+# ``hook(q, k, v, mask, attend) -> out``: q ``(B, H, Lq, d)``, k, v ``(B, H, Lk, d)`` (already rotated by RoPE), the key
+# mask ``(B, Lk)`` or None, and ``attend(q, k, v, mask)`` the plain attention of the module's backend; returns what
+# ``attend`` would, ``(B, H, Lq, d)``. It may call ``attend`` on other tensors (e.g. all tokens of a subset of heads).
+AttentionHook = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], Callable[..., Tensor]], Tensor]
+
+
+class SequenceShard(Protocol):
+    """What a model calls where its token sequence may be split over ranks (sequence parallelism).
+
+    ``scatter(tokens, rope)``: all ``(B, N, D)`` tokens (the same on every rank) and their RoPE ``(cos, sin)``
+    ``(N, d/2)`` tables (or None) → this rank's share of both. ``gather(out)``: this rank's ``(B, n, F)`` outputs →
+    every token's ``(B, N, F)``, in order, on every rank. Implemented in :mod:`training.sequence_parallel`.
+    """
+
+    def scatter(self, tokens: Tensor, rope: Optional[tuple[Tensor, Tensor]]
+                ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]]]: ...
+
+    def gather(self, out: Tensor) -> Tensor: ...
 
 
 class AttentionBackendError(RuntimeError):
@@ -63,6 +91,7 @@ def attention(
     mask: Optional[Tensor] = None,
     backend: str = "sdpa",
     rope: Optional[tuple[Tensor, Tensor]] = None,
+    hook: Optional[AttentionHook] = None,
 ) -> Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017), softmax(q kᵀ / √d) v.
 
@@ -75,6 +104,8 @@ def attention(
         rope: optional rotary position embedding (Su et al. 2021) ``(cos, sin)``, each broadcastable to
             ``(B, H, L, d/2)`` (:func:`models.embeddings.rope_3d`): q and k are rotated pairwise before the
             product, for every backend. Self-attention only (queries and keys share positions, ``Lq == Lk``).
+        hook: optional :data:`AttentionHook`, given the rotated q, k, v, the mask and this function without hook
+            and rope; its result is returned (see the module docstring).
     Returns:
         ``(B, H, Lq, d)``.
     """
@@ -83,6 +114,8 @@ def attention(
             raise ValueError(f"rope needs queries and keys at the same positions; got Lq={q.shape[2]}, "
                              f"Lk={k.shape[2]} (rotary embedding is for self-attention)")
         q, k = apply_rope(q, rope), apply_rope(k, rope)  # (B, H, L, d) each
+    if hook is not None:
+        return hook(q, k, v, mask, functools.partial(attention, backend=backend))  # (B, H, Lq, d)
     if backend == "sdpa":
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, Lk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -116,8 +149,11 @@ class Attention(nn.Module):
     Self-attention when ``context_dim`` is None (keys from ``x``), cross-attention otherwise (keys from
     ``context``). Optional RMS q/k normalisation (used by large DiTs for stability): per head over ``head_dim``
     features, or with ``qk_norm_across_heads`` over all ``heads·head_dim`` features before the heads are split
-    (Wan 2.1's ``rms_norm_across_heads``).
+    (Wan 2.1's ``rms_norm_across_heads``). ``attention_hook`` (None unless set, see :func:`set_attention_hook`) is
+    passed to :func:`attention`.
     """
+
+    attention_hook: Optional[AttentionHook] = None  # set per module by set_attention_hook (parallelism from training/)
 
     def __init__(
         self,
@@ -175,7 +211,7 @@ class Attention(nn.Module):
             k = self.k_norm(self._heads(self.to_k(src)))  # (B, H, L, d)
         v = self._heads(self.to_v(src))  # (B, H, L, d)
         out = attention(q, k, v, mask=mask if self.is_cross else None, backend=self.backend,
-                        rope=rope)  # (B, H, N, d)
+                        rope=rope, hook=self.attention_hook)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.head_dim)  # (B, N, H*d)
         return self.to_out(out)  # (B, N, D)
 
@@ -209,3 +245,14 @@ def set_attention_backend(model: nn.Module, backend: str) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.backend = backend
+
+
+def set_attention_hook(model: nn.Module, hook: Optional[AttentionHook], cross: bool = False) -> int:
+    """Give every self-attention :class:`Attention` inside ``model`` (and, with ``cross``, every cross-attention)
+    the attention ``hook``; None removes it. Returns how many modules it was set on."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and (cross or not module.is_cross):
+            module.attention_hook = hook
+            count += 1
+    return count

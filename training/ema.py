@@ -29,13 +29,20 @@ class EMA:
     objects training updates in place — after Accelerate's ``prepare``, ``acc.unwrap_model(model)``. DDP, ZeRO-1/2/3
     and FSDP2 keep those objects for the whole run (ZeRO-3 and FSDP2 update each one's partition or local chunk in
     place); :meth:`tracks` checks it. Each :meth:`update` is then one ``torch._foreach_lerp_`` over the pairs.
+
+    ``update(skip=flag)`` takes the skip decision as a 0-dim bool tensor on the device (the trainer's "the loss was
+    not finite on some rank"), so that no step waits for the device to answer a Python ``if``: the update count then
+    lives on the device too (float64, so the warm-up decay is computed exactly as the host's float64 arithmetic) and
+    the lerp weight is ``0`` for a skipped step — bit for bit the host path's result for an applied step and a no-op
+    for a skipped one. :attr:`num_updates` reads the device count (a synchronisation) only when asked.
     """
 
     def __init__(self, parameters: Iterable[tuple[str, nn.Parameter]], decay: float = 0.9999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay: {decay} must be in [0, 1)")
         self.decay, self.warmup = decay, warmup
-        self.num_updates = 0
+        self._host_updates = 0  # updates counted on the host (update() without a device flag)
+        self._device_updates: Optional[Tensor] = None  # updates counted on the device (update(skip=...)), float64
         self.params: dict[str, nn.Parameter] = {name: p for name, p in parameters if p.requires_grad}  # module order
         self.shadow: dict[str, Tensor] = {
             name: local_shard(p).detach().float().clone() for name, p in self.params.items()
@@ -55,26 +62,57 @@ class EMA:
         live = {name: p for name, p in parameters if name in self.params}
         return live.keys() == self.params.keys() and all(live[n] is p for n, p in self.params.items())
 
+    @property
+    def num_updates(self) -> int:
+        """Updates applied so far (skipped ones not counted). Reading it after ``update(skip=...)`` waits for the
+        device."""
+        if self._device_updates is None:
+            return self._host_updates
+        return self._host_updates + int(self._device_updates.item())
+
+    @num_updates.setter
+    def num_updates(self, n: int) -> None:
+        self._host_updates, self._device_updates = int(n), None
+
     def current_decay(self) -> float:
         if not self.warmup:
             return self.decay
         n = self.num_updates
         return min(self.decay, (1.0 + n) / (10.0 + n))
 
+    def _live_parts(self) -> list[Tensor]:
+        live = [local_shard(p) for p in self._live] if self._sharded else self._live
+        if self._cast:
+            live = [p.to(device=s.device, dtype=s.dtype) for s, p in zip(self._shadows, live)]
+        return live
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skip: Optional[Tensor] = None) -> None:
         """``s ← d·s + (1 − d)·p`` for every tracked parameter ``p`` (this rank's part of it), ``d`` the current
-        decay."""
-        d = self.current_decay()
+        decay. ``skip``: a 0-dim bool tensor; where true, nothing changes (decided on the device, no
+        synchronisation)."""
+        if skip is None and self._device_updates is None:
+            d = self.current_decay()
+            if self._shadows:
+                torch._foreach_lerp_(self._shadows, self._live_parts(), 1.0 - d)  # s += (1 - d) (p - s)
+            self._host_updates += 1
+            return
+        device = self._shadows[0].device if self._shadows else (skip.device if skip is not None else "cpu")
+        if self._device_updates is None:
+            self._device_updates = torch.zeros((), dtype=torch.float64, device=device)
+        n = self._host_updates + self._device_updates  # float64: the host formula's exact arithmetic
+        d = torch.clamp((1.0 + n) / (10.0 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        weight = 1.0 - d
+        applied = torch.ones((), dtype=torch.bool, device=device) if skip is None else ~skip.to(device)
         if self._shadows:
-            live = [local_shard(p) for p in self._live] if self._sharded else self._live
-            if self._cast:
-                live = [p.to(device=s.device, dtype=s.dtype) for s, p in zip(self._shadows, live)]
-            torch._foreach_lerp_(self._shadows, live, 1.0 - d)  # s += (1 - d) (p - s)
-        self.num_updates += 1
+            w = torch.where(applied, weight, torch.zeros_like(weight)).to(self._shadows[0].dtype)
+            torch._foreach_lerp_(self._shadows, self._live_parts(), [w] * len(self._shadows))
+        self._device_updates += applied.to(torch.float64)
 
     def to(self, device: torch.device | str) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
+        if self._device_updates is not None:
+            self._device_updates = self._device_updates.to(device)
         self._bind()
         return self
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from data_pipeline.data_config import DataConfig
+from training.sequence_parallel import ParallelConfig, check_model_config
 from training.stages.autoencoder import AutoencoderStageConfig
 from training.stages.cache import CacheConfig
 from training.stages.diffusion import DiffusionStageConfig
@@ -42,6 +43,12 @@ class ReportConfig:
     digits_check: bool = False  # the demo learning check: a digit classifier reads samples for each digit
     samples_per_digit: int = 10  # samples per digit prompt for the check
     guidance_scales: list[float] = dataclasses.field(default_factory=lambda: [0.0, 3.0])  # 0 = unconditional
+    # the moving-digits learning check (training.motion_check): every digit × direction prompt drawn as clips and
+    # read for direction, digit and temporal consistency; image-to-video models also from still first frames
+    motion_check: bool = False
+    samples_per_prompt: int = 5  # clips per digit × direction prompt (40 prompts) and guidance scale
+    first_frames_per_digit: int = 2  # image-to-video: still validation digits per digit, each animated 4 ways
+    num_frames: Optional[int] = None  # frames per checked clip; null: data.video.num_frames
 
 
 @dataclasses.dataclass
@@ -58,6 +65,7 @@ class RunConfig:
     lora: LoraStageConfig = dataclasses.field(default_factory=LoraStageConfig)  # LoRA fine-tune of the denoiser
     dpo: DpoStageConfig = dataclasses.field(default_factory=DpoStageConfig)  # Diffusion-DPO on preference pairs
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)  # sequence parallelism (denoisers)
     preview_batches: int = 4  # batches `loom data` streams and shows
     device: Optional[Literal["cpu", "cuda"]] = None  # for jobs outside the trainer (cache, report); null: auto
 
@@ -75,6 +83,8 @@ class RunConfig:
         trains_on_data = "diffusion" in self.pipeline or "lora" in self.pipeline
         if "cache" in self.pipeline and self.diffusion.latents != "cache" and trains_on_data:
             raise ValueError("pipeline: has 'cache' but diffusion.latents is not 'cache'; the cache would go unused")
+        if self.parallel.sequence_parallel > 1 and {"diffusion", "lora", "dpo"} & set(self.pipeline):
+            check_model_config(self.diffusion.model_config, self.parallel.sequence_parallel)
         if "dpo" in self.pipeline and not self.dpo.data.source_list():
             raise ValueError("pipeline: has 'dpo' but dpo.data.urls is empty; point it at preference shards "
                              "(loom shards pairs input=pairs.jsonl output_dir=...)")

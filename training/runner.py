@@ -41,6 +41,7 @@ from training.builders import (
 )
 from training.config_io import save_config, to_yaml
 from training.run_config import RunConfig
+from training.sequence_parallel import data_parallel_position
 from training.sharding import wait_for_main_process
 from training.stages.autoencoder import AutoencoderStage
 from training.stages.cache import cache_dir, cache_shards, data_signature, reuse_or_build
@@ -96,15 +97,16 @@ def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
 # How each stage named in ``pipeline`` runs: ``runner(cfg, run_dir, config_yaml) -> what it produced``.
 def trained_stage_runner(name: str, build: Callable[[RunConfig, Path], tuple[Any, DataConfig]]
                          ) -> Callable[[RunConfig, Path, str], Any]:
-    """The runner of a denoiser-training stage: ``build`` it, stream its data on this rank, fit it under
-    ``cfg.<name>.train`` into ``<run>/<name>``."""
+    """The runner of a denoiser-training stage: ``build`` it, stream its data on this rank (the same data on the ranks
+    of a ``parallel.sequence_parallel`` group), fit it under ``cfg.<name>.train`` into ``<run>/<name>``."""
 
     def run(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Any:
-        rank, world = distributed_position()
+        sp = cfg.parallel.sequence_parallel
+        rank, world = data_parallel_position(*distributed_position(), sp)  # a sequence-parallel group reads alike
         stage, data = build(cfg, run_dir)
         loader = build_loader(data, rank=rank, world_size=world)
         return Trainer(getattr(cfg, name).train, stage, loader, run_dir / name, micro_batch_size=data.batch_size,
-                       seed=cfg.run.seed, config_yaml=config_yaml).fit()
+                       seed=cfg.run.seed, config_yaml=config_yaml, sequence_parallel=sp).fit()
 
     return run
 
@@ -120,6 +122,7 @@ STAGE_RUNNERS: dict[str, Callable[[RunConfig, Path, str], Any]] = {
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage of ``cfg.pipeline`` in order, then the report; returns what each produced."""
+    data_parallel_position(*distributed_position(), cfg.parallel.sequence_parallel)  # the world splits into groups
     run_dir = cfg.run.directory
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)

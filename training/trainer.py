@@ -4,8 +4,18 @@ The only place that touches Accelerate's ``prepare``, ``accumulate``, ``backward
 between stages (what trains, the loss, validation, export) lives in :mod:`training.stages`; the distribution
 strategy (DDP, DeepSpeed ZeRO, FSDP) comes from the Accelerate launch configuration, not from here.
 
-One step: ``grad_accum`` micro-batches → loss → (finite on every rank?) → backward → clip → optimizer and LR
+One step: ``grad_accum`` micro-batches → loss → backward → (finite on every rank?) → clip → optimizer and LR
 scheduler step → EMA update → logs; checkpoints, validation and export at their intervals.
+
+No Python decision waits for the device inside a step (each would be a host–device synchronisation that leaves the
+GPU idle while the host catches up): whether the loss was finite is a 0-dim bool tensor, agreed between ranks by an
+all-reduce of that tensor, and it skips the update on the device — the fused AdamW kernel's ``found_inf`` argument
+(the mechanism of ``torch.amp.GradScaler``: parameters, moments and step count untouched) and an EMA weight of 0.
+The loss, the stage's logs and the gradient norm stay on the device (float64, the same arithmetic as the host's
+floats) and are read together, once, when the window is logged (every ``log_every`` steps) or checkpointed; the
+skipped steps are counted and warned about then, and the stop after ``max_nonfinite_steps`` in a row is raised then
+(so up to ``log_every − 1`` further steps, each skipped, may run first). Where the optimizer cannot take the flag
+(a non-fused optimizer, fp16's GradScaler) the step reads it once, after the backward passes.
 
 The same loop runs single-process, under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 (:mod:`training.sharding` holds what
 differs). Under DeepSpeed:
@@ -42,21 +52,25 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import torch
 from torch import nn
 
+from data_pipeline.batch import Batch
 from data_pipeline.protocol import TrainLoader, check_loader
 from training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from training.ema import EMA
+from training.sequence_parallel import attach_sequence_parallel, data_parallel_position
 from training.sharding import (
     autocast_forward,
     check_strategy_honoured,
     deepspeed_autocast_dtype,
     deepspeed_plugin,
     frozen_sharded_parameters,
+    innermost_optimizer,
     materialize,
     meta_skeleton,
     prepare_deepspeed_config,
     prepare_fsdp2_wrapping,
     strategy_name,
 )
+from training.speedups import apply_activation_checkpointing, apply_channels_last, compile_blocks
 from training.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -74,8 +88,13 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     min_lr_ratio: float = 0.0  # floor of the cosine/linear decay, as a fraction of lr
     max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm; null: no clipping
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"  # AdamW kernel: auto = fused (one
+    # kernel over all parameters, on CUDA and CPU; skips a non-finite step on the device; also inside DeepSpeed's
+    # ZeRO optimizer, so that ZeRO and a single process step alike) except under FSDP (foreach, over DTensors)
 
     def __post_init__(self) -> None:
+        if self.implementation not in ("auto", "fused", "foreach", "for_loop"):
+            raise ValueError(f"implementation: {self.implementation!r} must be auto, fused, foreach or for_loop")
         if self.lr <= 0:
             raise ValueError(f"lr: {self.lr} must be > 0")
         if self.warmup_steps < 0:
@@ -107,8 +126,17 @@ class TrainConfig:
     data_timeout_s: Optional[float] = None  # seconds a rank waits for one batch before failing under its own name;
     # null: 0.75 × collective_timeout_s when several ranks run (so the stalled rank is reported, not a peer's timeout)
     progress: bool = True  # console progress bar
+    compile: Literal["none", "blocks"] = "none"  # blocks: torch.compile each repeated block (regional compilation)
+    activation_checkpointing: Literal["none", "blocks", "selective"] = "none"  # recompute in backward: blocks = each
+    # repeated block whole; selective = keep the matmul/attention outputs, recompute the cheap ops (norms, activations)
+    channels_last: bool = False  # convolution weights (and so activations) in channels-last layout (U-Net on GPU)
 
     def __post_init__(self) -> None:
+        if self.compile not in ("none", "blocks"):
+            raise ValueError(f"compile: {self.compile!r} must be none or blocks")
+        if self.activation_checkpointing not in ("none", "blocks", "selective"):
+            raise ValueError(f"activation_checkpointing: {self.activation_checkpointing!r} must be none, blocks or "
+                             "selective")
         for name in ("max_steps", "grad_accum", "log_every", "checkpoint_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
@@ -156,6 +184,14 @@ def _deadline(seconds: Optional[float], message: Callable[[], str]) -> Iterator[
         signal.signal(signal.SIGALRM, old)
 
 
+def _as_log_value(v: Any) -> Any:
+    """A log value kept where it is: a tensor detached as a float64 scalar on its device (the host's float
+    arithmetic, without the synchronisation of ``float(t)``), anything else as a Python float."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().reshape(()).to(torch.float64)
+    return float(v)
+
+
 def lr_lambda(cfg: OptimConfig, max_steps: int):
     """The LR multiplier as a function of the optimizer step."""
 
@@ -169,6 +205,15 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return f
+
+
+def adamw_kernel(implementation: str, strategy: str) -> dict[str, bool]:
+    """``torch.optim.AdamW``'s ``fused``/``foreach`` keywords for ``optim.implementation`` under ``strategy``
+    (see :func:`training.sharding.strategy_name`)."""
+    if implementation == "auto":
+        implementation = "foreach" if strategy.startswith("fsdp") else "fused"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for_loop": {"foreach": False, "fused": False}}[implementation]
 
 
 def resolve_mixed_precision(choice: str, cpu: bool) -> str:
@@ -236,11 +281,21 @@ class TrainResult:
 
 
 @dataclass
+class StepLogs:
+    """What one :meth:`Trainer.train_step` reports, still on the device (read with the window, not every step)."""
+
+    values: dict[str, Any]  # loss and the stage's logs (means over the micro-batches), grad_norm: 0-dim tensors
+    # (float64) or floats
+    skipped: Any  # whether the update was skipped (non-finite loss on some rank): a 0-dim bool tensor or a bool
+
+
+@dataclass
 class LogWindow:
     """Sums over the steps since the last log line (its values are averaged over ``steps`` when logged)."""
 
-    sums: dict[str, float] = field(default_factory=dict)  # per-step logs of the finite steps, summed
-    steps: int = 0  # finite steps in the window
+    sums: dict[str, float] = field(default_factory=dict)  # per-step logs of the finite steps, summed (read ones)
+    steps: int = 0  # finite steps in the window (read ones)
+    pending: list[tuple[int, StepLogs]] = field(default_factory=list)  # (step, logs) not yet read from the device
     samples: int = 0  # samples this rank trained on (non-finite steps included)
     data_time: float = 0.0  # seconds spent waiting for the loader
     start: float = field(default_factory=time.perf_counter)  # when the window opened
@@ -256,6 +311,7 @@ class TrainState:
     lr_at: Callable[[int], float]  # the LR multiplier of a step (see lr_lambda)
     use_deepspeed: bool  # under DeepSpeed a skipped step back-propagates a NaN (see the module docstring)
     result: TrainResult  # what fit() returns, filled as the run goes
+    skip_on_device: bool = False  # the optimizer takes the non-finite flag as a tensor (fused AdamW's found_inf)
     step: int = 0  # optimizer steps done (skipped ones included)
     lr: float = 0.0  # the learning rate of the last step
     nonfinite_total: int = 0  # skipped steps over the whole run (checkpointed)
@@ -289,6 +345,7 @@ class Trainer:
         seed: int = 0,
         config_yaml: Optional[str] = None,
         accelerator: Any = None,
+        sequence_parallel: int = 1,
     ):
         check_loader(loader)
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
@@ -319,6 +376,11 @@ class Trainer:
             _apply_collective_timeout(cfg.collective_timeout_s)
         self.accelerator = accelerator
         self.data_timeout_s = cfg.data_timeout_s  # the longest wait for one batch (see TrainConfig.data_timeout_s)
+        # ranks sharing each sample (parallel.sequence_parallel, training.sequence_parallel); the loader must give
+        # every rank of a group the same batches (build it for data_parallel_position)
+        self.sequence_parallel = sequence_parallel
+        self.data_parallel_size = data_parallel_position(accelerator.process_index, accelerator.num_processes,
+                                                         sequence_parallel)[1]
         if self.data_timeout_s is None and cfg.collective_timeout_s is not None and accelerator.num_processes > 1:
             self.data_timeout_s = 0.75 * cfg.collective_timeout_s
 
@@ -339,6 +401,12 @@ class Trainer:
                 f"--gradient_accumulation_steps / ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the DeepSpeed JSON) but "
                 f"train.grad_accum is {self.cfg.grad_accum}: set it in the run config only"
             )
+
+    def _any_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (a 0-dim bool tensor) OR-ed over the ranks, without reading it on the host."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return self.accelerator.reduce(flag.to(torch.float32).reshape(1), reduction="sum").reshape(()) > 0
 
     def _any_rank_true(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
@@ -403,43 +471,79 @@ class Trainer:
                     break
         return self._finish(state)
 
-    def train_step(self, state: TrainState) -> Optional[dict[str, float]]:
+    def train_step(self, state: TrainState) -> StepLogs:
         """One optimizer step over ``train.grad_accum`` micro-batches: loss → backward → clip → step → EMA.
 
-        Returns the step's logs (``loss`` and the stage's values, averaged over the micro-batches; ``grad_norm``
-        where clipped), or None when the loss was not finite on some rank: then every rank skips the update (under
-        DeepSpeed the step's remaining micro-batches back-propagate a NaN, so that its overflow check drops the step
-        and clears its accumulation buffers).
+        Returns the step's logs on the device (:class:`StepLogs`: ``loss`` and the stage's values averaged over the
+        micro-batches, ``grad_norm`` where clipped) and whether the update was skipped because the loss was not
+        finite on some rank — then every rank skips it: the optimizer and the EMA leave every value untouched
+        (under DeepSpeed the step's remaining micro-batches back-propagate a NaN, so that its overflow check drops the
+        step and clears its accumulation buffers). Nothing here waits for the device (see the module docstring).
         """
         cfg, acc, model, opt = self.cfg, self.accelerator, state.model, state.opt
         state.lr = cfg.optim.lr * state.lr_at(state.step)
         for group in opt.param_groups:
             group["lr"] = state.lr
-        bad, sums = False, {}
+        bad: Optional[torch.Tensor] = None  # 0-dim bool: a micro-batch's loss was not finite (on some rank)
+        skipped: Any = False  # the decision, agreed by every rank: a 0-dim bool tensor, or a bool read on the host
+        sums: dict[str, Any] = {}
         for _ in range(cfg.grad_accum):
             batch = self._next_batch(state)
             with acc.accumulate(model):
                 loss, logs = self.stage.loss(model, batch)
-                if self._any_rank_true(not bool(torch.isfinite(loss.detach()).all())):
-                    bad = True  # every rank skips backward together: no collective is left waiting
-                if bad and state.use_deepspeed:
-                    acc.backward(loss * float("nan"))  # DeepSpeed's overflow check drops the whole step
-                elif not bad:
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                        if grad_norm is not None:
-                            logs["grad_norm"] = float(grad_norm)
-                    opt.step()  # Accelerate makes this a no-op until the last micro-batch
+                nonfinite = ~torch.isfinite(loss.detach()).all()
+                bad = nonfinite if bad is None else bad | nonfinite
+                if state.use_deepspeed:  # every rank back-propagates a NaN from the first bad micro-batch on
+                    bad = self._any_rank(bad)
+                    nan_or_one = torch.where(bad, torch.full_like(loss.detach(), float("nan")),
+                                             torch.ones_like(loss.detach()))
+                    acc.backward(loss * nan_or_one)
+                else:
+                    acc.backward(loss)  # a non-finite loss still back-propagates: the update is skipped below
+                if acc.sync_gradients:
+                    grad_norm, skipped = self._optimizer_step(state, bad)
+                    if grad_norm is not None:
+                        sums["grad_norm"] = _as_log_value(grad_norm)
                 opt.zero_grad(set_to_none=True)
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            for k, v in {"loss": loss, **logs}.items():
+                if k != "grad_norm":
+                    sums[k] = sums.get(k, 0.0) + _as_log_value(v) / cfg.grad_accum
         state.step += 1
-        if bad:
-            return None
         if state.ema is not None:
-            state.ema.update()
-        return sums
+            if isinstance(skipped, torch.Tensor):
+                state.ema.update(skip=skipped)
+            elif not skipped:
+                state.ema.update()
+        return StepLogs(values=sums, skipped=skipped)
+
+    def _optimizer_step(self, state: TrainState, bad: torch.Tensor) -> tuple[Any, Any]:
+        """At the last micro-batch: agree on ``bad`` across ranks, clip, and step unless ``bad`` — on the device
+        (fused AdamW's ``found_inf``) where the optimizer can, else after reading the flag once. Returns the gradient
+        norm (a tensor, or what DeepSpeed reports; None without clipping) and the agreed skip flag (a 0-dim bool
+        tensor, or a bool where it was read on the host)."""
+        cfg, acc, model, opt = self.cfg, self.accelerator, state.model, state.opt
+        if state.use_deepspeed:  # DeepSpeed clipped and stepped inside backward (its overflow check skips); `bad`
+            # was agreed micro-batch by micro-batch
+            norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) \
+                if cfg.optim.max_grad_norm is not None else None
+            return norm, bad
+        bad = self._any_rank(bad)
+        if not state.skip_on_device:
+            if bool(bad):  # the one synchronisation of this path
+                return None, True
+        grad_norm = None
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        if state.skip_on_device:
+            inner = innermost_optimizer(opt)
+            inner.grad_scale, inner.found_inf = None, bad.to(torch.float32)
+            try:
+                opt.step()
+            finally:
+                del inner.grad_scale, inner.found_inf
+            return grad_norm, bad
+        opt.step()
+        return grad_norm, False
 
     # ---------------------------------------------------------------------------------------------- set-up
 
@@ -448,22 +552,24 @@ class Trainer:
         progress bar; the loader's first epoch."""
         from accelerate.utils import set_seed
 
-        set_seed(self.seed, device_specific=True)
+        set_seed(self.seed + self.accelerator.process_index // self.sequence_parallel)  # by data-parallel rank
         acc, cfg = self.accelerator, self.cfg
         model, opt, use_deepspeed, n_trainable = self._prepare()
         ema = None
         if cfg.ema_decay is not None:  # after prepare: the parameter objects the engine updates in place
             ema = EMA(acc.unwrap_model(model).named_parameters(), cfg.ema_decay, cfg.ema_warmup).to(acc.device)
+        skip_on_device = (not use_deepspeed and acc.scaler is None  # fp16's GradScaler sets found_inf itself
+                          and bool(innermost_optimizer(opt).defaults.get("fused")))
         state = TrainState(model=model, opt=opt, ema=ema, lr_at=lr_lambda(cfg.optim, cfg.max_steps),
-                           use_deepspeed=use_deepspeed, result=TrainResult(step=0))
+                           use_deepspeed=use_deepspeed, skip_on_device=skip_on_device, result=TrainResult(step=0))
         self._resume(state)
         state.result.step = state.step
         if acc.is_main_process:
             acc.init_trackers(self.stage.name)
-            world, micro = acc.num_processes, self.micro_batch_size
+            world, micro = self.data_parallel_size, self.micro_batch_size
             log.info("stage %s under %s: %d trainable parameters; global batch %d = micro-batch %d × %d accumulation "
-                     "× %d processes", self.stage.name, strategy_name(acc), n_trainable, micro * cfg.grad_accum * world,
-                     micro, cfg.grad_accum, world)
+                     "× %d data-parallel ranks", self.stage.name, strategy_name(acc), n_trainable,
+                     micro * cfg.grad_accum * world, micro, cfg.grad_accum, world)
             if cfg.progress:
                 from tqdm.auto import tqdm
 
@@ -483,9 +589,15 @@ class Trainer:
         if not params:
             raise ValueError(f"stage {stage.name!r}: nothing to train (no parameter requires grad)")
         n_trainable = sum(p.numel() for p in params)  # before prepare: ZeRO-3 leaves shape (0,) placeholders
-        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                weight_decay=cfg.optim.weight_decay)
         self._skeleton = meta_skeleton(model)  # for evaluation copies, before any engine wraps or partitions it
+        if cfg.channels_last:  # the speed options (training.speedups), after the skeleton: evaluation runs plain
+            apply_channels_last(model)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                weight_decay=cfg.optim.weight_decay,
+                                **adamw_kernel(cfg.optim.implementation, strategy_name(acc)))
+        if self.sequence_parallel > 1:  # after the skeleton: evaluation copies run whole, without collectives
+            attach_sequence_parallel(model, self.sequence_parallel)
         check_strategy_honoured(acc)
         self._check_accumulation()
         use_deepspeed = deepspeed_plugin(acc) is not None
@@ -497,6 +609,8 @@ class Trainer:
         prepare_fsdp2_wrapping(acc, model)  # FSDP: this model's own repeated blocks become the FSDP units
         model, opt = acc.prepare(model, opt)  # only the trained module: frozen ones stay whole, out of the optimizer
         self._check_accumulation()
+        if cfg.compile == "blocks":  # after prepare: FSDP2 wraps the blocks first
+            compile_blocks(acc.unwrap_model(model))
         stage.setup(acc.device, self._weight_dtype())
         partitioned = frozen_sharded_parameters(stage.frozen_modules())
         if partitioned:
@@ -546,15 +660,18 @@ class Trainer:
                         f"stage {self.stage.name!r}: the data loader yielded no batch in a whole epoch"
                     ) from None
         state.window.data_time += time.perf_counter() - t0
-        if hasattr(batch, "to"):
-            batch = batch.to(self.accelerator.device)
+        device = self.accelerator.device
+        if isinstance(batch, Batch):  # from pinned memory (data.pin_memory) the copy runs alongside the step
+            batch = batch.to(device, non_blocking=device.type == "cuda")
+        elif hasattr(batch, "to"):
+            batch = batch.to(device)
         state.window.samples += len(batch) if hasattr(batch, "__len__") else 0
         return batch
 
-    def _end_of_step(self, state: TrainState, logs: Optional[dict[str, float]], stop: _StopFlag) -> bool:
-        """After :meth:`train_step`: count a skipped step (stop after too many in a row) or add the step's logs to
-        the window; then the interval work — progress, log line, checkpoint, validation. True: a signal arrived on
-        some rank, the checkpoint is written and training stops."""
+    def _end_of_step(self, state: TrainState, logs: Any, stop: _StopFlag) -> bool:
+        """After :meth:`train_step`: add the step's logs to the window (read from the device with the window, when
+        the skipped steps are counted — stop after too many in a row); then the interval work — progress, log line,
+        checkpoint, validation. True: a signal arrived on some rank, the checkpoint is written and training stops."""
         cfg, step = self.cfg, state.step
         self._count_step(state, logs)
         if state.pbar is not None:
@@ -572,35 +689,57 @@ class Trainer:
             self._validate(state.model, state.ema, step, state.result)  # the last one comes with the export
         return stopping
 
-    def _count_step(self, state: TrainState, logs: Optional[dict[str, float]]) -> None:
-        if logs is not None:
-            state.consecutive_bad = 0
-            for k, v in logs.items():
-                state.window.sums[k] = state.window.sums.get(k, 0.0) + v
-            state.window.steps += 1
+    def _count_step(self, state: TrainState, logs: Any) -> None:
+        """Queue the step's :class:`StepLogs` in the window (a ``train_step`` override may also return the older
+        forms: a dict of floats, or None for a skipped step)."""
+        if logs is None:
+            logs = StepLogs(values={}, skipped=True)
+        elif not isinstance(logs, StepLogs):
+            logs = StepLogs(values=dict(logs), skipped=False)
+        state.window.pending.append((state.step, logs))
+
+    def _read_window(self, state: TrainState) -> None:
+        """Read the window's queued step logs from the device (one transfer for all of them), add the finite steps'
+        values to its sums, count the skipped steps (a warning) and stop after ``max_nonfinite_steps`` in a row."""
+        pending, state.window.pending = state.window.pending, []
+        if not pending:
             return
-        state.nonfinite_total += 1
-        state.consecutive_bad += 1
-        if self.accelerator.is_main_process:
-            log.warning("step %d: non-finite loss on some rank; step skipped (%d in a row, %d in all)",
-                        state.step, state.consecutive_bad, state.nonfinite_total)
-        if state.consecutive_bad >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{state.consecutive_bad} non-finite losses in a row (limit train.max_nonfinite_steps="
-                f"{self.cfg.max_nonfinite_steps}); the last checkpoint is intact under {self.run_dir}. "
-                "Lower the learning rate, check the data, or use bf16 instead of fp16."
-            )
+        tensors = [t for _, lg in pending for t in (lg.skipped, *lg.values.values()) if isinstance(t, torch.Tensor)]
+        read = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist() if tensors else [])
+        skipped_steps = []
+        for step, lg in pending:
+            skipped = bool(next(read)) if isinstance(lg.skipped, torch.Tensor) else bool(lg.skipped)
+            values = {k: next(read) if isinstance(v, torch.Tensor) else v for k, v in lg.values.items()}
+            if not skipped:
+                state.consecutive_bad = 0
+                for k, v in values.items():
+                    state.window.sums[k] = state.window.sums.get(k, 0.0) + v
+                state.window.steps += 1
+                continue
+            skipped_steps.append(step)
+            state.nonfinite_total += 1
+            state.consecutive_bad += 1
+            if state.consecutive_bad >= self.cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{state.consecutive_bad} non-finite losses in a row (limit train.max_nonfinite_steps="
+                    f"{self.cfg.max_nonfinite_steps}, up to step {step}); the last checkpoint is intact under "
+                    f"{self.run_dir}. Lower the learning rate, check the data, or use bf16 instead of fp16."
+                )
+        if skipped_steps and self.accelerator.is_main_process:
+            log.warning("step(s) %s: non-finite loss on some rank; update skipped (%d in a row, %d in all)",
+                        ", ".join(map(str, skipped_steps)), state.consecutive_bad, state.nonfinite_total)
 
     def _log_window(self, state: TrainState) -> None:
         """Log the window's means (over ranks), the LR, throughput, data wait, skipped steps and the loader's
         skipped samples; then open a new window."""
+        self._read_window(state)
         acc, window = self.accelerator, state.window
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         scalars = {k: v / max(window.steps, 1) for k, v in window.sums.items()}
         scalars = self._mean_across_ranks(scalars)
         scalars.update({
             "lr": state.lr,
-            "samples_per_s": window.samples * acc.num_processes / elapsed,
+            "samples_per_s": window.samples * self.data_parallel_size / elapsed,
             "data_wait_fraction": window.data_time / elapsed,
             "nonfinite_steps": float(state.nonfinite_total),
         })
@@ -615,6 +754,7 @@ class Trainer:
 
     def _save(self, state: TrainState) -> None:
         """A checkpoint at ``state.step`` (collective: the EMA is gathered on every rank, rank 0 writes it)."""
+        self._read_window(state)  # the skipped-step count is saved
         acc, ema = self.accelerator, state.ema
         ema_state = None
         if ema is not None:

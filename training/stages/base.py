@@ -38,7 +38,8 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        """A scalar loss for ``batch`` and extra values to log (already detached floats)."""
+        """A scalar loss for ``batch`` and extra values to log: floats, or 0-dim tensors left on the device (the
+        trainer reads them only at its log lines, so a ``float(t)`` here would stall the GPU every micro-batch)."""
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         """Fixed-seed evaluation (validation loss, sample grids under ``out_dir``); runs on the main process with
