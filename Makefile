@@ -5,7 +5,7 @@ LOOM := $(PYTHON) -m launch
 STAMP := .install.stamp
 PYTEST := $(PYTHON) -m pytest
 
-.PHONY: install quickstart test test-slow test-distributed test-all lint bench clean
+.PHONY: install quickstart quickstart-video test test-slow test-distributed test-all lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -16,6 +16,12 @@ install: $(STAMP)
 quickstart: install
 	$(LOOM) shards demo output_dir=data/demo overwrite=true
 	$(LOOM) train --config quickstart
+
+# the video quickstart starts from the image quickstart's models (built first when missing)
+quickstart-video: install
+	@test -f runs/quickstart/diffusion/export/model.safetensors || $(MAKE) quickstart
+	$(LOOM) shards moving-digits output_dir=data/moving-digits overwrite=true
+	$(LOOM) train --config quickstart-video
 
 test: install
 	$(PYTEST) -q -m "not slow and not gpu"

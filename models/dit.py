@@ -52,10 +52,17 @@ from typing import Any, Literal, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from models.attention import BACKENDS, Attention, FeedForward
+from models.attention import BACKENDS, Attention, FeedForward, SequenceShard
 from models.blocks import fold_frames
 from models.conditioning import Conditioning
-from models.embeddings import TimestepMLP, broadcast_timesteps, default_rope_axes, rope_3d, timestep_embedding
+from models.embeddings import (
+    TimestepMLP,
+    broadcast_timesteps,
+    default_rope_axes,
+    rope_3d,
+    rope_angles,
+    timestep_embedding,
+)
 from models.registry import register_architecture, register_preset
 from models.utils import checkpointed
 
@@ -135,6 +142,25 @@ class DiTConfig:
     """``full``: every block attends over all ``T·h·w`` tokens. ``factorised`` (Latte, Ma et al. 2024, its
     interleaved variant): even blocks attend within a frame (spatial, with cross-attention), odd blocks across
     frames at one position (temporal, no cross-attention)."""
+    frame_position: Literal["sincos", "temporal_rope", "embedding"] = "sincos"
+    """How tokens know their frame. ``sincos``: a 1-D sin-cos table of the frame index is added to every token
+    with the spatial table (:func:`spatiotemporal_sincos`). ``temporal_rope`` (factorised layout only): tokens get
+    the spatial table alone and the temporal blocks rotate queries and keys by the frame index (1-D RoPE over the
+    whole head) — the spatial blocks then see exactly an image model's input, which makes an image DiT inflate
+    into this video DiT with its per-frame output unchanged (:meth:`DiT.from_image_dit`). ``embedding``: the
+    spatial table alone plus the learned ``frame_embedding`` (required), which starts at zero: an image DiT
+    inflated into a full-attention video DiT this way gives the image DiT's output on a still clip exactly
+    (attention over identical frames averages what one frame gives)."""
+    frame_embedding: bool = False
+    """Add a learned embedding of the absolute frame index to every token (an MLP of the frame's sin-cos features
+    whose last layer starts at zero, as Stable Video Diffusion's frame embedding): the spatial blocks can then tell
+    which frame they draw — what drawing motion needs — while an inflated model still starts as the image model."""
+    concat_image_latents: bool = False
+    """Image-to-video (Stable Video Diffusion's input): ``cond.image_latents`` (the conditioning frame's latent,
+    ``(B, C', H, W)`` or ``(B, C', 1 or T, H, W)``, repeated over the frames) is concatenated to ``x_t``'s channels
+    before the patch embedding, which then takes ``in_channels + image_latent_channels`` channels."""
+    image_latent_channels: Optional[int] = None
+    """Channels of ``cond.image_latents`` under ``concat_image_latents``; None: ``in_channels``."""
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -145,7 +171,7 @@ class DiTConfig:
         for name in ("sample_size", "patch_size", "in_channels", "out_channels", "hidden_size", "depth",
                      "num_heads", "mlp_ratio", "frequency_embedding_size", "num_classes", "context_dim",
                      "pooled_dim", "vector_dim", "pos_embed_base_size", "pos_embed_interpolation", "patch_size_t",
-                     "mlp_hidden_size", "rope_theta"):
+                     "mlp_hidden_size", "rope_theta", "image_latent_channels"):
             positive(name)
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -166,9 +192,22 @@ class DiTConfig:
         if self.caption_projection and self.context_dim is None:
             raise ValueError("DiTConfig.caption_projection=True needs context_dim (the width of cond.context)")
         for name, allowed in (("qk_norm_type", ("per_head", "across_heads")), ("context_padding", ("mask", "zeros")),
-                              ("attention_layout", ("full", "factorised"))):
+                              ("attention_layout", ("full", "factorised")),
+                              ("frame_position", ("sincos", "temporal_rope", "embedding"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: choose one of {list(allowed)}")
+        if self.frame_position == "temporal_rope" and (self.attention_layout != "factorised" or self.rope):
+            raise ValueError(
+                "DiTConfig.frame_position='temporal_rope' rotates the temporal blocks of a factorised model: it "
+                f"needs attention_layout='factorised' and rope=false (got attention_layout={self.attention_layout!r}, "
+                f"rope={self.rope}); a full-attention model takes rope=true for 3-D RoPE instead"
+            )
+        if self.frame_position == "embedding" and (not self.frame_embedding or self.rope):
+            raise ValueError("DiTConfig.frame_position='embedding' tells frames apart by the learned frame embedding: "
+                             f"set frame_embedding=true and rope=false (got frame_embedding={self.frame_embedding}, "
+                             f"rope={self.rope})")
+        if self.frame_position == "temporal_rope" and self.head_dim % 2:
+            raise ValueError(f"DiTConfig.frame_position='temporal_rope': the head width {self.head_dim} must be even")
         if self.rope:
             axes = self.rope_axes
             if len(axes) != 3 or sum(axes) != self.head_dim or any(a <= 0 or a % 2 for a in axes):
@@ -191,6 +230,13 @@ class DiTConfig:
     def mlp_width(self) -> int:
         """The MLP's inner width."""
         return self.mlp_hidden_size if self.mlp_hidden_size is not None else int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the patch embedding reads: ``in_channels``, plus the image latents under
+        ``concat_image_latents``."""
+        extra = (self.image_latent_channels or self.in_channels) if self.concat_image_latents else 0
+        return self.in_channels + extra
 
     @property
     def model_out_channels(self) -> int:
@@ -415,6 +461,9 @@ class DiT(nn.Module):
     """
 
     _no_split_modules = ("DiTBlock",)  # its repeated blocks: FSDP2 units, activation-checkpointing units
+    # Sequence parallelism (training.sequence_parallel): splits the tokens over ranks after the patch embedding and
+    # joins the final layer's outputs before unpatchify (full attention layout only); None: one process sees all.
+    sequence_shard: Optional[SequenceShard] = None
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -425,11 +474,12 @@ class DiT(nn.Module):
 
         pt = config.patch_size_t
         self.x_embedder = (
-            nn.Conv2d(config.in_channels, dim, kernel_size=p, stride=p)
+            nn.Conv2d(config.input_channels, dim, kernel_size=p, stride=p)
             if pt == 1
-            else nn.Conv3d(config.in_channels, dim, kernel_size=(pt, p, p), stride=(pt, p, p))
+            else nn.Conv3d(config.input_channels, dim, kernel_size=(pt, p, p), stride=(pt, p, p))
         )
         self.t_embedder = TimestepMLP(config.frequency_embedding_size, dim)
+        self.frame_embedder = TimestepMLP(dim, dim) if config.frame_embedding else None
         # Row ``num_classes`` is the null class used for classifier-free guidance (Ho & Salimans 2022).
         self.y_embedder = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None
         self.pooled_embedder = TimestepMLP(config.pooled_dim, dim) if config.pooled_dim else None
@@ -463,6 +513,18 @@ class DiT(nn.Module):
         """Whether block ``index`` attends across frames at one position (odd blocks of a factorised model)."""
         return self.config.attention_layout == "factorised" and index % 2 == 1
 
+    def temporal_module_prefixes(self) -> list[str]:
+        """Names of the submodules that act across frames (LoRA ``targets: [temporal]``): the temporal blocks of a
+        factorised model. A full-attention model has no separate temporal layers (every block attends across
+        space and time at once), so asking for them is an error rather than an empty or arbitrary choice."""
+        if self.config.attention_layout != "factorised":
+            raise ValueError(
+                f"this DiT (attention_layout={self.config.attention_layout!r}, video={self.config.video}) has no "
+                "separate temporal layers: every block attends over all frames and positions at once. Adapt its "
+                "spatio-temporal attention with targets [attention] (or feedforward), or use a factorised DiT"
+            )
+        return [f"blocks.{i}" for i in range(len(self.blocks)) if self.is_temporal_block(i)]
+
     # ---- initialisation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -487,6 +549,10 @@ class DiT(nn.Module):
             if mlp is not None:
                 nn.init.normal_(mlp.linear_1.weight, std=0.02)
                 nn.init.normal_(mlp.linear_2.weight, std=0.02)
+        if self.frame_embedder is not None:  # silent at start: an inflated model is the image model
+            nn.init.normal_(self.frame_embedder.linear_1.weight, std=0.02)
+            nn.init.zeros_(self.frame_embedder.linear_2.weight)
+            nn.init.zeros_(self.frame_embedder.linear_2.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         if self.context_embedder is not None:
@@ -534,6 +600,22 @@ class DiT(nn.Module):
                              f"({frames} frames)")
         return x_t if x_t.ndim == 5 else x_t[:, :, None]  # (B, C, T, H, W)
 
+    def _image_latents(self, cond: Conditioning, x: Tensor) -> Tensor:
+        """``cond.image_latents`` as ``(B, C', T, H, W)`` channels to concatenate to the clip ``x``."""
+        lat = cond.image_latents
+        want = self.config.input_channels - self.config.in_channels
+        if lat is None:
+            raise ValueError("this DiT concatenates cond.image_latents to x_t (concat_image_latents); it is None "
+                             "(the null image conditioning is zeros: models.conditioning)")
+        if lat.ndim == 4:
+            lat = lat[:, :, None]  # (B, C', 1, H, W)
+        b, _, t, h, w = x.shape
+        if lat.ndim != 5 or lat.shape[0] != b or lat.shape[1] != want or lat.shape[2] not in (1, t) \
+                or tuple(lat.shape[-2:]) != (h, w):
+            raise ValueError(f"cond.image_latents has shape {tuple(lat.shape)}; expected (B, C', H, W) or "
+                             f"(B, C', 1 or T, H, W) with B={b}, C'={want}, T={t}, H×W={h}×{w} (x_t {tuple(x.shape)})")
+        return lat.to(x.dtype).expand(b, want, t, h, w)  # (B, C', T, H, W)
+
     def position_table(self, frames: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
                        ) -> Tensor:
         """The ``(T·h·w, D)`` sin-cos position table of a token grid (:func:`spatiotemporal_sincos`), cached per
@@ -543,8 +625,12 @@ class DiT(nn.Module):
         if table is None:
             cfg = self.config
             with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later under autograd too
-                table = spatiotemporal_sincos(frames, grid_h, grid_w, cfg.hidden_size, cfg.pos_embed_base_size,
-                                              cfg.pos_embed_interpolation, device=device).to(dtype)  # (N, D)
+                if cfg.frame_position != "sincos":  # frames told apart by temporal RoPE or the frame embedding
+                    table = sincos_2d(grid_h, grid_w, cfg.hidden_size, cfg.pos_embed_base_size,
+                                      cfg.pos_embed_interpolation, device=device).repeat(frames, 1).to(dtype)
+                else:
+                    table = spatiotemporal_sincos(frames, grid_h, grid_w, cfg.hidden_size, cfg.pos_embed_base_size,
+                                                  cfg.pos_embed_interpolation, device=device).to(dtype)  # (N, D)
             if len(self._pos_cache) >= POS_CACHE_SIZE:
                 self._pos_cache.pop(next(iter(self._pos_cache)))  # the oldest
             self._pos_cache[key] = table
@@ -559,6 +645,21 @@ class DiT(nn.Module):
             cfg = self.config
             with torch.inference_mode(False), torch.no_grad():
                 tables = rope_3d(frames, grid_h, grid_w, cfg.rope_axes, cfg.rope_theta, device=device)
+            if len(self._rope_cache) >= POS_CACHE_SIZE:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            self._rope_cache[key] = tables
+        return tables
+
+    def frame_rope_tables(self, frames: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` ``(T', d/2)`` of 1-D RoPE over the frame index across the whole head (the temporal blocks
+        under ``frame_position: temporal_rope``), cached like :meth:`rope_tables`."""
+        key = ("frames", frames, torch.device(device))
+        tables = self._rope_cache.get(key)
+        if tables is None:
+            with torch.inference_mode(False), torch.no_grad():
+                angles = rope_angles(torch.arange(frames, device=device), self.config.head_dim,
+                                     self.config.rope_theta)  # (T', d/2)
+                tables = angles.cos().float(), angles.sin().float()
             if len(self._rope_cache) >= POS_CACHE_SIZE:
                 self._rope_cache.pop(next(iter(self._rope_cache)))
             self._rope_cache[key] = tables
@@ -604,7 +705,11 @@ class DiT(nn.Module):
         b, n, dim = tokens.shape
         hw = gh * gw
         rope_s = self.rope_tables(1, gh, gw, tokens.device) if cfg.rope else None  # 2 × (h*w, d/2)
-        rope_t = self.rope_tables(frames, 1, 1, tokens.device) if cfg.rope else None  # 2 × (T', d/2)
+        rope_t = None
+        if cfg.rope:
+            rope_t = self.rope_tables(frames, 1, 1, tokens.device)  # 2 × (T', d/2), the time axis's features
+        elif cfg.frame_position == "temporal_rope":
+            rope_t = self.frame_rope_tables(frames, tokens.device)  # 2 × (T', d/2), the whole head
         mod_s = mod.repeat_interleave(frames, dim=0)  # (B*T', 6, D) or (B*T', D)
         mod_t = mod.repeat_interleave(hw, dim=0)  # (B*hw, 6, D) or (B*hw, D)
         context_s = context.repeat_interleave(frames, dim=0) if context is not None else None  # (B*T', L, Dc)
@@ -619,6 +724,91 @@ class DiT(nn.Module):
                 x = checkpointed(block, x, mod_s, context_s, mask_s, rope_s, enabled=self.gradient_checkpointing)
                 tokens = x.reshape(b, n, dim)  # (B, N, D)
         return tokens
+
+    # ---- inflation --------------------------------------------------------------------------------------------
+
+    image_architecture = "dit"  # the registered architecture an image model to inflate from has (:meth:`inflate`)
+
+    @classmethod
+    def inflate(cls, image_dit: "DiT", config: DiTConfig) -> "DiT":
+        """The video DiT ``config`` inflated from ``image_dit`` (:meth:`from_image_dit`; the interface the
+        training stages use for every inflatable architecture)."""
+        return cls.from_image_dit(image_dit, config=config)
+
+    @staticmethod
+    def inflated_config(image: DiTConfig, *, layout: str = "factorised", concat_image_latents: bool = False,
+                        image_latent_channels: Optional[int] = None, **overrides: Any) -> DiTConfig:
+        """The video config an image DiT's config inflates to (:meth:`from_image_dit`). ``layout="factorised"``:
+        each image block followed by a new temporal block (depth doubled), frames told apart by the temporal
+        blocks' RoPE. ``layout="full"``: the same blocks attending over every token of the clip, frames told apart
+        by the learned frame embedding. ``overrides`` set other fields (gradient checkpointing, backend, ...)."""
+        if image.video or image.attention_layout != "full" or image.patch_size_t != 1 or image.rope:
+            raise ValueError("DiT.from_image_dit: the model to inflate must be an image DiT (video=false, "
+                             "attention_layout=full, patch_size_t=1, rope=false)")
+        if layout not in ("factorised", "full"):
+            raise ValueError(f"DiT.from_image_dit: layout={layout!r}; choose factorised or full")
+        factorised = layout == "factorised"
+        fields = {**dataclasses.asdict(image), "video": True, "attention_layout": layout,
+                  "depth": 2 * image.depth if factorised else image.depth,
+                  "frame_position": "temporal_rope" if factorised else "embedding", "frame_embedding": True,
+                  "concat_image_latents": concat_image_latents, "image_latent_channels": image_latent_channels}
+        return DiTConfig(**{**fields, **overrides})
+
+    @classmethod
+    def from_image_dit(cls, image_dit: "DiT", *, config: Optional[DiTConfig] = None, **kwargs: Any) -> "DiT":
+        """Inflate a trained image DiT into a factorised video DiT that, at initialisation, computes exactly the
+        image DiT frame by frame (the image-pretraining-first recipe of VideoLDM and Stable Video Diffusion,
+        Blattmann et al. 2023, applied to Latte's interleaved spatial/temporal blocks, Ma et al. 2024).
+
+        Image block ``i`` becomes spatial block ``2i``; the new temporal blocks ``2i + 1`` keep DiT's adaLN-Zero
+        initialisation (zero gates: each returns its input) and still get gradients from the first step (their
+        modulation layer's gradient is not zero). Tokens get the image's spatial position table and frames are
+        told apart by 1-D RoPE in the temporal blocks (``frame_position: temporal_rope``), so no new input
+        reaches the spatial blocks but the frame embedding, whose last layer starts at zero.
+
+        ``layout="full"`` (the config's ``attention_layout`` when ``config`` is given) keeps the image blocks as
+        they are, each now attending over all ``T·h·w`` tokens (Wan, Sora-style 3-D attention, which draws motion
+        in one step) with the zero-started frame embedding: exact on still clips (attention over ``T`` copies of a
+        frame's keys gives what one copy gives), approximately the image model frame by frame on moving ones.
+        Under ``concat_image_latents`` the patch embedding gains zero-initialised input channels. ``config``: the
+        target config (checked against :meth:`inflated_config` of the image's); otherwise ``kwargs`` build it."""
+        if config is not None:
+            kwargs.setdefault("layout", config.attention_layout)
+        want = cls.inflated_config(image_dit.config, **kwargs)
+        if config is not None:
+            mismatched = [f.name for f in dataclasses.fields(DiTConfig)
+                          if f.name not in INFLATION_FREE_FIELDS
+                          and getattr(config, f.name) != getattr(want, f.name)
+                          and f.name not in ("concat_image_latents", "image_latent_channels")]
+            if mismatched:
+                raise ValueError(
+                    "DiT.from_image_dit: the video config does not extend the image DiT's; differing fields: "
+                    + ", ".join(f"{n}={getattr(config, n)!r} (inflation needs {getattr(want, n)!r})"
+                                for n in mismatched))
+            want = config
+        param = next(image_dit.parameters())
+        with torch.device(param.device):
+            video = cls(want)
+        state: dict[str, Tensor] = {}
+        stride = 2 if want.attention_layout == "factorised" else 1
+        for name, value in image_dit.state_dict().items():
+            if name.startswith("blocks.") and stride == 2:
+                _, index, rest = name.split(".", 2)
+                name = f"blocks.{2 * int(index)}.{rest}"
+            state[name] = value
+        extra = want.input_channels - image_dit.config.input_channels
+        if extra:
+            weight = state["x_embedder.weight"]  # (D, C, p, p)
+            state["x_embedder.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], extra,
+                                                                             *weight.shape[2:])], dim=1)
+        missing, unexpected = video.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"DiT.from_image_dit: image weights without a place in the video DiT: {unexpected[:8]}")
+        stray = [k for k in missing if not (k.startswith("blocks.") and video.is_temporal_block(int(k.split(".")[1])))
+                 and not k.startswith("frame_embedder.")]
+        if stray:
+            raise ValueError(f"DiT.from_image_dit: video weights left uninitialised: {stray[:8]}")
+        return video.to(param.dtype)
 
     @staticmethod
     def split_learned_sigma(output: Tensor) -> tuple[Tensor, Tensor]:
@@ -635,6 +825,8 @@ class DiT(nn.Module):
         cond = cond if cond is not None else Conditioning()
         cfg, dim, p, pt = self.config, self.config.hidden_size, self.config.patch_size, self.config.patch_size_t
         x = self._as_clips(x_t)  # (B, C, T, H, W)
+        if cfg.concat_image_latents:
+            x = torch.cat([x, self._image_latents(cond, x)], dim=1)  # (B, C + C', T, H, W)
         b, c, _, h, w = x.shape
         frames, gh, gw = x.shape[2] // pt, h // p, w // p  # the token grid (T', h, w)
         timesteps = broadcast_timesteps(timesteps, b, x.device)  # (B,)
@@ -646,6 +838,10 @@ class DiT(nn.Module):
             tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, N, D), N = T'*h*w
         if cfg.sincos_pos_embed:
             tokens = tokens + self.position_table(frames, gh, gw, tokens.device, tokens.dtype)[None]  # (B, N, D)
+        if self.frame_embedder is not None:
+            index = torch.arange(frames, device=tokens.device)
+            table = self.frame_embedder(sincos_1d(index, dim).to(tokens.dtype))  # (T', D)
+            tokens = tokens + table.repeat_interleave(gh * gw, dim=0)[None]  # (B, N, D): frame-major tokens
 
         emb = self.embed_conditioning(timesteps, cond, b)  # (B, D)
         mod = self.t_block(emb).view(b, 6, dim) if self.t_block is not None else emb  # (B, 6, D) or (B, D)
@@ -664,12 +860,16 @@ class DiT(nn.Module):
 
         if cfg.attention_layout == "full":
             rope = self.rope_tables(frames, gh, gw, tokens.device) if cfg.rope else None  # 2 × (N, d/2)
+            if self.sequence_shard is not None:
+                tokens, rope = self.sequence_shard.scatter(tokens, rope)  # this rank's (B, n, D), 2 × (n, d/2)
             for block in self.blocks:
                 tokens = checkpointed(block, tokens, mod, context, context_mask, rope,
                                       enabled=self.gradient_checkpointing)  # (B, N, D)
         else:
             tokens = self._factorised_blocks(tokens, (frames, gh, gw), mod, context, context_mask)  # (B, N, D)
         out = self.final_layer(tokens, emb)  # (B, N, pt*p*p*C_out)
+        if self.sequence_shard is not None:
+            out = self.sequence_shard.gather(out)  # every rank's tokens: (B, N, pt*p*p*C_out)
         out = self.unpatchify(out, frames, gh, gw)  # (B, C_out, T, H, W)
         return out if x_t.ndim == 5 else out[:, :, 0]  # like x_t: (B, C_out, T, H, W) or (B, C_out, H, W)
 
@@ -678,6 +878,9 @@ class DiT(nn.Module):
 # Registration and presets
 # --------------------------------------------------------------------------------------------------------------
 
+
+# Fields a video config may set freely when an image DiT is inflated into it (they change no weight's meaning).
+INFLATION_FREE_FIELDS = frozenset({"gradient_checkpointing", "attention_backend", "sample_size"})
 
 # Peebles & Xie (2023), Table 1: name -> (depth, hidden size, heads).
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -920,8 +1123,12 @@ def config_from_diffusers_wan(config: Mapping[str, Any], **overrides: Any) -> Di
     return dataclasses.replace(built, **overrides)
 
 
+from models.dit_checkpoints import from_diffusers_state_dict, from_original_state_dict  # noqa: E402
+
+# "diffusers": Wan, DiT or PixArt by the config's shape; "original": facebookresearch DiT / PixArt-α/Σ files.
 register_architecture("dit", DiTConfig, DiT,
-                      converters={"diffusers": from_diffusers_wan_state_dict, "wan": from_wan_state_dict})
+                      converters={"diffusers": from_diffusers_state_dict, "wan": from_wan_state_dict,
+                                  "original": from_original_state_dict})
 
 
 # Published Wan 2.1 text-to-video models (the diffusers conversion configs of Wan-AI/Wan2.1-T2V-*):

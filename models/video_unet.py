@@ -41,6 +41,7 @@ weights are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Union
@@ -670,6 +671,35 @@ class VideoUNet(nn.Module):
         stray = sorted(k for k in new if not _is_new_layer(k))
         if stray:
             raise AssertionError(f"from_image_unet: spatial weights left uninitialised: {stray[:8]}")
+        return video
+
+    def temporal_module_prefixes(self) -> list[str]:
+        """Names of the submodules that act across frames (LoRA ``targets: [temporal]``): every temporal ResBlock,
+        temporal transformer block and frame-position embedding (the layers VideoLDM adds to an image U-Net; the
+        mix factors hold no Linear/Conv)."""
+        return [name for name, module in self.named_modules()
+                if isinstance(module, (TemporalResBlock, TemporalTransformerBlock)) or name.endswith(".frame_embed")]
+
+    image_architecture = "unet"  # the registered architecture an image model to inflate from has (:meth:`inflate`)
+
+    @classmethod
+    def inflate(cls, image_unet: UNet, config: VideoUNetConfig) -> "VideoUNet":
+        """The video U-Net ``config`` inflated from ``image_unet`` (:meth:`from_image_unet` with the settings
+        ``config`` names; its shared fields must be the image U-Net's, checked)."""
+        shared = set(_SHARED_FIELDS) | {"resnet_eps_layout", "concat_image_latents", "add_time_ids", "context_source"}
+        overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(VideoUNetConfig)
+                     if f.name not in shared}
+        extra = config.in_channels - image_unet.config.in_channels
+        video = cls.from_image_unet(image_unet, concat_image_latents=config.concat_image_latents,
+                                    image_latent_channels=extra if config.concat_image_latents else None,
+                                    add_time_ids=tuple(config.add_time_ids), context_source=config.context_source,
+                                    **overrides)
+        differing = [f.name for f in dataclasses.fields(VideoUNetConfig)
+                     if f.name != "resnet_eps_layout" and getattr(video.config, f.name) != getattr(config, f.name)]
+        if differing:
+            raise ValueError("VideoUNet.inflate: the video config does not extend the image U-Net's; differing "
+                             "fields: " + ", ".join(f"{n}={getattr(config, n)!r} (inflation gives "
+                                                    f"{getattr(video.config, n)!r})" for n in differing))
         return video
 
     @torch.no_grad()

@@ -79,14 +79,37 @@ class Inference:
             cond.vector, null.vector = vector, vector
         return cond, null
 
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the denoiser is an image-to-video model (it concatenates ``cond.image_latents``)."""
+        model = self.denoiser
+        while not hasattr(model, "config") and hasattr(model, "base_model"):  # a peft wrapper
+            model = model.base_model
+        model = getattr(model, "model", model) if not hasattr(model, "config") else model
+        return bool(getattr(getattr(model, "config", None), "concat_image_latents", False))
+
+    @torch.no_grad()
+    def first_frame_latents(self, first_frames: Tensor) -> Tensor:
+        """Conditioning frames ``(B, C, H, W)`` pixels in [-1, 1] → ``(B, Cz, 1, h, w)`` normalised latents (the
+        posterior mode of each frame encoded alone), what an image-to-video denoiser was trained with."""
+        if first_frames.ndim != 4:
+            raise ValueError(f"first frames: got shape {tuple(first_frames.shape)}; expected (B, C, H, W) pixels")
+        clip = first_frames.to(self.device).unsqueeze(2)  # (B, C, 1, H, W)
+        if self.autoencoder is None:
+            return clip
+        dtype = next(self.autoencoder.parameters()).dtype
+        return self.autoencoder.scale_latents(self.autoencoder.encode(clip.to(dtype)).mode()).float()
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], guidance: Optional[float] = None, height: Optional[int] = None,
                  width: Optional[int] = None, num_frames: Optional[int] = None,
-                 sampling: Optional[SamplingConfig] = None) -> Tensor:
+                 sampling: Optional[SamplingConfig] = None, first_frames: Optional[Tensor] = None) -> Tensor:
         """Images ``(B, C, H, W)`` (or clips ``(B, C, T, H, W)`` with ``num_frames``) in [-1, 1] for ``prompts``.
 
         ``guidance`` overrides the sampling config's scale; guidance 0 samples the unconditional model alone (the
-        null conditioning on both branches).
+        null conditioning on both branches). ``first_frames`` ``(B, C, H, W)`` in [-1, 1] (image-to-video models
+        only): the clips start from these frames; without them an image-to-video model draws text-to-video (its
+        null image conditioning). Guidance contrasts the prompt and the frame with neither.
         """
         cfg = sampling or self.sampling
         scale = cfg.guidance if guidance is None else guidance
@@ -94,6 +117,19 @@ class Inference:
         width = width or self.image_size[1]
         shape = self.latent_shape(height, width, num_frames)
         cond, null = self.conditioning(prompts, cfg.negative_prompt, height, width)
+        if self.image_conditioned:
+            if num_frames is None:
+                raise ValueError("this image-to-video denoiser draws clips: give num_frames")
+            if first_frames is not None:
+                if len(first_frames) != len(prompts):
+                    raise ValueError(f"{len(first_frames)} first frames for {len(prompts)} prompts: give one each")
+                frame = self.first_frame_latents(first_frames)  # (B, Cz, 1, h, w)
+            else:
+                frame = torch.zeros((len(prompts), shape[0], 1, *shape[-2:]), device=self.device)
+            cond.image_latents, null.image_latents = frame, torch.zeros_like(frame)
+        elif first_frames is not None:
+            raise ValueError("first frames (image-to-video) given, but this denoiser takes no image conditioning "
+                             "(train it with model.<name>.concat_image_latents: true)")
         null_cond: Optional[Conditioning] = null
         if scale == 0.0:
             cond, null_cond, scale = null, None, 1.0

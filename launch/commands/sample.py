@@ -7,6 +7,8 @@
     loom sample run_dir=runs/quickstart lora='["runs/lora-mirrored/lora/export/adapter.safetensors:0.8"]'  # the same
     loom sample run_dir=runs/quickstart lora='["a.safetensors:0.8", "b.safetensors:0.5"]'   # combined adapters
     loom sample run_dir=runs/video prompts='["a handwritten digit three moving left"]' num_frames=9 fps=8  # clips
+    loom sample run_dir=runs/quickstart-video image=first.png prompts='["a handwritten digit three moving up"]' \
+        num_frames=5                                # image-to-video: the clips start from first.png
 
 The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
 EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file. ``lora`` attaches
@@ -16,7 +18,8 @@ plain-Linear speed).
 
 With ``num_frames`` the run draws clips: ``output`` becomes a PNG contact sheet (one clip per row, its frames left
 to right), and beside it each clip is an mp4 (``<stem>-p<prompt>-<n>.mp4``, H.264) and each prompt's clips an
-animated grid (``<stem>-p<prompt>.gif``).
+animated grid (``<stem>-p<prompt>.gif``). ``image`` (an image-to-video run: a denoiser trained with
+``concat_image_latents``) is the first frame every clip starts from, resized and centre-cropped to the clips' size.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class SampleCommandConfig:
     width: Optional[int] = None  # image width in pixels (null: the run's data.resolution)
     output: str = "samples.png"  # the PNG grid (relative paths are inside run_dir)
     num_frames: Optional[int] = None  # draw clips of this many frames (null: images)
+    image: Optional[str] = None  # image-to-video: the first frame (PNG/JPEG/WebP) every clip starts from
     fps: float = 8.0  # frame rate of the written clips (mp4, animated grid)
     device: Optional[str] = None  # cpu | cuda (null: cuda when available)
     lora: list[str] = field(default_factory=list)  # LoRA adapters "path.safetensors:scale" (scale 1 if omitted)
@@ -65,6 +69,10 @@ class SampleCommandConfig:
             raise ValueError(f"num_frames: {self.num_frames} must be >= 1 or null")
         if not self.fps > 0:
             raise ValueError(f"fps: {self.fps} must be > 0")
+        if self.image is not None and self.num_frames is None:
+            raise ValueError(f"image={self.image!r} animates a first frame: give num_frames too")
+        if self.image is not None and not Path(self.image).is_file():
+            raise ValueError(f"image={self.image!r}: no such file")
 
 
 def _weights_path(cfg: SampleCommandConfig) -> tuple[Path, bool]:
@@ -90,9 +98,29 @@ def plan(cfg: SampleCommandConfig) -> str:
     if adapters:
         adapters += "\nadapters " + ("merged into the weights" if cfg.lora_merge else "applied unmerged")
     what = "images" if cfg.num_frames is None else f"clips of {cfg.num_frames} frames at {cfg.fps:g} fps"
+    if cfg.image is not None:
+        what += f" starting from {cfg.image}"
     return (f"weights: {path}{adapters}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt} {what}\n"
             f"sampler: {s.sampler} {s.steps} steps, guidance {s.guidance}, seed {s.seed}, "
             f"negative prompt {s.negative_prompt!r}\noutput: {Path(cfg.run_dir) / cfg.output}")
+
+
+def read_first_frame(path: str, height: int, width: int) -> Any:
+    """The image file ``path`` as a ``(1, 3, height, width)`` tensor in [-1, 1]: RGB (EXIF orientation applied),
+    scaled to cover ``height × width`` and centre-cropped, as the training data was."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        scale = max(height / im.height, width / im.width)
+        size = (max(width, round(im.width * scale)), max(height, round(im.height * scale)))
+        im = im.resize(size, Image.Resampling.BICUBIC)
+        left, top = (im.width - width) // 2, (im.height - height) // 2
+        im = im.crop((left, top, left + width, top + height))
+        array = np.asarray(im, dtype=np.float32)  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1  # (1, 3, H, W)
 
 
 def run(cfg: SampleCommandConfig) -> int:
@@ -120,7 +148,17 @@ def run(cfg: SampleCommandConfig) -> int:
               f"factor {f} x the DiT's patch size {patch})", file=sys.stderr)
         return 2
     prompts = [p for p in cfg.prompts for _ in range(cfg.num_per_prompt)]
-    images = pipe.generate(prompts, height=height, width=width, num_frames=cfg.num_frames)
+    first = None
+    if cfg.image is not None:
+        try:
+            first = read_first_frame(cfg.image, height, width).expand(len(prompts), -1, -1, -1)
+            images = pipe.generate(prompts, height=height, width=width, num_frames=cfg.num_frames,
+                                   first_frames=first)
+        except (OSError, ValueError) as e:
+            print(f"loom sample: image={cfg.image!r}: {e}", file=sys.stderr)
+            return 2
+    else:
+        images = pipe.generate(prompts, height=height, width=width, num_frames=cfg.num_frames)
     out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)
     if cfg.num_frames is None:
         print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")

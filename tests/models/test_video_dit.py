@@ -389,7 +389,7 @@ def test_presets_and_blocks():
     assert (big.hidden_size, big.depth, big.num_heads, big.mlp_width, big.rope_axes) == (5120, 40, 40, 13824,
                                                                                          (44, 42, 42))
     arch = get_architecture("dit")
-    assert arch.block_names == ("DiTBlock",) and tuple(arch.converters) == ("diffusers", "wan")
+    assert arch.block_names == ("DiTBlock",) and tuple(arch.converters) == ("diffusers", "wan", "original")
     model = build_model("wan-tiny")
     assert model(torch.randn(1, 16, 2, 4, 4), torch.tensor([3]), text(batch=1)).shape == (1, 16, 2, 4, 4)
     with pytest.raises(ValueError, match="video DiT takes"):

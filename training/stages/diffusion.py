@@ -13,6 +13,7 @@ stage) and :class:`~training.stages.dpo.DpoObjective` (the ``dpo`` stage) — co
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -48,9 +49,17 @@ class DiffusionStageConfig:
     # own config class (so a preset inheriting another's denoiser section may switch the denoiser)
     model: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: Optional[str] = None  # initial denoiser weights (.safetensors; ours, diffusers' or LDM names)
+    # an exported image denoiser (model.safetensors, its model.json beside) the video denoiser is inflated from:
+    # spatial weights copied, new temporal layers silent at start (VideoLDM / SVD); exclusive with `weights`
+    inflate_from: Optional[str] = None
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # frozen OpenCLIP text tower
     process: DiffusionConfig = field(default_factory=DiffusionConfig)  # noise schedule, target, loss weighting
     cond_dropout: float = 0.1  # per-sample probability of the null text conditioning (for CFG)
+    # image-to-video denoisers (model.<name>.concat_image_latents): the clip's first latent frame conditions it;
+    # per-sample probability of the null (zero) image conditioning, drawn independently of the text's: the model
+    # also learns text-to-video, and guidance can null both (Stable Video Diffusion, Blattmann et al. 2023)
+    image_dropout: float = 0.5
+    image_noise: float = 0.0  # std of Gaussian noise added to the conditioning frame's normalised latent (augmentation)
     latents: Literal["cache", "encode", "pixels"] = "cache"  # cached shards · frozen autoencoder · pixel space
     autoencoder_weights: str = "auto"  # frozen autoencoder (.safetensors + .json beside); auto: this run's export
     micro_conditioning: bool = False  # SDXL size/crop conditioning as Fourier features in cond.vector
@@ -65,10 +74,17 @@ class DiffusionStageConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout: {self.cond_dropout} must be in [0, 1]")
+        if not 0.0 <= self.image_dropout <= 1.0:
+            raise ValueError(f"image_dropout: {self.image_dropout} must be in [0, 1]")
+        if not self.image_noise >= 0.0:
+            raise ValueError(f"image_noise: {self.image_noise} must be >= 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1 or null")
         if self.validation_num_frames is not None and self.validation_num_frames < 1:
             raise ValueError(f"validation_num_frames: {self.validation_num_frames} must be >= 1 or null")
+        if self.inflate_from and self.weights:
+            raise ValueError(f"inflate_from={self.inflate_from!r} and weights={self.weights!r}: give one (inflation "
+                             "starts a video denoiser from image weights; weights continue a video denoiser)")
         if not self.validation_fps > 0:
             raise ValueError(f"validation_fps: {self.validation_fps} must be > 0")
         configs = {name.lower(): denoiser_config(name, overrides, f"model.{name}")
@@ -114,11 +130,61 @@ def denoiser_config(name: str, overrides: Mapping[str, Any], key: str) -> Any:
 
 
 def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
-    """The denoiser ``cfg`` describes, built through the model registry, with ``cfg.weights`` loaded if set."""
+    """The denoiser ``cfg`` describes, built through the model registry, with ``cfg.weights`` loaded if set, or
+    inflated from the image denoiser ``cfg.inflate_from``."""
+    if cfg.inflate_from:
+        return inflate_denoiser(cfg.model_config, cfg.inflate_from)
     model = build_model(cfg.model_config)
     if cfg.weights:
         load_weights(model, cfg.weights)
     return model
+
+
+def inflate_denoiser(video_config: Any, image_weights: str | Path) -> nn.Module:
+    """The video denoiser ``video_config`` inflated from an image denoiser: the video architecture's
+    ``inflate(image, config)`` (:meth:`models.dit.DiT.inflate`, :meth:`models.video_unet.VideoUNet.inflate`) copies
+    the image weights and starts the temporal layers silent, so the video model first computes the image model
+    frame by frame. ``image_weights``: an export of ours (``model.safetensors`` with its config ``model.json``
+    beside, as every stage writes) or a diffusers model or pipeline folder (``config.json``; ``unet/`` or
+    ``transformer/`` of a pipeline), e.g. Stable Diffusion's U-Net for Stable Video Diffusion's recipe."""
+    arch = get_architecture(video_config)
+    inflate = getattr(arch.module_cls, "inflate", None)
+    image_arch = getattr(arch.module_cls, "image_architecture", None)
+    if inflate is None or image_arch is None:
+        raise ValueError(f"inflate_from: the {arch.name} architecture cannot be inflated from an image model "
+                         "(inflatable: the video DiT, the video U-Net)")
+    path = Path(image_weights)
+    if not path.exists():
+        raise FileNotFoundError(f"inflate_from={str(image_weights)!r}: does not exist (an exported image denoiser, "
+                                "e.g. runs/quickstart/diffusion/export/model.safetensors, or a diffusers folder)")
+    image_config, weights = image_denoiser_config(image_arch, path)
+    image = build_model(image_config)
+    load_weights(image, weights)
+    return inflate(image, video_config)
+
+
+def image_denoiser_config(image_arch: str, path: Path) -> tuple[Any, Path]:
+    """``(config, weights path)`` of the image denoiser at ``path`` (see :func:`inflate_denoiser`)."""
+    if path.is_dir():
+        folder = next((path / sub for sub in ("unet", "transformer") if (path / sub / "config.json").exists()), path)
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"inflate_from={str(path)!r}: no config.json there (nor in unet/, transformer/)")
+        raw = json.loads(config_file.read_text())
+        if image_arch == "unet":
+            from models.convert import config_from_diffusers_unet as read
+        else:
+            from models.dit_checkpoints import config_from_diffusers_transformer as read
+        try:
+            return read(raw), folder
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"inflate_from={str(path)!r}: {config_file} does not describe a {image_arch} ({e})") \
+                from None
+    config_file = path.with_suffix(".json")
+    if not config_file.exists():
+        raise FileNotFoundError(f"inflate_from={str(path)!r}: its config {config_file.name} is missing beside it "
+                                "(a stage export writes both)")
+    return denoiser_config(image_arch, json.loads(config_file.read_text()), f"inflate_from ({config_file})"), path
 
 
 def micro_fourier_dim(model_config: Any) -> int:
@@ -163,10 +229,15 @@ class DenoisingObjective(StagePart):
         x0 = stage.latents_of(batch)  # (B, C, h, w) or (B, C, T, h, w)
         cond, null = trim_together(stage.conditioning_of(batch, trim=False), stage.null_conditioning(1))
         cond, dropped = drop_conditioning(cond, null, self.cond_dropout)  # the text group (Ho & Salimans)
+        logs = {"dropped_fraction": dropped.float().mean()}  # on the device: read at the log line
+        if stage.image_conditioned:  # image-to-video: the first frame, nulled on its own draw
+            cond.image_latents = stage.first_frame_latents(x0, noise=stage.cfg.image_noise)
+            cond, image_dropped = drop_conditioning(cond, None, stage.cfg.image_dropout, groups=("image",))
+            logs["image_dropped_fraction"] = image_dropped.float().mean()
         terms = stage.process.training_loss_terms(x0)
         out = model(terms.x_t, terms.timesteps, cond)  # shaped like x0
         loss = stage.process.loss(out, terms)
-        return loss, {"dropped_fraction": float(dropped.float().mean())}
+        return loss, logs
 
     @torch.no_grad()
     def validation_loss(self, model: nn.Module) -> Optional[float]:
@@ -182,7 +253,10 @@ class DenoisingObjective(StagePart):
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             t = stage.process.for_shape(x0.shape).sample_timesteps(x0.shape[0], g, torch.device("cpu")).to(x0.device)
             terms = stage.process.training_loss_terms(x0, noise=noise, t=t)
-            out = model(terms.x_t, terms.timesteps, stage.conditioning_of(batch))
+            cond = stage.conditioning_of(batch)
+            if stage.image_conditioned:
+                cond.image_latents = stage.first_frame_latents(x0)
+            out = model(terms.x_t, terms.timesteps, cond)
             total += float(stage.process.loss(out, terms)) * len(batch)
             n += len(batch)
         return total / n
@@ -275,6 +349,21 @@ class DiffusionStage(Stage):
     def cached_latents(self, moments: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """A latent drawn from cached posterior moments (mean ‖ log-variance), normalised for the denoiser."""
         return self.autoencoder_scale(DiagonalGaussian(moments.float()).sample(generator))  # (B, C, h, w)
+
+    @property
+    def image_conditioned(self) -> bool:
+        """Whether the denoiser takes the first frame's latent (``cond.image_latents``): an image-to-video model."""
+        return bool(getattr(self.cfg.model_config, "concat_image_latents", False))
+
+    def first_frame_latents(self, x0: Tensor, noise: float = 0.0) -> Tensor:
+        """The image-to-video conditioning of clean clip latents ``x0`` ``(B, C, T, h, w)``: the first latent frame
+        ``(B, C, 1, h, w)`` (the first pixel frame, alone, under a per-frame or causal autoencoder), plus Gaussian
+        noise of std ``noise`` (augmentation). The denoiser repeats it over the frames."""
+        if x0.ndim != 5:
+            raise ValueError("an image-to-video denoiser trains on clips (B, C, T, h, w); got latents "
+                             f"{tuple(x0.shape)} (set data.buckets.frames / data.video for a video run)")
+        first = x0[:, :, :1]  # (B, C, 1, h, w)
+        return first + noise * torch.randn_like(first) if noise > 0 else first
 
     def autoencoder_scale(self, z: Tensor) -> Tensor:
         if self.autoencoder is None:
