@@ -53,7 +53,7 @@ def test_quickstart_preset_resolves_with_plan(capsys):
 def test_finetuning_presets_plan_their_stages(capsys):
     assert cli.main(["train", "--config", "lora-mirrored", "lora.adapter.rank=4", "--dry-run"]) == 0
     out = capsys.readouterr().out.split("# plan")[1]
-    assert "lora: LoRA rank 4, alpha 8.0, on attention" in out and "dpo" not in out
+    assert "lora: LoRA rank 4, alpha 16.0, on attention+feedforward+projection" in out and "dpo" not in out
     assert cli.main(["train", "--config", "dpo-thick", "dpo.policy=full", "dpo.beta=2500", "--dry-run"]) == 0
     out = capsys.readouterr().out.split("# plan")[1]
     assert "dpo: every denoiser weight (reference: a frozen copy of the base)" in out
