@@ -12,6 +12,7 @@ every per-seed number, the mean and the minimum over seeds, as JSON and as a mar
 
     python benchmarks/video_evidence.py --seeds 2                      # both inits, seeds 0 and 1
     python benchmarks/video_evidence.py --seeds 3 --inits image        # the quickstart figure alone
+    python benchmarks/video_evidence.py --tag -600 diffusion.train.max_steps=600   # a smaller step budget
 
 Needs the image quickstart (``make quickstart``) and the moving-digits shards (``loom shards moving-digits
 output_dir=data/moving-digits``). CPU, 2 cores: about 8 minutes a run on a quiet machine.
@@ -62,8 +63,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_one(init: str, seed: int, out_dir: Path, extra: list[str], threads: int) -> dict[str, Any]:
-    name = f"video-evidence-{init}-s{seed}"
+def run_one(init: str, seed: int, out_dir: Path, extra: list[str], threads: int, tag: str = "") -> dict[str, Any]:
+    name = f"video-evidence{tag}-{init}-s{seed}"
     cmd = [sys.executable, "-m", "launch", "train", "--config", "quickstart-video", f"run.name={name}",
            f"run.output_dir={out_dir}", f"run.seed={seed}", "diffusion.train.progress=false", *INITS[init], *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -83,6 +84,7 @@ def main() -> int:
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
     parser.add_argument("--output-dir", default=str(REPO / "runs"), help="where the runs go")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", default="", help="run-name suffix, e.g. -600 for runs with other overrides")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "video_evidence.json"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -91,7 +93,7 @@ def main() -> int:
     for init in args.inits:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            r = run_one(init, seed, out_dir, args.overrides, args.threads)
+            r = run_one(init, seed, out_dir, args.overrides, args.threads, args.tag)
             print(f"{init} seed {seed}: " + ", ".join(f"{label} {r[k]:.1%}" for k, label in KEYS if k in r)
                   + f" ({r['seconds']:.0f} s)", flush=True)
             per_seed.append(r)

@@ -19,11 +19,17 @@ loses nothing. The train/validation split is the demo set's (stratified by digit
 the same bytes (small videos encode single-threaded without x264's SIMD; see :mod:`data_pipeline.writer`).
 
     loom shards moving-digits output_dir=data/moving-digits
+
+A motion the quickstart set never shows, for teaching one to a trained model (``benchmarks/video_lora_evidence.py``):
+``build_moving_digits(out, directions=("diagonally",))`` writes every digit moving down and to the right, one
+pixel on each axis per frame, captioned ``"a handwritten digit three moving diagonally"`` (the default
+``directions`` writes the quickstart set, byte for byte as before).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -35,14 +41,17 @@ NUM_FRAMES = 9  # frames per clip
 FPS = 8.0  # frames per second of the clips
 SPEED = 1  # pixels the digit moves per frame
 CRF = 10  # x264 constant rate factor of the clips (module docstring)
-DIRECTIONS = ("left", "right", "up", "down")
-STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # direction -> (dx, dy) per frame
+DIRECTIONS = ("left", "right", "up", "down")  # the directions of the quickstart set
+EXTRA_DIRECTIONS = ("diagonally",)  # motions the quickstart set never shows (the video LoRA evidence teaches them)
+ALL_DIRECTIONS = DIRECTIONS + EXTRA_DIRECTIONS
+# direction -> (dx, dy) per frame; "diagonally" is down and to the right
+STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "diagonally": (1, 1)}
 
 
 def offsets(direction: str) -> np.ndarray:
     """(NUM_FRAMES, 2) integer (dx, dy) of the digit in each frame, relative to the still image."""
     if direction not in STEPS:
-        raise ValueError(f"direction: got {direction!r}; allowed: {', '.join(DIRECTIONS)}")
+        raise ValueError(f"direction: got {direction!r}; allowed: {', '.join(ALL_DIRECTIONS)}")
     k = np.arange(NUM_FRAMES) - NUM_FRAMES // 2  # (T,) -4..4
     return k[:, None] * SPEED * np.array(STEPS[direction])  # (T, 2)
 
@@ -70,26 +79,43 @@ def recentre(frames: np.ndarray, direction: str) -> np.ndarray:
 def caption_for(digit: int, direction: str) -> str:
     """``(3, "left") -> "a handwritten digit three moving left"``."""
     if direction not in STEPS:
-        raise ValueError(f"direction: got {direction!r}; allowed: {', '.join(DIRECTIONS)}")
+        raise ValueError(f"direction: got {direction!r}; allowed: {', '.join(ALL_DIRECTIONS)}")
     return f"{caption_for_digit(digit)} moving {direction}"
 
 
-def directions(n: int, seed: int = 0) -> np.ndarray:
-    """(n,) direction index (into :data:`DIRECTIONS`) of each digit: balanced, by a seeded permutation."""
+def directions(n: int, seed: int = 0, count: int = len(DIRECTIONS)) -> np.ndarray:
+    """(n,) direction index (into :data:`DIRECTIONS`, or into a tuple of ``count`` directions) of each digit:
+    balanced, by a seeded permutation."""
     rng = np.random.default_rng((seed, 1))  # a stream of its own, not the split's
-    return rng.permutation(np.arange(n) % len(DIRECTIONS))
+    return rng.permutation(np.arange(n) % count)
 
 
-def clip_samples(split: str, seed: int = 0, val_fraction: float = 0.1) -> list[Sample]:
-    """The clips of one split, in dataset order, as raw frames ready for the shard writer."""
+_assign = directions  # clip_samples' argument `directions` shadows the function
+
+
+def _check_directions(chosen: Sequence[str]) -> tuple[str, ...]:
+    chosen = tuple(chosen)
+    unknown = [d for d in chosen if d not in STEPS]
+    if not chosen or unknown or len(set(chosen)) != len(chosen):
+        raise ValueError(f"directions: got {list(chosen)}; give distinct names from {', '.join(ALL_DIRECTIONS)}")
+    return chosen
+
+
+def clip_samples(split: str, seed: int = 0, val_fraction: float = 0.1,
+                 directions: Sequence[str] = DIRECTIONS) -> list[Sample]:
+    """The clips of one split, in dataset order, as raw frames ready for the shard writer.
+
+    ``directions``: the motions, spread evenly over the digits by a seeded permutation (the default, the
+    quickstart's four, gives the quickstart set; ``("diagonally",)`` moves every digit diagonally)."""
     if split not in SPLITS:
         raise ValueError(f"split: got {split!r}; allowed: {', '.join(SPLITS)}")
+    chosen = _check_directions(directions)
     images, labels = _digits()
     train_idx, val_idx = stratified_split(labels, seed, val_fraction)
-    dirs = directions(len(labels), seed)
+    dirs = _assign(len(labels), seed, len(chosen))
     out = []
     for i in train_idx if split == "train" else val_idx:
-        label, direction = int(labels[i]), DIRECTIONS[int(dirs[i])]
+        label, direction = int(labels[i]), chosen[int(dirs[i])]
         extra = {"label": label, "digit": caption_for_digit(label).split()[-1], "direction": direction,
                  "split": split, "index": int(i)}
         frames = VideoFrames(clip_frames(images[i], direction), FPS)
@@ -105,13 +131,16 @@ def build_moving_digits(
     overwrite: bool = False,
     progress: bool = False,
     motion_score: bool = False,
+    directions: Sequence[str] = DIRECTIONS,
 ) -> dict[str, WriteSummary]:
     """Write ``train-*.tar``, ``val-*.tar`` and their ``.shardindex.json`` into ``output_dir``.
 
     Returns ``{"train": summary, "val": summary}`` (no val entry, and no val files, when ``val_fraction`` is 0).
     Refuses, before writing anything, when either split's files exist and ``overwrite`` is off. ``motion_score``
-    adds each clip's motion score to its json (:mod:`data_pipeline.curation`).
+    adds each clip's motion score to its json (:mod:`data_pipeline.curation`). ``directions``: the motions
+    (:func:`clip_samples`); the default writes the quickstart set.
     """
+    chosen = _check_directions(directions)
     options = WriterOptions(max_samples_per_shard, overwrite=overwrite, video_crf=CRF, motion_score=motion_score)
-    return write_split_set(output_dir, lambda split: clip_samples(split, seed, val_fraction), options, val_fraction,
-                           progress)
+    return write_split_set(output_dir, lambda split: clip_samples(split, seed, val_fraction, chosen),
+                           options, val_fraction, progress)

@@ -67,6 +67,41 @@ def direction_of(velocity: np.ndarray) -> np.ndarray:
     return out
 
 
+#: "moved diagonally" (down and to the right): both fitted components at least this many pixels per frame ...
+DIAGONAL_MIN_SPEED = 0.25
+#: ... and the slower axis at least this fraction of the faster one (a true diagonal: 1; straight motion: 0)
+DIAGONAL_MIN_RATIO = 0.5
+
+
+def is_diagonal(velocity: np.ndarray, min_speed: float = DIAGONAL_MIN_SPEED,
+                min_ratio: float = DIAGONAL_MIN_RATIO) -> np.ndarray:
+    """``(B, 2)`` fitted velocities ``(dx, dy)`` → ``(B,)`` bool: the clip moved *diagonally*, down and to the right
+    (the ``"diagonally"`` motion of :mod:`data_pipeline.moving_digits`, one pixel per frame on each axis).
+
+    The rule: ``dx`` and ``dy`` both positive and at least ``min_speed`` pixels per frame (a still or jittering
+    clip fails), and neither axis under ``min_ratio`` times the other (``min(dx, dy) >= min_ratio · max(dx, dy)``:
+    the trajectory within about 18° of the 45° line for the default 0.5, so motion mostly right or mostly down
+    fails). :func:`direction_of` knows only the four straight directions; this is a separate yes/no reading. Read
+    it from :func:`registered_velocity` (the ink centroid under-reads vertical motion of these digits)."""
+    velocity = np.asarray(velocity, dtype=np.float64).reshape(-1, 2)
+    dx, dy = velocity[:, 0], velocity[:, 1]
+    fast, slow = np.maximum(dx, dy), np.minimum(dx, dy)
+    return (slow >= min_speed) & (slow >= min_ratio * fast)
+
+
+def registered_velocity(clips: Tensor, max_shift: int = 6) -> np.ndarray:
+    """``(B, C, T, H, W)`` → ``(B, 2)`` least-squares slope (pixels per frame) of the frames' whole-pixel shifts from
+    the middle frame (:func:`registration_offsets`). The velocity to read diagonal motion from: the demo digits fill
+    the frame's height, so a digit moving down loses rows at the bottom edge and its ink centroid lags (about 0.3 to
+    0.7 px per frame for a true 1), while the registered shift does not."""
+    return fitted_velocity(registration_offsets(clips, max_shift).astype(np.float64))
+
+
+def diagonal_accuracy(velocity: np.ndarray, **rule: float) -> float:
+    """The share of clips (``(B, 2)`` fitted velocities) that moved diagonally by :func:`is_diagonal`'s rule."""
+    return float(is_diagonal(velocity, **rule).mean()) if len(velocity) else 0.0
+
+
 def shift_frames(frames: Tensor, dx: np.ndarray, dy: np.ndarray) -> Tensor:
     """``(N, C, H, W)`` frames in [-1, 1], each moved by integer ``(dx[i], dy[i])`` pixels (right, down); the
     uncovered edge black (-1), what leaves the frame cut off."""

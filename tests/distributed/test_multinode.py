@@ -23,7 +23,7 @@ def test_two_nodes_train_as_one_job(reference_run):
         ckpt = run.stage_dir / "checkpoints" / f"step_{step:08d}"
         positions = [json.loads((ckpt / f"loader_rank{r}.json").read_text()) for r in (0, 1)]
         assert positions[0] != positions[1]  # each rank its own share of the data
-    assert re.search(r"global batch .*× 2 processes", out)  # the trainer's start-up line
+    assert re.search(r"global batch .*× 2 data-parallel ranks", out)  # the trainer's start-up line
     assert (run.stage_dir / "export" / "model.safetensors").exists()
     losses = scalars(run.stage_dir / "logs" / "diffusion", "loss")
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))  # rank 0 alone logs, once per step

@@ -67,7 +67,7 @@ def test_zero3_on_two_ranks_partitions_resumes_and_consolidates(tmp_path):
     assert reports[1]["full"]["val_loss"] is None  # validation runs on rank 0 only
     assert reports[0]["full"]["ds_config"]["train_batch_size"] == worker.BATCH * worker.GRAD_ACCUM * 2
     # rank-0-only log lines: the start-up line stating the global batch, the skipped-step warning
-    start = "global batch 16 = micro-batch 4 × 2 accumulation × 2 processes"
+    start = "global batch 16 = micro-batch 4 × 2 accumulation × 2 data-parallel ranks"
     assert logs[0].count(start) == 3 and start not in logs[1]
     assert logs[0].count("non-finite loss on some rank") == 2 and "non-finite loss" not in logs[1]
 

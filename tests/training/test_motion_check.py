@@ -87,3 +87,38 @@ def test_shift_frames_and_shape_errors(classifier):
     assert (shift_frames(x, np.array([5]), np.array([0])) == -1).all()  # moved out: black
     with pytest.raises(ValueError, match="expected clips"):
         read_clips(torch.zeros(2, 3, 32, 32), classifier)
+
+
+def test_diagonal_reading_accepts_diagonal_clips_only(stills):
+    from training.motion_check import diagonal_accuracy, is_diagonal, registered_velocity
+
+    images, _ = stills
+    diagonal = np.stack([clip_frames(img, "diagonally")[2:7] for img in images])  # (N, T, H, W, C)
+    diagonal = torch.from_numpy(diagonal).float().permute(0, 4, 1, 2, 3) / 127.5 - 1
+    velocity = registered_velocity(diagonal)
+    assert np.allclose(velocity, 1.0), velocity  # exactly one pixel per frame on each axis
+    assert diagonal_accuracy(velocity) == 1.0
+    assert diagonal_accuracy(registered_velocity(diagonal.flip(2))) == 0.0  # up and to the left
+    for k in range(4):  # the four straight directions never read as diagonal
+        straight = registered_velocity(_clips(images, np.full(len(images), k)))
+        assert diagonal_accuracy(straight) == 0.0, (DIRECTIONS[k], straight)
+    still = registered_velocity(diagonal[:, :, 2:3].expand_as(diagonal).contiguous())
+    assert diagonal_accuracy(still) == 0.0
+    # The rule at its edges: both axes >= 0.25 px/frame and the slower >= half the faster.
+    got = is_diagonal(np.array([[1.0, 0.5], [1.0, 0.49], [0.24, 0.24], [-1.0, -1.0], [1.0, -1.0], [0.3, 0.6]]))
+    assert got.tolist() == [True, False, False, False, False, True]
+
+
+def test_diagonal_clip_samples_leave_the_quickstart_set_alone():
+    from data_pipeline import moving_digits as md
+
+    diagonal = md.clip_samples("val", directions=("diagonally",))
+    plain = md.clip_samples("val")
+    assert [s.extra["index"] for s in diagonal] == [s.extra["index"] for s in plain]  # the same digits
+    assert {s.extra["direction"] for s in diagonal} == {"diagonally"}
+    assert diagonal[0].caption == f"{md.caption_for_digit(diagonal[0].extra['label'])} moving diagonally"
+    assert diagonal[0].caption.startswith("a handwritten digit ") and "diagonally" not in plain[0].caption
+    assigned = md.directions(1797, 0)  # the quickstart's assignment, unchanged by the new argument
+    assert [s.extra["direction"] for s in plain] == [md.DIRECTIONS[assigned[s.extra["index"]]] for s in plain]
+    with pytest.raises(ValueError, match="directions"):
+        md.clip_samples("val", directions=("sideways",))
