@@ -156,12 +156,35 @@ def _close_workers(it: Any, wait: bool = True) -> None:
             w.join(timeout=5)
 
 
-@atexit.register
+_WORKER_PROCESSES: list[Any] = []  # every worker process started, until seen dead (they ignore SIGTERM)
+
+
 def _close_all_workers() -> None:
-    """At interpreter exit (before multiprocessing's own exit handler, registered earlier, would SIGTERM the daemon
-    workers and wait for them for ever): close the workers of iterators still open, e.g. held by a traceback."""
+    """At interpreter exit (before multiprocessing's own exit handler would wait for the workers for ever: they
+    ignore its SIGTERM, see :func:`_worker_init`): close the workers of iterators still open, e.g. held by a
+    traceback, and kill any worker still alive whose iterator was dropped without closing them (a finished loader's
+    persistent workers)."""
     for it in list(_OPEN_WORKER_ITERATORS):
         _close_workers(it)
+    for w in _WORKER_PROCESSES:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    _WORKER_PROCESSES.clear()
+
+
+atexit.register(_close_all_workers)  # registered again by each _track_workers, to stay the last one registered
+
+
+def _track_workers(it: Any) -> None:
+    """Remember a worker-holding iterator for :func:`_close_all_workers`, and (re-)register that hook so it is the
+    last exit handler registered: exit handlers run last-in first-out, and multiprocessing registers its own (which
+    joins every live child) when it is first used — possibly after this module was imported. Registered once at
+    import only, the hook could run after that join, which then waits for persistent workers for ever."""
+    _OPEN_WORKER_ITERATORS.add(it)
+    _WORKER_PROCESSES[:] = [w for w in _WORKER_PROCESSES if w.is_alive()] + list(getattr(it, "_workers", []))
+    atexit.unregister(_close_all_workers)
+    atexit.register(_close_all_workers)
 
 
 def _run_worker(pipe: WorkerPipeline, epoch: int, owed: Optional[int], snapshots: bool) -> Iterator[_Delivery]:
@@ -411,7 +434,7 @@ class StreamingLoader:
                                      pin_memory=self._pin_memory(), prefetch_factor=self.cfg.prefetch_factor,
                                      generator=torch.Generator().manual_seed(self.seed),
                                      worker_init_fn=partial(_worker_init, os.getpid())))
-            _OPEN_WORKER_ITERATORS.add(source)
+            _track_workers(source)
         try:
             for d in source:
                 batch = self._record(d)
@@ -446,7 +469,7 @@ class StreamingLoader:
                              prefetch_factor=self.cfg.prefetch_factor,
                              generator=torch.Generator().manual_seed(self.seed),
                              worker_init_fn=partial(_worker_init, os.getpid())))
-        _OPEN_WORKER_ITERATORS.add(it)
+        _track_workers(it)
         return it
 
     def close(self) -> None:
@@ -454,6 +477,12 @@ class StreamingLoader:
         if self._stream is not None:
             stream, self._stream = self._stream, None
             _close_workers(stream)
+
+    def __del__(self) -> None:  # a loader dropped without close(): its persistent workers go with it
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down what closing needs
+            pass
 
     def _iter_persistent(self, epoch: int) -> Iterator[Batch]:
         if self._stream is None:

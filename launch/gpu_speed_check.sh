@@ -116,7 +116,7 @@ for s in ddp zero2; do
   fi
   part "strategy $s" 60 "$PY" benchmarks/strategies.py --strategy "$s" "${B[@]}" --json "$OUT/strategy_$s.json"
 done
-SP_TESTS=$(ls tests/distributed/test_sequence_parallel*.py 2>/dev/null | tr '\n' ' ')
+SP_TESTS=$(find tests/distributed -maxdepth 1 -name 'test_sequence_parallel*.py' 2>/dev/null | sort | tr '\n' ' ')
 if [[ $MODE == gpu && -n "$SP_TESTS" ]] && "$PY" -c "import pytest" 2>/dev/null; then
   # shellcheck disable=SC2086  # the list is meant to split
   part "sequence-parallel tests" 90 "$PY" -m pytest -q -x -p no:cacheprovider $SP_TESTS

@@ -264,14 +264,9 @@ class HFTextEncoder(nn.Module):
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
         """``encode([""])`` repeated ``batch_size`` times (cached per device and dtype while frozen)."""
-        key = (self.device, self.dtype)
-        null = self._null_cache.get(key) if self.frozen else None
-        if null is None:
-            with torch.no_grad():
-                null = self.encode([""])
-            if self.frozen:
-                self._null_cache[key] = null
-        return Conditioning(**{name: t.repeat(batch_size, *([1] * (t.ndim - 1))) for name, t in null.tensors().items()})
+        from models.text_encoder import cached_null_conditioning
+
+        return cached_null_conditioning(self, batch_size)
 
 
 # Settings of the published models: format, layer, final LayerNorm, whether the padding is masked, tokens.

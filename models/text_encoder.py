@@ -177,6 +177,20 @@ def _tokenizer_for(model: str, builtin: bool, context_length: int) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
+
+def cached_null_conditioning(encoder: Any, batch_size: int) -> Conditioning:
+    """``encoder.encode([""])`` repeated ``batch_size`` times, cached in ``encoder._null_cache`` per (device, dtype)
+    while ``encoder.frozen`` (every text encoder's ``null_conditioning``: OpenCLIP's and the Hugging Face ones)."""
+    key = (encoder.device, encoder.dtype)
+    null = encoder._null_cache.get(key) if encoder.frozen else None
+    if null is None:
+        with torch.no_grad():
+            null = encoder.encode([""])
+        if encoder.frozen:
+            encoder._null_cache[key] = null
+    return Conditioning(**{name: t.repeat(batch_size, *([1] * (t.ndim - 1))) for name, t in null.tensors().items()})
+
+
 class TextEncoder(OpenClipTower):
     """OpenCLIP text tower + tokenizer; ``encode(captions) -> Conditioning(context, context_mask, pooled)``.
 
@@ -328,11 +342,4 @@ class TextEncoder(OpenClipTower):
     def null_conditioning(self, batch_size: int) -> Conditioning:
         """The empty-prompt encoding ``encode([""])`` repeated ``batch_size`` times (the classifier-free-guidance
         unconditional input). Cached per device and dtype while the encoder is frozen."""
-        key = (self.device, self.dtype)
-        null = self._null_cache.get(key) if self.frozen else None
-        if null is None:
-            with torch.no_grad():
-                null = self.encode([""])
-            if self.frozen:
-                self._null_cache[key] = null
-        return Conditioning(**{name: t.repeat(batch_size, *([1] * (t.ndim - 1))) for name, t in null.tensors().items()})
+        return cached_null_conditioning(self, batch_size)

@@ -77,6 +77,7 @@ def test_two_ranks_give_the_one_process_outputs_and_gradients(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 4 processes / a whole `loom train` pair: make test-slow
 @pytest.mark.timeout(300)
 def test_four_ranks_and_two_by_two_give_the_one_process_outputs_and_gradients(tmp_path):
     reports = _reports(tmp_path, 4)
@@ -90,6 +91,7 @@ def test_four_ranks_and_two_by_two_give_the_one_process_outputs_and_gradients(tm
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # 4 processes / a whole `loom train` pair: make test-slow
 @pytest.mark.timeout(300)
 def test_loom_train_with_sequence_parallel_two_trains_like_one_process(demo_shards, tmp_path):
     steps = 4

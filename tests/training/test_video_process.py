@@ -192,9 +192,15 @@ def test_training_and_every_sampler_use_the_same_shifted_noise_levels():
     uniform = torch.rand((2,), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(drawn, shift_time(uniform, 2.0))
     seen = []
-    euler_flow_sample(lambda x, tt: seen.append(float(tt[0])) or torch.zeros_like(x), flow, noise, steps=4)
+    euler_flow_sample(lambda x, tt: seen.append(float(tt[0])) or torch.zeros_like(x), flow, noise, steps=4,
+                      flow_grid="linear")
     grid = shift_time(torch.linspace(1.0, 0.0, 5, dtype=torch.float64), 2.0)[:-1] * 1000.0
     assert seen == pytest.approx(grid.tolist(), rel=1e-6)
+    seen.clear()  # SD3's grid (the default): N times from 1 to its shifted sigma_min, under the same total shift
+    euler_flow_sample(lambda x, tt: seen.append(float(tt[0])) or torch.zeros_like(x), flow, noise, steps=4)
+    smallest = float(shift_time(torch.tensor(1e-3, dtype=torch.float64), 2.0))
+    sd3 = shift_time(torch.linspace(1.0, smallest, 4, dtype=torch.float64), 2.0) * 1000.0
+    assert seen == pytest.approx(sd3.tolist(), rel=1e-5)
 
 
 # ============================================================================ (b) EDM / SVD Euler sampler
