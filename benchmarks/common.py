@@ -44,3 +44,14 @@ def profiled(enabled: bool, label: str, cuda: bool, rows: int = 15) -> Iterator[
     if cuda:
         print(table.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
     print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+
+
+EPOCHS = 3  # epochs per timed loader run with worker processes (persistent: one start-up; restarted: one each)
+
+
+def loader_epoch(loader, restart: bool):
+    """One epoch of ``loader``; ``restart``: its worker processes are closed at the end (started again by the
+    next epoch, as the loader did before its workers were persistent)."""
+    yield from loader
+    if restart:
+        loader.close()

@@ -38,6 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import EPOCHS, loader_epoch  # noqa: E402  (benchmarks/common.py)
+
 from data_pipeline.data_config import DataConfig  # noqa: E402
 from data_pipeline.index import ShardIndex, ShardInfo, write_index  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
@@ -135,17 +137,6 @@ def bare_loop(paths: list[str], res: int, same_ops: bool = True) -> int:
                 assert x.shape == (3, res, res)
                 n += 1
     return n
-
-
-EPOCHS = 3  # epochs per timed loader run with worker processes (persistent: one start-up; restarted: one each)
-
-
-def loader_epoch(loader, restart: bool):
-    """One epoch of ``loader``; ``restart``: its worker processes are closed at the end (started again by the
-    next epoch, as the loader did before its workers were persistent)."""
-    yield from loader
-    if restart:
-        loader.close()
 
 
 def best_of(fns: dict, repeats: int) -> dict:

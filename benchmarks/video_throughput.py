@@ -39,6 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import EPOCHS, loader_epoch  # noqa: E402  (benchmarks/common.py)
+
 from data_pipeline.data_config import DataConfig, VideoConfig  # noqa: E402
 from data_pipeline.index import ShardIndex, ShardInfo, write_index  # noqa: E402
 from data_pipeline.loader import build_loader  # noqa: E402
@@ -127,17 +129,6 @@ def bare_loop(paths: list[str], num_frames: int, stride: int, res: int) -> int:
                     assert x.shape == (3, num_frames, res, res)
                     n += num_frames
     return n
-
-
-EPOCHS = 3  # epochs per timed loader run with worker processes (persistent: one start-up; restarted: one each)
-
-
-def loader_epoch(loader, restart: bool):
-    """One epoch of ``loader``; ``restart``: its worker processes are closed at the end (started again by the
-    next epoch, as the loader did before its workers were persistent)."""
-    yield from loader
-    if restart:
-        loader.close()
 
 
 def best_of(fns: dict, repeats: int) -> dict:
