@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -19,8 +22,8 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = None, scale: int = 1) -> Path:
-    """Save images in [-1, 1] as one PNG grid with 2-pixel white gutters (torchvision's ``make_grid``).
+def grid_image(images: Tensor, nrow: Optional[int] = None, scale: int = 1) -> "Image.Image":
+    """Images in [-1, 1] as one picture with 2-pixel white gutters (torchvision's ``make_grid``).
 
     ``(B, C, H, W)`` images go ``nrow`` to a row (default: a square-ish grid); ``(B, C, T, H, W)`` clips become a
     contact sheet, one clip per row with its frames left to right (``nrow`` is then the frame count). ``scale``
@@ -40,6 +43,13 @@ def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = Non
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: Optional[int] = None, scale: int = 1) -> Path:
+    """Save images in [-1, 1] as one PNG grid (:func:`grid_image`: images ``nrow`` to a row, or clips as a contact
+    sheet, one clip per row)."""
+    img = grid_image(images, nrow, scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
@@ -65,29 +75,33 @@ def save_clip_mp4(clip: Tensor, path: str | os.PathLike, fps: float = 8.0, crf: 
     return path
 
 
+def animation_frames(clips: Tensor, nrow: Optional[int] = None, scale: int = 1) -> list["Image.Image"]:
+    """Clips ``(B, C, T, H, W)`` in [-1, 1] as T pictures: picture t is the grid of every clip's frame t, ``nrow``
+    clips to a row (default: a square-ish grid)."""
+    if clips.ndim != 5:
+        raise ValueError(f"animation: expected clips (B, C, T, H, W), got {tuple(clips.shape)}")
+    b = clips.shape[0]
+    nrow = nrow or math.ceil(math.sqrt(b))
+    return [grid_image(clips[:, :, i], nrow, scale) for i in range(clips.shape[2])]
+
+
+def write_animation(frames: Sequence, out: str | os.PathLike | BinaryIO, fps: float, fmt: Optional[str] = None) -> None:
+    """Write pictures as one looping animation to a path (format by the suffix: GIF or WebP) or a binary file
+    object (``fmt`` names the format)."""
+    fmt = fmt or Path(out).suffix.lstrip(".").upper()
+    lossless = {"lossless": True} if fmt.upper() == "WEBP" else {}
+    frames[0].save(out, format=fmt, save_all=True, append_images=list(frames[1:]), duration=round(1000 / fps),
+                   loop=0, **lossless)
+
+
 def save_clip_grid_animation(clips: Tensor, path: str | os.PathLike, fps: float = 8.0, nrow: Optional[int] = None,
                              scale: int = 1) -> Path:
     """Save clips ``(B, C, T, H, W)`` in [-1, 1] as one animated grid (GIF, or WebP by the suffix): frame t of the
     animation is the grid of every clip's frame t, ``nrow`` clips to a row, looping."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    if clips.ndim != 5:
-        raise ValueError(f"save_clip_grid_animation: expected clips (B, C, T, H, W), got {tuple(clips.shape)}")
-    b, _, t, _, _ = clips.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    frames = []
-    for i in range(t):
-        pixels = torch.from_numpy(to_uint8(clips[:, :, i])).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
-        grid = make_grid(pixels, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
-        img = Image.fromarray(grid)
-        if scale > 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        frames.append(img)
+    frames = animation_frames(clips, nrow, scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
-                   **({"lossless": True} if path.suffix.lower() == ".webp" else {}))
+    write_animation(frames, path, fps)
     return path
 
 
@@ -95,6 +109,19 @@ def psnr(reconstruction: Tensor, target: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), averaged over the batch."""
     mse = ((reconstruction.float().clamp(-1, 1) - target.float()) ** 2).flatten(1).mean(1)  # (B,)
     return float((10 * torch.log10(4.0 / mse.clamp_min(1e-12))).mean())
+
+
+def temporal_flicker(reconstruction: Tensor, target: Tensor) -> float:
+    """Flicker of reconstructed clips ``(B, C, T, H, W)`` in [-1, 1] (T >= 2): the mean absolute difference between
+    their frame-to-frame changes and the originals' (``|(r[t+1] - r[t]) - (x[t+1] - x[t])|`` averaged over every
+    pixel, channel and frame pair), in the [-1, 1] pixel scale. 0 when the reconstruction changes from frame to frame
+    exactly as the clip does; errors that differ from frame to frame (a per-frame autoencoder's) raise it, a
+    constant error does not."""
+    if reconstruction.ndim != 5 or reconstruction.shape != target.shape or reconstruction.shape[2] < 2:
+        raise ValueError(f"temporal_flicker: expected two batches of clips (B, C, T, H, W) of one shape with T >= 2, "
+                         f"got {tuple(reconstruction.shape)} and {tuple(target.shape)}")
+    r, x = reconstruction.float().clamp(-1, 1), target.float()
+    return float(((r[:, :, 1:] - r[:, :, :-1]) - (x[:, :, 1:] - x[:, :, :-1])).abs().mean())
 
 
 class DigitClassifier:

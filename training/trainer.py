@@ -790,6 +790,15 @@ class Trainer:
             tracker.finish()          # of a pipeline (and the caller's collectives) still need
         return result
 
+    def _log_media(self, step: int) -> None:
+        """The stage's validation pictures and clips into TensorBoard (when this process logs to it)."""
+        media = self.stage.take_media()
+        writer = next((t.tracker for t in self.accelerator.trackers if t.name == "tensorboard"), None)
+        if media and writer is not None:
+            from training.tensorboard_media import log_media
+
+            log_media(writer, media, step)
+
     def _validate(self, model: nn.Module, ema: Optional[EMA], step: int, result: TrainResult) -> None:
         eval_model = self.eval_model(model, ema)  # collective: ZeRO-3 / FSDP gather here, on every rank
         self._validate_copy(eval_model, step, result)
@@ -802,6 +811,7 @@ class Trainer:
         if eval_model is not None:
             with torch.no_grad():
                 metrics = self.stage.validate(eval_model, step, self.run_dir / "validation")
+            self._log_media(step)
             if metrics:
                 acc.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
                 result.metrics.update({f"val/{k}": v for k, v in metrics.items()})

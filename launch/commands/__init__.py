@@ -19,6 +19,7 @@ COMMAND_HELP: dict[str, str] = {  # command (= its module under launch/commands)
     "data": "stream a few batches and print what the pipeline will do",
     "train": "train the configured stages (autoencoder, cache, diffusion, lora, dpo), report",
     "sample": "draw images from a trained run for prompts into a PNG grid",
+    "export": "write a run as a diffusers folder or an original single file, or a LoRA in diffusers/kohya layout",
 }
 
 

@@ -46,6 +46,15 @@ class Stage(abc.ABC):
         the EMA weights. Returns scalars to log."""
         return {}
 
+    def keep_media(self, tag: str, pictures: Tensor, fps: float = 8.0) -> None:
+        """Hand images ``(B, C, H, W)`` or clips ``(B, C, T, H, W)`` in [-1, 1] drawn in :meth:`validate` to the
+        trainer, which writes them to TensorBoard at this validation's step (:mod:`training.tensorboard_media`)."""
+        self.__dict__.setdefault("_media", {})[tag] = (pictures.detach().float().cpu(), float(fps))
+
+    def take_media(self) -> dict[str, tuple[Tensor, float]]:
+        """The pictures kept since the last call (tag → ``(pictures, fps)``), forgotten here."""
+        return self.__dict__.pop("_media", {})
+
     def export(self, model: nn.Module, out_dir: Path) -> Optional[Path]:
         """Write the trained weights (safetensors + their config) under ``out_dir``; return the weights' path."""
         return None
