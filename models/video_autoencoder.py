@@ -89,6 +89,9 @@ class TemporalAutoencoderConfig:
     norm_eps: float = 1e-6  # GroupNorm epsilon of the spatial layers
     temporal_norm_eps: float = 1e-5  # GroupNorm epsilon of the temporal ResBlocks
     merge_factor: float = 0.0  # initial mix logit m: output = (1 - sigmoid(m)) * spatial + sigmoid(m) * temporal
+    # a 1×1 conv on z before the decoder, per frame: SVD has none; an image autoencoder with one (ours, SD's)
+    # keeps it when the autoencoder stage starts this model from it (inflate_from), so decoding starts exact
+    use_post_quant_conv: bool = False
     scaling_factor: float = 0.18215  # latents seen by the denoiser are (z - shift_factor) * scaling_factor
     shift_factor: float = 0.0  # see scaling_factor
     gradient_checkpointing: bool = False  # recompute ResBlock/attention activations in backward
@@ -245,6 +248,7 @@ class TemporalDecoderAutoencoder(LatentAutoencoder, nn.Module):
         cz = self.config.latent_channels
         self.encoder = Encoder(self.config.encoder_config())
         self.quant_conv = nn.Conv2d(2 * cz, 2 * cz, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(cz, cz, kernel_size=1) if self.config.use_post_quant_conv else None
         self.decoder = TemporalDecoder(self.config)
 
     @property
@@ -273,9 +277,11 @@ class TemporalDecoderAutoencoder(LatentAutoencoder, nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Raw latents ``(B, Cz, T, h, w)`` → pixels ``(B, Cout, T, H, W)``; ``(B, Cz, h, w)`` → one frame, 4-D."""
         if z.ndim == 4:
-            return self.decoder(z[:, :, None])[:, :, 0]  # (B, Cout, H, W)
+            return self.decode(z[:, :, None])[:, :, 0]  # (B, Cout, H, W)
         if z.ndim != 5:
             raise ValueError(f"decode takes (B, C, h, w) or (B, C, T, h, w) latents; got shape {tuple(z.shape)}")
+        if self.post_quant_conv is not None:
+            z = unfold_frames(self.post_quant_conv(fold_frames(z)), z.shape[2])  # (B, Cz, T, h, w)
         return self.decoder(z)
 
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import nn
 
 from data_pipeline.data_config import DataConfig
 from data_pipeline.loader import build_loader
-from models.autoencoder import AutoencoderConfig, AutoencoderKL
+from models.autoencoder import AutoencoderKL
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from training.config_io import from_dict
 from training.inference import Inference, denoiser_weights, load_denoiser_weights
 from training.run_config import RunConfig
 from training.sampling import SamplingConfig
 from training.sharding import wait_for_main_process
+from training.stages.autoencoder import load_exported_autoencoder
 from training.stages.cache import (
     cache_data_config,
     cache_dir,
@@ -35,7 +35,6 @@ from training.stages.cache import (
     reuse_or_build,
 )
 from training.stages.diffusion import DiffusionStage
-from training.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +79,13 @@ def exported_autoencoder_path(run_dir: Path) -> Path:
     return run_dir / "autoencoder" / "export" / "model.safetensors"
 
 
-def load_autoencoder(weights: str | Path) -> AutoencoderKL:
-    """An exported autoencoder: ``model.safetensors`` with its config ``model.json`` beside it."""
-    weights = Path(weights)
-    config_file = weights.with_suffix(".json")
-    if not config_file.exists():
-        raise FileNotFoundError(f"autoencoder weights {weights}: its config {config_file.name} is missing beside it")
-    config = from_dict(AutoencoderConfig, json.loads(config_file.read_text()))
-    model = AutoencoderKL(config)
-    load_weights(model, weights)
-    return model.eval().requires_grad_(False)
+def load_autoencoder(weights: str | Path) -> nn.Module:
+    """An exported autoencoder, frozen in eval mode: ``model.safetensors`` with its config ``model.json`` beside it,
+    rebuilt through the model registry as the architecture the json records (``autoencoder-kl`` when it records
+    none: exports made before video autoencoders), e.g. :class:`~models.autoencoder.AutoencoderKL`,
+    :class:`~models.video_autoencoder.TemporalDecoderAutoencoder` or
+    :class:`~models.video_autoencoder.CausalAutoencoder3D`."""
+    return load_exported_autoencoder(weights).eval().requires_grad_(False)
 
 
 def first_batches(data: DataConfig, n_samples: int, batch_size: int) -> list[Any]:
@@ -114,7 +110,9 @@ def with_batch(data: DataConfig, batch_size: Optional[int]) -> DataConfig:
     return data if batch_size is None else dataclasses.replace(data, batch_size=batch_size)
 
 
-def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL]:
+def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[nn.Module]:
+    """The frozen autoencoder of the denoising stages (any registered autoencoder architecture), None for a
+    pixel-space denoiser."""
     if cfg.diffusion.latents == "pixels":
         return None
     weights = cfg.diffusion.autoencoder_weights
@@ -124,7 +122,9 @@ def resolve_autoencoder(cfg: RunConfig, run_dir: Path) -> Optional[AutoencoderKL
             f"diffusion.autoencoder_weights={weights!r}: {path} does not exist; run the autoencoder stage first "
             "(pipeline: [autoencoder, cache, diffusion]) or point autoencoder_weights at an exported autoencoder"
         )
-    return load_autoencoder(path)
+    from training.pretrained import load_autoencoder_any  # also a diffusers VAE folder or an original single file
+
+    return load_autoencoder_any(path)
 
 
 def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
@@ -134,7 +134,9 @@ def encoder_signature(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.diffusion.latents != "pixels":
         weights = cfg.diffusion.autoencoder_weights
         path = exported_autoencoder_path(run_dir) if weights == "auto" else Path(weights)
-        ae = file_identity(path) if path.exists() else str(path)
+        from training.pretrained import autoencoder_weights_file
+
+        ae = file_identity(autoencoder_weights_file(path)) if path.exists() else str(path)
     return {"autoencoder": ae, "text_encoder": dataclasses.asdict(cfg.diffusion.text_encoder), "seed": cfg.run.seed}
 
 
@@ -170,6 +172,8 @@ def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
         if not export.exists():
             raise FileNotFoundError(f"fine-tuning needs the diffusion stage's export {export}; it is missing")
         return str(export)
+    if not cfg.diffusion.weights and cfg.diffusion.pretrained:
+        return cfg.diffusion.pretrained  # the checkpoint's own denoiser (training.pretrained)
     if not cfg.diffusion.weights:
         raise FileNotFoundError("fine-tuning (lora/dpo) needs base denoiser weights: set diffusion.weights to an "
                                 "exported model.safetensors (e.g. runs/quickstart/diffusion/export/model.safetensors)")
@@ -180,7 +184,10 @@ def finetune_base_weights(cfg: RunConfig, run_dir: Path) -> str:
 
 def frozen_parts(cfg: RunConfig, run_dir: Path) -> tuple[TextEncoder, Optional[AutoencoderKL]]:
     """The frozen text encoder and autoencoder (None for a pixel-space denoiser) of the denoising stages."""
-    return build_text_encoder(cfg.diffusion.text_encoder, run_dir, cfg.run.seed), resolve_autoencoder(cfg, run_dir)
+    from training.pretrained import class_label_encoder  # a class-conditional DiT reads class ids, not text
+
+    text = class_label_encoder(cfg.diffusion) or build_text_encoder(cfg.diffusion.text_encoder, run_dir, cfg.run.seed)
+    return text, resolve_autoencoder(cfg, run_dir)
 
 
 def lora_stage(cfg: RunConfig, run_dir: Path, with_validation_data: bool = True) -> tuple[Any, DataConfig]:
@@ -279,7 +286,8 @@ def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str 
     st = cfg.diffusion
     text_encoder, autoencoder = frozen_parts(cfg, run_dir)
     micro = micro_fourier_dim(st.model_config) if st.micro_conditioning else None
-    pipe = Inference(build_denoiser(dataclasses.replace(st, weights=None)), build_process(st.process), text_encoder,
+    pipe = Inference(build_denoiser(dataclasses.replace(st, weights=None, pretrained=None)), build_process(st.process),
+                     text_encoder,
                      autoencoder, sampling or st.sampling, (cfg.data.resolution, cfg.data.resolution), micro)
     load_denoiser_weights(pipe.denoiser, path, is_ema)
     if adapters:

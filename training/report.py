@@ -39,7 +39,7 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
     grid = save_grid(torch.cat([x[:16], recon[:16]]), run_dir / "report" / "reconstructions.png", nrow=16, scale=3)
     lines += ["## Autoencoder", "",
               f"Reconstruction PSNR on the {len(x)} validation images: **{value:.2f} dB** "
-              f"(latent {ae.config.latent_channels}×{x.shape[-1] // ae.config.downsample_factor}², "
+              f"(latent {ae.config.latent_channels}×{x.shape[-1] // ae.spatial_factor}², "
               f"scaling factor {ae.config.scaling_factor:.4f}).", "",
               f"![reconstructions (top: input, bottom: reconstruction)]({grid.relative_to(run_dir)})", ""]
 

@@ -85,6 +85,12 @@ class RunConfig:
             raise ValueError("pipeline: has 'cache' but diffusion.latents is not 'cache'; the cache would go unused")
         if self.parallel.sequence_parallel > 1 and {"diffusion", "lora", "dpo"} & set(self.pipeline):
             check_model_config(self.diffusion.model_config, self.parallel.sequence_parallel)
+        if "autoencoder" in self.pipeline:  # a causal video autoencoder keeps 1 + r·k frames of a clip
+            from data_pipeline.worker import clip_frames
+
+            for key, data in (("data", self.data), ("val_data", self.val_data)):
+                where = "buckets.frames" if data.buckets.frames else "video.num_frames"
+                self.autoencoder.check_clip_lengths(clip_frames(data), f"{key}.{where}")
         if "dpo" in self.pipeline and not self.dpo.data.source_list():
             raise ValueError("pipeline: has 'dpo' but dpo.data.urls is empty; point it at preference shards "
                              "(loom shards pairs input=pairs.jsonl output_dir=...)")

@@ -43,7 +43,7 @@ from training.config_io import save_config, to_yaml
 from training.run_config import RunConfig
 from training.sequence_parallel import data_parallel_position
 from training.sharding import wait_for_main_process
-from training.stages.autoencoder import AutoencoderStage
+from training.stages.autoencoder import AutoencoderStage, validation_pixels
 from training.stages.cache import cache_dir, cache_shards, data_signature, reuse_or_build
 from training.trainer import Trainer
 
@@ -55,7 +55,7 @@ def run_autoencoder(cfg: RunConfig, run_dir: Path, config_yaml: str) -> Path:
     rank, world = distributed_position()
     val_pixels = None
     if cfg.val_data.source_list():
-        val_pixels = torch.cat([b.pixels for b in first_batches(cfg.val_data, 256, 64)])[:256]
+        val_pixels = validation_pixels(first_batches(cfg.val_data, 256, 64), 256)
     torch.manual_seed(cfg.run.seed)
     stage = AutoencoderStage(st, val_pixels)
     data = with_batch(cfg.data, st.batch_size)

@@ -17,7 +17,6 @@ the posterior moments, twice the latent channels, at ``cache.dtype``) and what e
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,16 +34,15 @@ from training.run_config import RunConfig
 def _autoencoder_config(cfg: RunConfig):
     """The autoencoder config the denoising stages will use, and where it comes from: the exported weights' json
     (``diffusion.autoencoder_weights``) when it exists, else the autoencoder stage's ``model`` (to be trained)."""
-    from models.autoencoder import AutoencoderConfig
     from training.builders import exported_autoencoder_path
-    from training.config_io import from_dict
+    from training.stages.autoencoder import read_autoencoder_export
 
     weights = cfg.diffusion.autoencoder_weights
     path = exported_autoencoder_path(cfg.run.directory) if weights == "auto" else Path(weights)
     config_file = path.with_suffix(".json")
     if config_file.exists():
-        return from_dict(AutoencoderConfig, json.loads(config_file.read_text())), str(config_file)
-    return cfg.autoencoder.model, "autoencoder.model (not exported yet)"
+        return read_autoencoder_export(path)[1], str(config_file)
+    return cfg.autoencoder.model_config, "autoencoder.model (not exported yet)"
 
 
 def _encoder_gflop_per_frame(ae_cfg, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
@@ -53,12 +51,12 @@ def _encoder_gflop_per_frame(ae_cfg, sizes: list[tuple[int, int]]) -> dict[tuple
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.autoencoder import AutoencoderKL
+    from models.registry import build_model
 
     out = {}
     try:
         with torch.device("meta"):
-            ae = AutoencoderKL(ae_cfg)
+            ae = build_model(ae_cfg)
         for h, w in sizes:
             with FlopCounterMode(display=False) as counter:
                 ae.encode(torch.zeros(1, ae_cfg.in_channels, h, w, device="meta"))

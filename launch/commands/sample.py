@@ -9,6 +9,8 @@
     loom sample run_dir=runs/video prompts='["a handwritten digit three moving left"]' num_frames=9 fps=8  # clips
     loom sample run_dir=runs/quickstart-video image=first.png prompts='["a handwritten digit three moving up"]' \
         num_frames=5                                # image-to-video: the clips start from first.png
+    loom sample pretrained=path/to/stable-diffusion-folder prompts='["a photo of a cat"]' output=cat.png
+                                                    # straight from a checkpoint (training.pretrained), no run
 
 The architecture, text encoder and autoencoder come from the run's ``config.yaml``; ``weights`` picks the exported
 EMA weights (``export``), the latest checkpoint's EMA (``latest``), or any ``.safetensors`` file. ``lora`` attaches
@@ -38,6 +40,11 @@ class SampleCommandConfig:
     """What to draw, from which run."""
 
     run_dir: str = "runs/quickstart"  # a training run directory (holds config.yaml and the diffusion stage)
+    # instead of a run: a checkpoint (diffusers pipeline folder, original SD single file, DiT .pt); output is then
+    # relative to the working directory, and image size, sampler and process come from its files
+    pretrained: Optional[str] = None
+    # with pretrained: more diffusion-stage settings, e.g. {text_encoder: {format: hf-clip, pretrained: FOLDER}}
+    diffusion: dict[str, Any] = field(default_factory=dict)
     weights: str = "export"  # export (EMA export of the finished stage) | latest (EMA of the last checkpoint) | path
     prompts: list[str] = field(default_factory=lambda: ["a handwritten digit seven"])  # one grid row each
     num_per_prompt: int = 4  # images per prompt (grid columns)
@@ -89,6 +96,14 @@ def _adapter_specs(cfg: SampleCommandConfig) -> list:
 
 
 def plan(cfg: SampleCommandConfig) -> str:
+    if cfg.pretrained:
+        from training.pretrained import read_pretrained
+
+        try:
+            what = read_pretrained(cfg.pretrained).describe()
+        except (FileNotFoundError, ValueError) as e:
+            what = f"none ({e})"
+        return f"checkpoint: {what}\nprompts: {len(cfg.prompts)} x {cfg.num_per_prompt}\noutput: {cfg.output}"
     try:
         path: Any = _weights_path(cfg)[0]
     except FileNotFoundError as e:
@@ -128,8 +143,13 @@ def run(cfg: SampleCommandConfig) -> int:
     from training.evaluation import save_clip_grid_animation, save_clip_mp4, save_grid
 
     try:
-        pipe = open_run(cfg.run_dir, weights=cfg.weights, device=cfg.device, sampling=cfg.sampling,
-                        adapters=cfg.lora, merge_adapters=cfg.lora_merge)
+        if cfg.pretrained:
+            from training.pretrained import open_pretrained
+
+            pipe = open_pretrained(cfg.pretrained, device=cfg.device, sampling=cfg.sampling, diffusion=cfg.diffusion)
+        else:
+            pipe = open_run(cfg.run_dir, weights=cfg.weights, device=cfg.device, sampling=cfg.sampling,
+                            adapters=cfg.lora, merge_adapters=cfg.lora_merge)
     except (FileNotFoundError, ValueError) as e:
         print(f"loom sample: {e}", file=sys.stderr)
         return 1
@@ -159,7 +179,8 @@ def run(cfg: SampleCommandConfig) -> int:
             return 2
     else:
         images = pipe.generate(prompts, height=height, width=width, num_frames=cfg.num_frames)
-    out = save_grid(images, Path(cfg.run_dir) / cfg.output, nrow=cfg.num_per_prompt, scale=2)
+    out = save_grid(images, Path(cfg.output if cfg.pretrained else Path(cfg.run_dir) / cfg.output),
+                    nrow=cfg.num_per_prompt, scale=2)
     if cfg.num_frames is None:
         print(f"wrote {len(images)} images ({images.shape[-2]}x{images.shape[-1]}) to {out}")
         return 0

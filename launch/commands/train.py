@@ -21,8 +21,16 @@ def plan(cfg: RunConfig) -> str:
                  f"batch {cfg.data.batch_size} per rank")
     if "autoencoder" in cfg.pipeline:
         a = cfg.autoencoder
-        lines.append(f"autoencoder: {len(a.model.block_out_channels)} levels {a.model.block_out_channels} "
-                     f"(f={a.model.downsample_factor}, {a.model.latent_channels} latent channels), "
+        try:
+            m = a.model_config  # with inflate_from: read from the image autoencoder's model.json
+            time_f = f", {m.temporal_factor}x in time" if m.temporal_factor > 1 else ""
+            what = (f"{len(m.block_out_channels)} levels {m.block_out_channels} (f={m.spatial_factor}{time_f}, "
+                    f"{m.latent_channels} latent channels)")
+        except FileNotFoundError:
+            what = f"from {a.inflate_from} (not there yet)"
+        video = "" if a.architecture_name == "autoencoder-kl" else f"{a.architecture_name} "
+        lines.append(f"autoencoder: {video}{what}{', inflated' if a.inflate_from else ''}"
+                     f"{'' if a.train_encoder else ', decoder only'}, "
                      f"{a.train.max_steps} steps, lr {a.train.optim.lr}, kl_weight {a.kl_weight}")
     if "cache" in cfg.pipeline:
         lines.append(f"cache: latents + text embeddings into {cfg.run.directory / cfg.cache.output} "

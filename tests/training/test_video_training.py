@@ -4,6 +4,7 @@ sample` animates a given first frame into mp4 clips."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline.demo import write_split_set
 from data_pipeline.moving_digits import CRF, clip_samples
@@ -81,8 +83,13 @@ def test_video_run_reports_motion_and_image_to_video(video_run):
     assert sheet.width > 4 * sheet.height / 40  # 40 rows of 5-frame clips: wider than one frame per row
     assert (video_run / "report" / "image_to_video.png").exists()
     assert "Image-to-video" in (video_run / "report.md").read_text()
-    # validation during training wrote clips too
+    # validation during training wrote clips too, and put them in TensorBoard as an animated grid
     assert list((video_run / "diffusion" / "validation").glob("*.mp4"))
+    logged = EventAccumulator(str(video_run / "diffusion" / "logs" / "diffusion"), size_guidance={"images": 0})
+    logged.Reload()
+    clip_events = logged.Images("validation/samples")
+    assert [e.step for e in clip_events] == [3]
+    assert Image.open(io.BytesIO(clip_events[0].encoded_image_string)).n_frames == 5
     exported = json.loads((video_run / "diffusion" / "export" / "model.json").read_text())
     assert exported["concat_image_latents"] and exported["attention_layout"] == "full"
     assert exported["frame_position"] == "embedding" and exported["frame_embedding"] and exported["depth"] == 1

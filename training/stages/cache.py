@@ -4,8 +4,9 @@ Pre-training then streams these instead of running the frozen autoencoder and te
 sample keeps its caption and json and adds, as ``.npy`` members (never pickles):
 
 * ``latent.npy`` — the autoencoder posterior's moments, mean ‖ log-variance along channels ``(2C, h, w)`` for an
-  image, ``(2C, T', h, w)`` for a clip (the per-frame autoencoder keeps every frame: ``T' = T``), so the diffusion
-  stage draws a fresh latent sample every time it sees the sample (as training on pixels would);
+  image, ``(2C, T', h, w)`` for a clip (the per-frame and temporal-decoder autoencoders keep every frame: ``T' = T``;
+  a causal 3-D one with temporal factor r: ``T' = 1 + (T-1)/r``), so the diffusion stage draws a fresh latent sample
+  every time it sees the sample (as training on pixels would);
 * ``context.npy`` ``(L, D)``, ``context_mask.npy`` ``(L,)`` and ``pooled.npy`` ``(P,)`` — the text encoding.
 
 Shards go to ``<run>/cache/<prefix>-NNNNNN.tar`` with a shard index, written by the same atomic writer as

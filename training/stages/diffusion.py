@@ -49,6 +49,10 @@ class DiffusionStageConfig:
     # own config class (so a preset inheriting another's denoiser section may switch the denoiser)
     model: dict[str, dict[str, Any]] = field(default_factory=dict)
     weights: Optional[str] = None  # initial denoiser weights (.safetensors; ours, diffusers' or LDM names)
+    # a published checkpoint the stage starts from: a diffusers pipeline folder, an original SD .safetensors/.ckpt
+    # or a DiT/PixArt .pt/.pth; it fills the denoiser, text encoder, autoencoder and process settings from what its
+    # files say; a contradicting setting is an error (training.pretrained: the rule); `weights` replaces its denoiser
+    pretrained: Optional[str] = None
     # an exported image denoiser (model.safetensors, its model.json beside) the video denoiser is inflated from:
     # spatial weights copied, new temporal layers silent at start (VideoLDM / SVD); exclusive with `weights`
     inflate_from: Optional[str] = None
@@ -87,6 +91,10 @@ class DiffusionStageConfig:
                              "starts a video denoiser from image weights; weights continue a video denoiser)")
         if not self.validation_fps > 0:
             raise ValueError(f"validation_fps: {self.validation_fps} must be > 0")
+        if self.pretrained:
+            from training.pretrained import apply_pretrained
+
+            apply_pretrained(self)  # fills denoiser, model, process, text_encoder, autoencoder_weights, sampling
         configs = {name.lower(): denoiser_config(name, overrides, f"model.{name}")
                    for name, overrides in self.model.items()}
         active = configs.get(self.denoiser.lower())
@@ -130,13 +138,17 @@ def denoiser_config(name: str, overrides: Mapping[str, Any], key: str) -> Any:
 
 
 def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
-    """The denoiser ``cfg`` describes, built through the model registry, with ``cfg.weights`` loaded if set, or
-    inflated from the image denoiser ``cfg.inflate_from``."""
+    """The denoiser ``cfg`` describes, built through the model registry, with ``cfg.weights`` loaded if set (else
+    the ``cfg.pretrained`` checkpoint's), or inflated from the image denoiser ``cfg.inflate_from``."""
     if cfg.inflate_from:
         return inflate_denoiser(cfg.model_config, cfg.inflate_from)
     model = build_model(cfg.model_config)
-    if cfg.weights:
+    if cfg.weights and cfg.weights != cfg.pretrained:
         load_weights(model, cfg.weights)
+    elif cfg.pretrained:
+        from training.pretrained import load_pretrained_denoiser
+
+        load_pretrained_denoiser(model, cfg.pretrained)
     return model
 
 
@@ -232,7 +244,10 @@ class DenoisingObjective(StagePart):
         logs = {"dropped_fraction": dropped.float().mean()}  # on the device: read at the log line
         if stage.image_conditioned:  # image-to-video: the first frame, nulled on its own draw
             cond.image_latents = stage.first_frame_latents(x0, noise=stage.cfg.image_noise)
-            cond, image_dropped = drop_conditioning(cond, None, stage.cfg.image_dropout, groups=("image",))
+            # an image (a one-frame clip of joint image+video training) is never its own conditioning: the answer
+            # would be in the input; it trains the text-to-image path of the one model
+            p_image = 1.0 if x0.shape[2] == 1 else stage.cfg.image_dropout
+            cond, image_dropped = drop_conditioning(cond, None, p_image, groups=("image",))
             logs["image_dropped_fraction"] = image_dropped.float().mean()
         terms = stage.process.training_loss_terms(x0)
         out = model(terms.x_t, terms.timesteps, cond)  # shaped like x0
@@ -414,6 +429,7 @@ class DiffusionStage(Stage):
         cfg = self.cfg
         samples = self.inference(model).generate(list(cfg.validation_prompts), num_frames=cfg.validation_num_frames)
         sheet = save_grid(samples, out_dir / f"samples_{step:08d}.png", nrow=len(samples), scale=2)
+        self.keep_media("validation/samples", samples, fps=cfg.validation_fps)  # TensorBoard: a grid or clips
         if samples.ndim == 5:  # (B, C, T, H, W)
             for i, clip in enumerate(samples):
                 save_clip_mp4(clip, sheet.with_name(f"{sheet.stem}-p{i}.mp4"), fps=cfg.validation_fps)
