@@ -27,7 +27,8 @@ from models.conditioning import Conditioning, trim_together
 from models.embeddings import micro_vector
 from training.sampling import SamplingConfig, sample_latents
 
-WEIGHTS_CHOICES = "export (the finished stage's EMA export) | latest (EMA of the last checkpoint) | a weights file"
+WEIGHTS_CHOICES = ("export (the finished stage's EMA export) | latest (EMA of the last checkpoint) | a checkpoint "
+                   "directory (its EMA) | a weights file")
 
 
 @dataclass
@@ -156,6 +157,8 @@ def denoiser_weights(run_dir: str | Path, weights: str = "export", stage: str = 
         if ckpt is None:
             raise FileNotFoundError(f"weights=latest: no checkpoint under {stage_dir / 'checkpoints'}")
         return ckpt / "ema.safetensors", True
+    if Path(weights).is_dir() and (Path(weights) / "ema.safetensors").exists():  # a checkpoint: its EMA weights
+        return Path(weights) / "ema.safetensors", True
     return Path(weights), False
 
 

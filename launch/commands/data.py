@@ -93,10 +93,17 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
         rows = [((res, res), B)]  # image buckets share the budget res^2: the square one stands for them all
     ae_cfg, where = _autoencoder_config(cfg)
     f, C = ae_cfg.spatial_factor, ae_cfg.latent_channels
+    r = getattr(ae_cfg, "temporal_factor", 1)  # a causal 3-D autoencoder: 1 + (T-1)/r latent frames
+
+    def latent_frames(t: int) -> int:
+        return 1 + (t - 1) // r
+
     item = 2 if cfg.cache.dtype == "float16" else 4
     gflop = _encoder_gflop_per_frame(ae_cfg, sorted({s[-2:] for s, _ in rows}))
+    time_note = ("every frame encoded on its own (T' = T)" if r == 1
+                 else f"{r}x fewer frames, causally (T' = 1 + (T-1)/{r})")
     lines = [f"latents (diffusion.latents={mode}): autoencoder from {where}: {C} latent channels, {f}x smaller "
-             "per side, every frame encoded on its own (T' = T)"]
+             f"per side, {time_note}"]
     for shape, n in rows:
         t = shape[0] if len(shape) == 3 else None
         frames = t or 1
@@ -105,8 +112,10 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
         except ValueError as e:
             lines.append(f"  {bucket_name(shape)}: {e}")
             continue
+        if t is not None and r > 1:
+            lat = (lat[0], latent_frames(t), *lat[2:])
         moments = (2 * C, *lat[1:])
-        per = 2 * C * frames * (shape[-2] // f) * (shape[-1] // f) * item
+        per = 2 * C * latent_frames(frames) * (shape[-2] // f) * (shape[-1] // f) * item
         cost = gflop.get(shape[-2:])
         enc = f", ~{cost * frames * n:,.0f} GFLOP" if cost is not None else ""
         what = "clip" if t and t > 1 else "image"  # a one-frame bucket holds the images of a video run
@@ -115,7 +124,8 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
                      f"{frames * n} frame(s) through the encoder per step{enc}")
     total = sum(s.total or 0 for s in loader.sources)
     if mode == "cache":
-        biggest = max((2 * C * (s[0] if len(s) == 3 else 1) * (s[-2] // f) * (s[-1] // f) * item for s, _ in rows),
+        biggest = max((2 * C * latent_frames(s[0] if len(s) == 3 else 1) * (s[-2] // f) * (s[-1] // f) * item
+                       for s, _ in rows),
                       default=0)
         disk = f", at most {_size(biggest * total)} for {total:,} samples" if total else ""
         lines.append(f"  mode cache: the cache stage encodes every sample once (one pass) into {cfg.cache.output}/"

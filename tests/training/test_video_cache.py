@@ -104,3 +104,17 @@ def test_loom_data_says_what_cache_and_encode_will_do(shards, tmp_path, capsys):
     assert cli.main(common + ["diffusion.latents=encode"]) == 0
     out = capsys.readouterr().out
     assert "mode encode: no cache on disk" in out
+
+
+def test_loom_data_plan_counts_causal_latent_frames(shards, tmp_path, capsys):
+    """A causal 3-D autoencoder compresses time: the plan's latent and cache sizes count 1 + (T-1)/4 frames."""
+    cli = pytest.importorskip("launch.cli")
+    args = ["data", f"data.urls={shards}", "data.image_keys=[mp4,png]", "data.resolution=16", "data.batch_size=2",
+            "data.buckets.frames=[9,5]", "data.num_workers=0", "autoencoder.architecture=autoencoder-causal-3d",
+            "diffusion.latents=cache", "cache.dtype=float16", f"run.output_dir={tmp_path}", "--dry-run"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "T' = 1 + (T-1)/4" in out
+    assert "9x16x16 (batch 2): latent (16, 3, 2, 2) per clip" in out  # 9 frames -> 3 latent frames, 8x per side
+    assert "latent.npy (32, 3, 2, 2) float16 = 768 B per clip" in out  # 2 * 16 * 3 * 2 * 2 * 2 bytes
+    assert "5x16x16 (batch 3): latent (16, 2, 2, 2) per clip" in out

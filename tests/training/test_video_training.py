@@ -137,3 +137,16 @@ def test_inflate_from_errors(image_base, tmp_path):
     with pytest.raises(ValueError, match="hidden_size=64"):
         run_pipeline(_video_config(image_base, tmp_path, "diffusion.model.dit.hidden_size=64",
                                    "pipeline=[diffusion]", "diffusion.latents=encode", "run.name=wide"))
+
+
+def test_checkpoint_directory_as_weights(video_run):
+    """`weights=<checkpoint dir>` opens that checkpoint's EMA weights (the same as `latest` for the last one), for
+    reading a run's learning curve checkpoint by checkpoint."""
+    from training.builders import open_run
+    from training.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(video_run / "diffusion")
+    by_dir = open_run(video_run, weights=str(ckpt), device="cpu").denoiser.state_dict()
+    latest = open_run(video_run, weights="latest", device="cpu").denoiser.state_dict()
+    assert by_dir.keys() == latest.keys()
+    assert all(torch.equal(by_dir[k], latest[k]) for k in by_dir)
