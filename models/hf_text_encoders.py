@@ -25,6 +25,16 @@ mask the padding (``context_mask`` True through the end-of-text token). Prompts 
 
 Weights are loaded strictly: a folder whose weights miss a parameter of its config is refused, naming the folder
 and the missing names (``transformers`` would otherwise initialise them at random).
+
+``pretrained`` may also be an **original Stable Diffusion single file** (``.safetensors`` / ``.ckpt``), whose encoders
+are built from the file itself (:func:`single_file_encoders`): ``hf-clip`` reads SD 1.x's CLIP ViT-L under
+``cond_stage_model.transformer.`` (transformers' ``CLIPTextModel`` names), ``hf-sdxl`` SDXL's CLIP-L under
+``conditioner.embedders.0.transformer.`` and its OpenCLIP bigG under ``conditioner.embedders.1.model.`` (open_clip's
+names, converted to ``CLIPTextModelWithProjection``). Sizes come from the tensor shapes (64-channel heads, as every
+published CLIP text model has; OpenAI's CLIP-L uses QuickGELU, OpenCLIP's bigG GELU). A single file keeps no
+tokenizer: the CLIP BPE vocabulary is open_clip's bundled one (the same 49,408 tokens), written as a transformers
+``CLIPTokenizer`` by :func:`training.export_formats.write_clip_tokenizer`; CLIP-L pads with its end-of-text token and
+bigG with ``!`` as SD 1.x's and SDXL's ``tokenizer`` / ``tokenizer_2`` do.
 """
 
 from __future__ import annotations
@@ -45,6 +55,12 @@ PIPELINE_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "hf-t5": (("text_encoder", "tokenizer"),),
 }
 MAX_TOKENIZER_LENGTH = 100_000  # a tokenizer reporting more has no real limit (transformers' "very large" default)
+# format -> where each encoder sits in an original SD single file, and its layout ("hf": transformers names, "openclip")
+SINGLE_FILE_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "hf-clip": (("cond_stage_model.transformer.", "hf"),),
+    "hf-sdxl": (("conditioner.embedders.0.transformer.", "hf"), ("conditioner.embedders.1.model.", "openclip")),
+}
+CLIP_HEAD_DIM = 64  # channels per attention head of every published CLIP text model (L, H, bigG)
 
 
 def _load_error() -> type:
@@ -125,6 +141,89 @@ def load_tokenizer(location: str, subfolder: str) -> Any:
         raise _load_error()(f"text-encoder tokenizer {where}: {err}") from err
 
 
+def _single_file_tokenizer(context_length: int, pad: str) -> Any:
+    """open_clip's bundled CLIP BPE as a transformers ``CLIPTokenizer`` padding with ``pad``."""
+    import tempfile
+
+    import transformers
+
+    from training.export_formats import write_clip_tokenizer  # the one writer of that vocabulary as CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_clip_tokenizer(Path(folder), context_length)
+        return transformers.CLIPTokenizer.from_pretrained(folder, pad_token=pad)
+
+
+def _clip_config(state: dict[str, Tensor], where: str, act: str, projection: bool) -> Any:
+    """A ``CLIPTextConfig`` read off a CLIP text model's tensor shapes (transformers names, ``text_model.`` level)."""
+    import transformers
+
+    try:
+        vocab, width = state["text_model.embeddings.token_embedding.weight"].shape
+        positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
+        inner = state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise _load_error()(f"{where}: no CLIP text model there (missing {e.args[0]})") from None
+    layers = len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")})
+    extra = {"projection_dim": int(state["text_projection.weight"].shape[0])} if projection else {}
+    return transformers.CLIPTextConfig(
+        vocab_size=int(vocab), hidden_size=int(width), intermediate_size=int(inner), num_hidden_layers=layers,
+        num_attention_heads=max(int(width) // CLIP_HEAD_DIM, 1), max_position_embeddings=int(positions),
+        hidden_act=act, layer_norm_eps=1e-5, bos_token_id=int(vocab) - 2, eos_token_id=int(vocab) - 1,
+        pad_token_id=1, **extra)
+
+
+def single_file_encoders(path: Path, fmt: str) -> tuple[list[nn.Module], list[Any]]:
+    """The encoders and tokenizers of format ``fmt`` built from an original SD single file (module docstring)."""
+    import transformers
+
+    from models.text_encoder import TEXT_KEYS
+    from training.weights import read_state_dict
+
+    if fmt not in SINGLE_FILE_PARTS:
+        raise _load_error()(f"text encoder {str(path)!r}: format {fmt!r} is not read from a single file "
+                            f"(formats {', '.join(SINGLE_FILE_PARTS)} are; give a folder)")
+    prefixes = tuple(prefix for prefix, _ in SINGLE_FILE_PARTS[fmt])
+    if path.suffix == ".safetensors":  # only the text tensors of a multi-GB file
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    else:
+        state = {k: v for k, v in read_state_dict(path, "text encoder").items() if k.startswith(prefixes)}
+    encoders, tokenizers = [], []
+    for prefix, layout in SINGLE_FILE_PARTS[fmt]:
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        where = f"text encoder {path}: {prefix}*"
+        if not part:
+            raise _load_error()(f"{where}: the file has no such tensors (format {fmt!r} reads "
+                                f"{' and '.join(p + '*' for p, _ in SINGLE_FILE_PARTS[fmt])})")
+        if layout == "openclip":  # SDXL's bigG in open_clip's names
+            from training.export_formats import openclip_to_hf_clip_state_dict
+
+            tower = {k: v for k, v in part.items() if k.split(".", 1)[0] in TEXT_KEYS}
+            blocks = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
+            part = openclip_to_hf_clip_state_dict(tower, blocks, projection=True)
+            cls, act = transformers.CLIPTextModelWithProjection, "gelu"
+        else:  # OpenAI's CLIP-L in transformers' names (``text_model.`` level or not)
+            part = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in part.items()
+                    if not k.endswith("position_ids")}
+            cls, act = transformers.CLIPTextModel, "quick_gelu"
+        model = cls(_clip_config(part, where, act, cls is not transformers.CLIPTextModel)).eval()
+        own = set(model.state_dict())
+        if not any(k.startswith("text_model.") for k in own):  # transformers 5's flattened CLIPTextModel
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        missing, unexpected = sorted(own - set(part)), sorted(set(part) - own)
+        if missing or unexpected:
+            raise _load_error()(f"{where}: does not fit {cls.__name__} (missing {missing[:4]}, unexpected "
+                                f"{unexpected[:4]})")
+        model.load_state_dict(part, strict=True)
+        encoders.append(model)
+        pad = "!" if layout == "openclip" else "<|endoftext|>"
+        tokenizers.append(_single_file_tokenizer(int(model.config.max_position_embeddings), pad))
+    return encoders, tokenizers
+
+
 class HFTextEncoder(nn.Module):
     """One or two transformers text encoders + tokenizers; ``encode(captions) -> Conditioning(context, context_mask,
     pooled)`` as described in the module docstring. Built by ``TextEncoder(config)`` for ``format`` other than
@@ -142,9 +241,13 @@ class HFTextEncoder(nn.Module):
         except ImportError as err:
             raise _load_error()(f"TextEncoderConfig.format={config.format!r} needs the transformers package: "
                                 "pip install 'latentloom[hf]'") from err
-        parts = locate(config.pretrained, config.format)
-        self.encoders = nn.ModuleList(load_model(loc, sub) for loc, sub, _, _ in parts)
-        self.tokenizers = [load_tokenizer(loc, sub) for _, _, loc, sub in parts]
+        if Path(config.pretrained).is_file():  # an original SD single file (module docstring)
+            encoders, self.tokenizers = single_file_encoders(Path(config.pretrained), config.format)
+            self.encoders = nn.ModuleList(encoders)
+        else:
+            parts = locate(config.pretrained, config.format)
+            self.encoders = nn.ModuleList(load_model(loc, sub) for loc, sub, _, _ in parts)
+            self.tokenizers = [load_tokenizer(loc, sub) for _, _, loc, sub in parts]
         kinds = {type(e).__name__ for e in self.encoders}
         expected = {"hf-clip": ("CLIPTextModel", "CLIPTextModelWithProjection"),
                     "hf-sdxl": ("CLIPTextModel", "CLIPTextModelWithProjection"),

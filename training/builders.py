@@ -272,9 +272,10 @@ def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str 
              merge_adapters: bool = True, cfg: Any = None) -> Inference:
     """An :class:`~training.inference.Inference` for a trained run: its config, frozen text encoder and autoencoder,
     the denoiser with ``weights`` (:data:`training.inference.WEIGHTS_CHOICES`), LoRA ``adapters`` (``path[:scale]``,
-    added up; merged into the weights unless ``merge_adapters`` is False), on ``device`` (default: CUDA when
-    available), in eval mode. ``cfg`` is the run's ``RunConfig`` when the caller holds it (default: read back from
-    ``run_dir/config.yaml``)."""
+    added up; merged into the weights unless ``merge_adapters`` is False; a diffusers / kohya file's text-encoder
+    layers are always merged into the text encoder: :func:`training.inference.apply_adapters`), on ``device``
+    (default: CUDA when available), in eval mode. ``cfg`` is the run's ``RunConfig`` when the caller holds it
+    (default: read back from ``run_dir/config.yaml``)."""
     from training.diffusion import build_process
     from training.stages.diffusion import build_denoiser, micro_fourier_dim
 
@@ -290,13 +291,9 @@ def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str 
                      text_encoder,
                      autoencoder, sampling or st.sampling, (cfg.data.resolution, cfg.data.resolution), micro)
     load_denoiser_weights(pipe.denoiser, path, is_ema)
-    if adapters:
-        from training.finetune import AdapterSpec, attach_adapters, load_adapter
-        from training.finetune import merge_adapters as merge
+    if adapters:  # a diffusers / kohya file's text-encoder layers are merged into the text encoder
+        from training.inference import apply_adapters
 
-        specs = [AdapterSpec.parse(a) for a in adapters]
-        pipe.denoiser = attach_adapters(pipe.denoiser, [(load_adapter(s.path), s.scale) for s in specs])
-        if merge_adapters:
-            merge(pipe.denoiser)
+        apply_adapters(pipe, adapters, merge_adapters)
     pipe.denoiser.eval()
     return pipe.to(pick_device(None if device is None else str(device)))

@@ -142,6 +142,37 @@ class Inference:
         return self.autoencoder.pixels_from_latents(latents.to(dtype)).float().clamp(-1, 1)
 
 
+# ------------------------------------------------------------------------------------------------ adapters
+
+
+def apply_adapters(pipe: Inference, adapters: Sequence[str], merge: bool = True) -> Inference:
+    """Attach LoRA ``adapters`` (``path[:scale]``, added up) to ``pipe`` in place: ours, diffusers/PEFT or kohya
+    files (:mod:`training.finetune`, :mod:`training.lora_formats`). A foreign file's text-encoder layers
+    (``text_encoder.`` / ``text_encoder_2.``, ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``) are merged into
+    ``pipe.text_encoder``'s weights with the file's alpha / rank and the adapter's scale, whatever ``merge`` says;
+    the denoiser part is attached with peft and merged into its weights when ``merge`` is True."""
+    import dataclasses
+
+    from training import lora_formats
+    from training.finetune import AdapterSpec, attach_adapters, load_adapter, merge_adapters
+
+    loaded = [(load_adapter(spec.path), spec.scale) for spec in map(AdapterSpec.parse, adapters)]
+    denoiser_part = []
+    for adapter, scale in loaded:  # every file is read, and a file's text keys all checked, before any merge
+        if adapter.layers is not None:
+            rest, text = lora_formats.split_text_encoder(adapter.layers)
+            lora_formats.merge_text_encoder_layers(pipe.text_encoder, text, scale, f"LoRA adapter {adapter.path}")
+            if not rest:
+                continue  # a text-encoder-only file
+            adapter = dataclasses.replace(adapter, layers=rest)
+        denoiser_part.append((adapter, scale))
+    if denoiser_part:
+        pipe.denoiser = attach_adapters(pipe.denoiser, denoiser_part)
+        if merge:
+            merge_adapters(pipe.denoiser)
+    return pipe
+
+
 # ------------------------------------------------------------------------------------------------ weights
 
 

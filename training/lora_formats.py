@@ -21,8 +21,20 @@ metadata. Two other layouts travel between tools, and both are read into ``loom 
 A layer's update is ``ΔW = scale · B A`` in every layout; a layer may have its own rank and alpha. Names are mapped
 through the same tables as the weight converters: :func:`models.convert.diffusers_name` and
 :func:`models.convert.ldm_unet_name` for the U-Net, :func:`models.dit_checkpoints.diffusers_rules` for the DiT and
-PixArt transformers. Every tensor of a file must land on a layer of the denoiser: a key that matches none (a text
-encoder's, another architecture's, a LoCon/LoHa variant's) is an error naming it, never skipped.
+PixArt transformers. Every tensor of a file must land on a layer: a key that matches none (another architecture's,
+a LoCon/LoHa variant's) is an error naming it, never skipped.
+
+**Text-encoder layers** (``text_encoder.`` / ``text_encoder_2.``, kohya ``lora_te_`` / ``lora_te1_`` / ``lora_te2_``;
+published SD 1.5 and SDXL LoRAs often carry them) are named after transformers' CLIP text model
+(``text_model.encoder.layers.<i>.self_attn.q_proj`` ...; kohya writes the same path with ``_``). ``text_encoder`` /
+``lora_te_`` / ``lora_te1_`` address the first encoder (SD 1.x/2.x's CLIP, SDXL's CLIP-L), ``text_encoder_2`` /
+``lora_te2_`` the second (SDXL's OpenCLIP bigG), as diffusers' ``load_lora_weights`` and ComfyUI map them.
+:func:`merge_text_encoder_layers` folds them into the run's text encoder at load time (``W ← W + user scale ·
+scale · B A``, the file's alpha / rank): a Hugging Face encoder (:mod:`models.hf_text_encoders`) by its own module
+names, our OpenCLIP tower through the name map of the CLIP text model (``q_proj`` / ``k_proj`` / ``v_proj`` are the
+three row blocks of ``attn.in_proj_weight``, ``out_proj`` ← ``attn.out_proj``, ``mlp.fc1`` / ``fc2`` ←
+``mlp.c_fc`` / ``c_proj``, ``text_projection`` ← the transposed ``text_projection``). The denoiser part of the file
+is attached as before (:func:`resolve`). Every text-encoder key must land on a layer too.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 KOHYA_UNET = "lora_unet_"
 KOHYA_TEXT_ENCODER = ("lora_te_", "lora_te1_", "lora_te2_")
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+CLIP_TEXT_MODEL = "text_model."  # transformers' CLIP text-model level (gone from transformers 5's CLIPTextModel)
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d)
 
 
@@ -213,12 +226,14 @@ def foreign_table(model: nn.Module) -> dict[str, str]:
 
 def resolve(layers: Mapping[str, LayerLora], model: nn.Module, what: str) -> dict[str, LayerLora]:
     """Foreign layer names → our module names of ``model``, shapes fitted to our layers (a 1×1 convolution's
-    ``(r, in, 1, 1)`` as a Linear's ``(r, in)`` and back). Text-encoder layers and names that match no layer are
-    errors naming the key."""
-    text = [k for k in layers if k.startswith(TEXT_ENCODER_PREFIXES + KOHYA_TEXT_ENCODER)]
+    ``(r, in, 1, 1)`` as a Linear's ``(r, in)`` and back). Names that match no layer are errors naming the key, and
+    so are text-encoder layers: they are split off first (:func:`split_text_encoder`) and merged into the text
+    encoder (:func:`merge_text_encoder_layers`), as ``open_run`` / ``loom sample --lora`` do."""
+    text = [k for k in layers if is_text_encoder_key(k)]
     if text:
-        raise ValueError(f"{what}: {len(text)} text-encoder layers (e.g. {text[0]!r}): --lora attaches adapters to "
-                         "the denoiser only; remove the text-encoder tensors from the file to use its denoiser part")
+        raise ValueError(f"{what}: {len(text)} text-encoder layers (e.g. {text[0]!r}) given to the denoiser: load "
+                         "the file with open_run / open_pretrained / loom sample --lora, which merge them into the "
+                         "text encoder")
     table = foreign_table(model)
     modules = dict(model.named_modules())
     out = {}
@@ -246,6 +261,148 @@ def resolve(layers: Mapping[str, LayerLora], model: nn.Module, what: str) -> dic
                              f"{weight.shape[0]} outputs")
         out[name] = LayerLora(down.float(), up.float(), layer.scale)
     return out
+
+
+# --------------------------------------------------------------------------------------------- text encoders
+
+
+def is_text_encoder_key(key: str) -> bool:
+    """Whether a foreign layer name addresses a text encoder (diffusers' or kohya's prefixes)."""
+    return key.startswith(TEXT_ENCODER_PREFIXES + KOHYA_TEXT_ENCODER)
+
+
+def split_text_encoder(layers: Mapping[str, LayerLora]) -> tuple[dict[str, LayerLora], dict[str, LayerLora]]:
+    """``(denoiser layers, text-encoder layers)`` of a foreign file's layers."""
+    text = {k: v for k, v in layers.items() if is_text_encoder_key(k)}
+    return {k: v for k, v in layers.items() if k not in text}, text
+
+
+@dataclass
+class TextTarget:
+    """Where one CLIP-named text-encoder layer lives in our encoder: rows of a parameter, maybe transposed."""
+
+    param: nn.Parameter  # the weight the update is added to
+    rows: Optional[slice] = None  # a block of its rows (q / k / v inside a fused in_proj_weight); None: all
+    transpose: bool = False  # the parameter holds W^T (open_clip's text_projection is x @ P)
+
+    def view(self) -> Tensor:
+        w = self.param.data if self.rows is None else self.param.data[self.rows]
+        return w.t() if self.transpose else w  # (out, in) like a Linear weight
+
+
+def _openclip_targets(tower: nn.Module) -> dict[str, TextTarget]:
+    """transformers CLIP text-model names → our OpenCLIP tower's weights (see the module docstring)."""
+    out: dict[str, TextTarget] = {}
+    for i, block in enumerate(tower.transformer.resblocks):
+        base = f"text_model.encoder.layers.{i}."
+        attn = block.attn
+        if isinstance(attn, nn.MultiheadAttention) and attn.in_proj_weight is not None:
+            width = attn.embed_dim
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{base}self_attn.{name}"] = TextTarget(attn.in_proj_weight, slice(j * width, (j + 1) * width))
+            out[f"{base}self_attn.out_proj"] = TextTarget(attn.out_proj.weight)
+        for ours, theirs in (("c_fc", "fc1"), ("c_proj", "fc2")):
+            layer = getattr(getattr(block, "mlp", None), ours, None)
+            if isinstance(layer, nn.Linear):
+                out[f"{base}mlp.{theirs}"] = TextTarget(layer.weight)
+    proj = getattr(tower, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        out["text_projection"] = TextTarget(proj.weight)
+    elif isinstance(proj, nn.Parameter):
+        out["text_projection"] = TextTarget(proj, transpose=True)
+    return out
+
+
+def _hf_targets(encoder: nn.Module) -> dict[str, TextTarget]:
+    """A transformers encoder's Linear layers by module name. A CLIP text model answers to both spellings of its
+    names: ``text_model.encoder.layers...`` (published LoRA files; transformers 4, ``CLIPTextModelWithProjection``)
+    and ``encoder.layers...`` (transformers 5's flattened ``CLIPTextModel``), as diffusers' loader accepts both."""
+    out: dict[str, TextTarget] = {}
+    clip = getattr(getattr(encoder, "config", None), "model_type", "") == "clip_text_model"
+    for name, module in encoder.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        out[name] = TextTarget(module.weight)
+        if clip and name.startswith(CLIP_TEXT_MODEL):
+            out.setdefault(name[len(CLIP_TEXT_MODEL):], out[name])
+        elif clip and name.startswith("encoder."):
+            out.setdefault(CLIP_TEXT_MODEL + name, out[name])
+    return out
+
+
+def text_encoder_targets(text_encoder: nn.Module) -> list[dict[str, TextTarget]]:
+    """Per encoder (SDXL: two), its layers by transformers module name. A Hugging Face encoder
+    (``HFTextEncoder``: CLIP, T5) by its own Linear names; our OpenCLIP tower by the CLIP text-model names."""
+    encoders = getattr(text_encoder, "encoders", None)
+    if encoders is not None:
+        return [_hf_targets(enc) for enc in encoders]
+    tower = getattr(text_encoder, "text", None)
+    if tower is not None and hasattr(tower, "transformer"):
+        return [_openclip_targets(tower)]
+    return []
+
+
+def text_encoder_table(text_encoder: nn.Module) -> dict[str, TextTarget]:
+    """Every foreign name of every text-encoder layer → its target: ``text_encoder.<path>`` and
+    ``lora_te_`` / ``lora_te1_<path_with_underscores>`` for the first encoder, ``text_encoder_2.<path>`` and
+    ``lora_te2_<path>`` for the second."""
+    table: dict[str, TextTarget] = {}
+    for i, targets in enumerate(text_encoder_targets(text_encoder)):
+        diffusers_prefix = TEXT_ENCODER_PREFIXES[i] if i < len(TEXT_ENCODER_PREFIXES) else None
+        kohya = ("lora_te_", "lora_te1_") if i == 0 else ("lora_te2_",) if i == 1 else ()
+        for path, target in targets.items():
+            if diffusers_prefix is not None:
+                table[diffusers_prefix + path] = target
+            for prefix in kohya:
+                table[prefix + path.replace(".", "_")] = target
+    return table
+
+
+def merge_text_encoder_layers(text_encoder: Optional[nn.Module], layers: Mapping[str, LayerLora], scale: float,
+                              what: str) -> int:
+    """Fold a file's text-encoder layers into ``text_encoder`` in place: ``W ← W + scale · s · B A`` per layer
+    (``s``: the file's alpha / rank; ``scale``: the user's). Every key is checked before any weight changes: one
+    that matches no layer, or whose shapes do not fit it, is an error naming it. Returns the number merged."""
+    if not layers:
+        return 0
+    first = next(iter(layers))
+    table = text_encoder_table(text_encoder) if text_encoder is not None else {}
+    if not table:
+        kind = type(text_encoder).__name__ if text_encoder is not None else "no text encoder"
+        raise ValueError(f"{what}: {len(layers)} text-encoder layers (e.g. {first!r}), but this pipeline has "
+                         f"{kind}, which has no CLIP/T5 layers to merge them into")
+    plan = []
+    seen: dict[tuple[int, Any], str] = {}
+    for key, layer in layers.items():
+        target = table.get(key)
+        if target is None:
+            second = key.startswith(("text_encoder_2.", "lora_te2_"))
+            has_second = any(k.startswith("text_encoder_2.") for k in table)
+            which = ("a second text encoder (SDXL's OpenCLIP bigG), which this pipeline lacks" if second and
+                     not has_second else f"the {type(text_encoder).__name__} text encoder")
+            raise ValueError(f"{what}: LoRA key {key!r} matches no layer of {which} (expected "
+                             "'text_encoder.<transformers module path>' or 'lora_te_<path>' names of its attention "
+                             "and MLP layers)")
+        where = (id(target.param), None if target.rows is None else target.rows.start)
+        if where in seen:  # e.g. a file holding both spellings of a CLIP name (text_model. or not)
+            raise ValueError(f"{what}: {key!r} and {seen[where]!r} adapt the same text-encoder layer")
+        seen[where] = key
+        down = layer.down.reshape(layer.down.shape[0], -1).float()  # (r, in)
+        up = layer.up.reshape(layer.up.shape[0], -1).float()  # (out, r)
+        weight = target.view()
+        if (up.shape[0], down.shape[1]) != tuple(weight.shape):
+            raise ValueError(f"{what}: {key!r} makes an update of shape {(up.shape[0], down.shape[1])}; the text "
+                             f"encoder's layer has {tuple(weight.shape)}")
+        plan.append((target, up, down, layer.scale))
+    with torch.no_grad():
+        for target, up, down, s in plan:
+            weight = target.view()
+            delta = (scale * s) * (up.to(weight.device) @ down.to(weight.device))  # (out, in)
+            weight.add_(delta.to(weight.dtype))
+    cache = getattr(text_encoder, "_null_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()  # the empty prompt's encoding changed
+    return len(plan)
 
 
 # --------------------------------------------------------------------------------------------- peft, write
@@ -318,6 +475,7 @@ def write(layers: Mapping[str, LayerLora], model: nn.Module, fmt: str,
 
 __all__ = [
     "DIFFUSERS_METADATA_KEY", "LORA_FILE_FORMATS", "LayerLora", "denoiser_family", "detect_format",
-    "diffusers_module_names", "foreign_table", "layers_from_ours", "peft_patterns", "read_diffusers", "read_kohya",
-    "resolve", "to_diffusers", "to_kohya", "write",
+    "diffusers_module_names", "foreign_table", "is_text_encoder_key", "layers_from_ours", "merge_text_encoder_layers",
+    "peft_patterns", "read_diffusers", "read_kohya", "resolve", "split_text_encoder", "text_encoder_table",
+    "text_encoder_targets", "to_diffusers", "to_kohya", "write",
 ]

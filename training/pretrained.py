@@ -34,8 +34,11 @@ scaling and shift factor (the autoencoder's config), the sampler the pipeline sh
   v_prediction``, which its keys cannot tell).
 * Files the user names replace a part: ``diffusion.weights`` (the denoiser's weights, e.g. a fine-tuned export of
   the same architecture), ``diffusion.autoencoder_weights`` (another VAE: a diffusers ``vae/`` folder or file, an
-  original single file or an export of ours), ``diffusion.text_encoder`` where the files hold no encoder this
-  project can build (SD 1.x / XL single files keep no tokenizer; DiT / PixArt checkpoints hold no encoder at all).
+  original single file or an export of ours), ``diffusion.text_encoder`` where the files hold no encoder (DiT /
+  PixArt checkpoints) and, when set, over an SD 1.x / XL single file's own encoders. Those single files keep no
+  tokenizer; their encoders (``cond_stage_model.transformer.*``; ``conditioner.embedders.0.transformer.*`` +
+  ``conditioner.embedders.1.model.*``) are built from the file with the CLIP BPE vocabulary open_clip bundles
+  (:mod:`models.hf_text_encoders`), so no setting is needed.
 
 A denoiser trained with a learned variance (DiT, PixArt: ``out_channels = 2 × in_channels``) is loaded without the
 variance half of its output layer: our samplers and loss use the prediction half only, as diffusers' ``DiTPipeline``
@@ -105,6 +108,9 @@ class Pretrained:
     autoencoder_source: Optional[str] = None  # the diffusers vae/ folder or the single file
     text_encoder: Optional[TextEncoderConfig] = None  # None: see text_encoder_note
     text_encoder_note: str = ""  # why the files give no text encoder this project can build
+    # a diffusion.text_encoder the user sets replaces the files' one (an SD 1.x / XL single file's: older configs
+    # named the matching diffusers folder there); False: a differing setting is an error (the override rule)
+    text_encoder_replaceable: bool = False
     # the family's published text-encoder settings, filling a user-given encoder's fields left at their defaults
     text_encoder_defaults: Mapping[str, Any] = field(default_factory=dict)
     num_classes: Optional[int] = None  # class-conditional denoiser: prompts are class ids / names
@@ -413,19 +419,25 @@ def _read_sd_single_file(path: Path, named: str, shapes: Mapping[str, tuple[int,
     except (KeyError, StopIteration, PretrainedError) as e:
         raise PretrainedError(f"diffusion.pretrained={named!r}: {path.name} is not a complete original SD file "
                               f"({e})") from None
+    from models.hf_text_encoders import PUBLISHED, SINGLE_FILE_PARTS
+
     text, note = None, ""
     if family == "sd2":  # its OpenCLIP ViT-H tower, read by TextEncoder from the file (SD 2.x's settings)
         text = TextEncoderConfig(checkpoint=str(path), layer="penultimate", hidden_ln_final=True, mask_padding=False)
-    else:
-        where = "cond_stage_model.transformer" if family == "sd15" else "conditioner.embedders"
-        note = (f"{path.name} keeps its {'CLIP' if family == 'sd15' else 'CLIP-L + OpenCLIP-bigG'} text encoder "
-                f"({where}.*) without a tokenizer: set diffusion.text_encoder, e.g. format="
-                f"{'hf-clip' if family == 'sd15' else 'hf-sdxl'} pretrained=<the matching diffusers pipeline folder>")
-    from models.hf_text_encoders import PUBLISHED
+    else:  # SD 1.x's CLIP-L / SDXL's CLIP-L + bigG, built from the file with the CLIP BPE (models.hf_text_encoders)
+        fmt = PUBLISHED[family]["format"]
+        wanted = [prefix for prefix, _ in SINGLE_FILE_PARTS[fmt]]
+        if all(any(k.startswith(prefix) for k in shapes) for prefix in wanted):
+            text = TextEncoderConfig(pretrained=str(path), **PUBLISHED[family])
+        else:
+            note = (f"{path.name} holds no {'CLIP' if family == 'sd15' else 'CLIP-L + OpenCLIP-bigG'} text encoder "
+                    f"({' and '.join(p + '*' for p in wanted)}): set diffusion.text_encoder, e.g. format={fmt} "
+                    "pretrained=<the matching diffusers pipeline folder>")
 
     return Pretrained(
         path=named, layout="single-file", family=family, denoiser_config=unet, denoiser_source=str(path),
         autoencoder_config=vae, autoencoder_source=str(path), text_encoder=text, text_encoder_note=note,
+        text_encoder_replaceable=family != "sd2",
         text_encoder_defaults={k: v for k, v in PUBLISHED[family].items() if k != "format"},
         process_defaults=SD_PROCESS, sampling=SD_SAMPLING, micro_conditioning=family == "sdxl",
         image_size=spec["image"])
@@ -662,7 +674,7 @@ def apply_pretrained(cfg: Any) -> None:
     cfg.process = dataclasses.replace(cfg.process, **changes)
     # the text encoder
     te_default = TextEncoderConfig()
-    if p.text_encoder is not None:
+    if p.text_encoder is not None and not (p.text_encoder_replaceable and cfg.text_encoder != te_default):
         te = {n: _decide(f"text_encoder.{n}", getattr(cfg.text_encoder, n), getattr(te_default, n),
                          getattr(p.text_encoder, n), src) for n in TEXT_ENCODER_FIELDS}
         cfg.text_encoder = dataclasses.replace(cfg.text_encoder, **te)
@@ -708,9 +720,12 @@ def sampling_with(current: Any, shipped: Mapping[str, Any], cls: type) -> Any:
 
 
 def open_pretrained(pretrained: Union[str, Path], device: Optional[Union[str, torch.device]] = None,
-                    sampling: Any = None, diffusion: Optional[Mapping[str, Any]] = None) -> Any:
+                    sampling: Any = None, diffusion: Optional[Mapping[str, Any]] = None,
+                    adapters: Sequence[str] = (), merge_adapters: bool = True) -> Any:
     """An :class:`~training.inference.Inference` built from a checkpoint alone; ``diffusion``: more stage-config
-    fields (e.g. ``{"text_encoder": {...}}`` for a single file without a tokenizer), checked by the same rule."""
+    fields (e.g. ``{"text_encoder": {...}}`` to replace the checkpoint's text encoder), checked by the same rule.
+    ``adapters``: LoRA files (``path[:scale]``; ours, diffusers or kohya, text-encoder layers included) as in
+    :func:`training.inference.apply_adapters`."""
     from models.text_encoder import TextEncoder
     from training.builders import pick_device
     from training.config_io import from_dict, to_dict
@@ -728,4 +743,9 @@ def open_pretrained(pretrained: Union[str, Path], device: Optional[Union[str, to
     micro = micro_fourier_dim(st.model_config) if st.micro_conditioning else None
     pipe = Inference(build_denoiser(st).eval(), build_process(st.process), text, auto, st.sampling,
                      (bundle.image_size, bundle.image_size), micro)
+    if adapters:
+        from training.inference import apply_adapters
+
+        apply_adapters(pipe, adapters, merge_adapters)
+        pipe.denoiser.eval()
     return pipe.to(pick_device(None if device is None else str(device)))

@@ -146,7 +146,8 @@ def run(cfg: SampleCommandConfig) -> int:
         if cfg.pretrained:
             from training.pretrained import open_pretrained
 
-            pipe = open_pretrained(cfg.pretrained, device=cfg.device, sampling=cfg.sampling, diffusion=cfg.diffusion)
+            pipe = open_pretrained(cfg.pretrained, device=cfg.device, sampling=cfg.sampling, diffusion=cfg.diffusion,
+                                   adapters=cfg.lora, merge_adapters=cfg.lora_merge)
         else:
             pipe = open_run(cfg.run_dir, weights=cfg.weights, device=cfg.device, sampling=cfg.sampling,
                             adapters=cfg.lora, merge_adapters=cfg.lora_merge)

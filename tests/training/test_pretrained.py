@@ -147,14 +147,101 @@ def test_single_file_draws_what_diffusers_pipeline_draws(sd_folder, tmp_path):
     assert (p.layout, p.family) == ("single-file", "sd15")
     assert p.denoiser_config == read_pretrained(root).denoiser_config  # every size read off the shapes
     assert p.autoencoder_config == dataclasses.replace(read_pretrained(root).autoencoder_config, scaling_factor=0.18215)
-    # no tokenizer in the file: the text encoder must be named, and the message says how
-    with pytest.raises(PretrainedError, match="without a tokenizer: set diffusion.text_encoder"):
-        DiffusionStageConfig(pretrained=str(single))
+    # the file's own CLIP is its text encoder (test_single_file_builds_its_own_clip_text_encoder); a
+    # diffusion.text_encoder given replaces it (this tiny CLIP has no 64-channel heads: its folder is named)
+    assert (p.text_encoder.format, p.text_encoder.pretrained) == ("hf-clip", str(single))
     te = {"text_encoder": {"format": "hf-clip", "pretrained": str(root)}}  # layer/LN: SD 1.x's, from the family
     ours = open_pretrained(single, device="cpu", sampling=sampling(seed=3), diffusion=te)
     assert ours.text_encoder.config.layer == "last" and ours.text_encoder.config.hidden_ln_final
     err = (ours.generate(PROMPTS, height=SIZE, width=SIZE) - diffusers_images(pipe, PROMPTS, 4, 3.0, 3)).abs().max()
     assert err <= 1e-4, err
+
+
+def published_clip_folder(root):
+    """A tiny SD 1.x pipeline whose CLIP has the published vocabulary, positions and 64-channel heads, with the
+    CLIP BPE tokenizer open_clip bundles (what a single file's encoder is read with), saved as a diffusers folder."""
+    from training.export_formats import write_clip_tokenizer
+
+    torch.manual_seed(4)
+    write_clip_tokenizer(root / "bpe", 77)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "bpe", pad_token="<|endoftext|>")  # SD 1.x pads so
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)).eval()
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8).eval()
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=SIZE).eval()
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.DDIMScheduler(**SD_DDIM), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline", pipe
+
+
+def test_single_file_builds_its_own_clip_text_encoder(tmp_path):
+    """An SD 1.x single file with its CLIP (``cond_stage_model.transformer.text_model.*``, as published) and no
+    text-encoder setting: the same text conditioning and images as the diffusers folder it came from."""
+    root, pipe = published_clip_folder(tmp_path)
+    single = ldm_single_file(root, tmp_path / "sd15-bpe.safetensors", "cond_stage_model.transformer.text_model.")
+    ours = open_pretrained(single, device="cpu", sampling=sampling(seed=5))
+    te = ours.text_encoder.config
+    assert (te.format, te.pretrained, te.layer, te.hidden_ln_final, te.masks_padding) == (
+        "hf-clip", str(single), "last", True, False)
+    prompts = ["a photo of a cat", "an astronaut riding a horse, oil painting"]
+    with torch.no_grad():
+        expected = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+        got = ours.text_encoder.encode(prompts)
+    assert got.context.shape == expected.shape == (2, 77, 64)
+    assert (got.context - expected).abs().max() <= 1e-5
+    err = (ours.generate(PROMPTS, height=SIZE, width=SIZE) - diffusers_images(pipe, PROMPTS, 4, 3.0, 5)).abs().max()
+    assert err <= 1e-4, err
+
+
+def test_sdxl_text_encoders_from_a_single_file_match_the_pipeline_folders(tmp_path):
+    """SDXL's CLIP-L (``conditioner.embedders.0.transformer.*``, transformers names) and OpenCLIP bigG
+    (``conditioner.embedders.1.model.*``, open_clip names) read from a single file give the conditioning the
+    pipeline folder's ``text_encoder/`` + ``text_encoder_2/`` (CLIPTextModelWithProjection) give."""
+    from models.text_encoder import TextEncoder, TextEncoderConfig
+    from training.export_formats import openclip_hf_config, openclip_to_hf_clip_state_dict, write_clip_tokenizer
+
+    torch.manual_seed(6)
+    clip_l = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)).eval()
+    (tmp_path / "bigg.json").write_text(json.dumps({"embed_dim": 96, "text_cfg": {
+        "context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}}))
+    bigg = TextEncoder(TextEncoderConfig(model=str(tmp_path / "bigg.json")))
+    config = {k: v for k, v in openclip_hf_config(bigg, 2, True).items() if k not in ("architectures", "torch_dtype")}
+    twin = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config)).eval()
+    twin.load_state_dict(openclip_to_hf_clip_state_dict(bigg.text.state_dict(), 2, True), strict=True)
+    folder = tmp_path / "sdxl"
+    clip_l.save_pretrained(folder / "text_encoder")
+    twin.save_pretrained(folder / "text_encoder_2")
+    write_clip_tokenizer(tmp_path / "bpe", 77)
+    transformers.CLIPTokenizer.from_pretrained(tmp_path / "bpe", pad_token="<|endoftext|>").save_pretrained(
+        folder / "tokenizer")
+    transformers.CLIPTokenizer.from_pretrained(tmp_path / "bpe").save_pretrained(folder / "tokenizer_2")  # pads "!"
+    state = {"conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+             for k, v in clip_l.state_dict().items()}
+    state.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.text.state_dict().items()})
+    state["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)  # the image-text scale SDXL files keep
+    single = tmp_path / "sdxl-text.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, single)
+    settings = dict(format="hf-sdxl", layer="penultimate", hidden_ln_final=False)
+    from_file = TextEncoder(TextEncoderConfig(pretrained=str(single), **settings))
+    from_folder = TextEncoder(TextEncoderConfig(pretrained=str(folder), **settings))
+    prompts = ["a photo of a cat", "an astronaut riding a horse"]
+    with torch.no_grad():
+        got, want = from_file.encode(prompts), from_folder.encode(prompts)
+    assert got.context.shape == want.context.shape == (2, 77, 64 + 128) and got.pooled.shape == (2, 96)
+    assert (got.context - want.context).abs().max() <= 1e-5
+    assert (got.pooled - want.pooled).abs().max() <= 1e-5
+    # the padding is each tokenizer's: end-of-text for CLIP-L, "!" for bigG (SDXL's tokenizer / tokenizer_2)
+    assert [t.pad_token for t in from_file.tokenizers] == ["<|endoftext|>", "!"]
 
 
 # ---------------------------------------------------------------------------------------------- the override rule
