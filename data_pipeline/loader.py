@@ -292,7 +292,8 @@ class _EpochDataset(IterableDataset):
 class StreamingLoader:
     """An iterable of :class:`Batch` over WebDataset shards, one epoch per ``iter()`` (see the module docstring)."""
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: Optional[int] = None):
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: Optional[int] = None,
+                 float_pixels: bool = False):
         """See :func:`build_loader`."""
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"rank/world_size: got {rank}/{world_size}; need 0 <= rank < world_size")
@@ -341,7 +342,8 @@ class StreamingLoader:
         self.batches_per_epoch: Optional[int] = K
         buckets = bucket_set(cfg)  # None, image aspect buckets, or clip buckets (a video run)
         self.scheduled = scheduled_buckets(cfg, buckets, mode)  # every rank's step has the same clip bucket
-        self.ctx = Context(cfg, tuple(self.sources), self.seed, rank, world_size, self.workers, mode, buckets)
+        self.ctx = Context(cfg, tuple(self.sources), self.seed, rank, world_size, self.workers, mode, buckets,
+                           float_pixels)
         self._plan = self._plan_fingerprint()
         self._states: list[Optional[dict]] = [None] * self.workers
         self._reset_progress(epoch=0)
@@ -670,12 +672,14 @@ class StreamingLoader:
         if isinstance(self.ctx.buckets, ClipBucketSet):
             lines.append(f"  transforms: decode {'|'.join(cfg.image_keys)} -> RGB frames at the bucket's (T, H, W) "
                          f"(the same resize, {cfg.crop} crop and flip {'p=0.5' if cfg.flip else 'off'} on every "
-                         "frame) -> float [-1, 1] (B, 3, T, H, W); images (B, 3, 1, H, W)")
+                         "frame) -> uint8 (B, 3, T, H, W), images (B, 3, 1, H, W); float [-1, 1] where read "
+                         "(on the device)")
         elif cfg.image_keys:
             size = "bucket size" if self.ctx.buckets is not None else f"{cfg.resolution}x{cfg.resolution}"
             lines.append(f"  transforms: decode {'|'.join(cfg.image_keys)} -> RGB (JPEG draft "
                          f"{'on' if cfg.jpeg_draft else 'off'}), resize to cover {size} (bicubic, antialiased), "
-                         f"{cfg.crop} crop, flip {'p=0.5' if cfg.flip else 'off'} -> float [-1, 1] (B, 3, H, W)")
+                         f"{cfg.crop} crop, flip {'p=0.5' if cfg.flip else 'off'} -> uint8 (B, 3, H, W); float "
+                         "[-1, 1] where read (on the device)")
         else:
             lines.append("  transforms: none (no image members: pixels is None); batches grouped by latent shape")
         cap = " > ".join(cfg.caption_keys) or "none"
@@ -684,7 +688,13 @@ class StreamingLoader:
         return "\n".join(lines)
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: Optional[int] = None) -> StreamingLoader:
+def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: Optional[int] = None,
+                 float_pixels: bool = False) -> StreamingLoader:
     """The loader for this rank. ``seed`` is the run's seed: the data order seed is ``seed + cfg.seed``
-    (``cfg.seed`` alone when None), so a new run seed reshuffles the data and ``cfg.seed`` can vary it alone."""
-    return StreamingLoader(cfg, rank=rank, world_size=world_size, seed=seed)
+    (``cfg.seed`` alone when None), so a new run seed reshuffles the data and ``cfg.seed`` can vary it alone.
+
+    Batches carry uint8 pixels (``Batch.pixel_data``), normalised where ``Batch.pixels`` is read — on the device
+    after ``batch.to(device)``. ``float_pixels=True`` is the former behaviour (float32 in [-1, 1] made in the
+    workers, 4x the bytes through shared memory, pinning and the host-to-device copy), kept for
+    ``benchmarks/data_throughput.py``'s before/after; the values read from ``pixels`` are the same either way."""
+    return StreamingLoader(cfg, rank=rank, world_size=world_size, seed=seed, float_pixels=float_pixels)

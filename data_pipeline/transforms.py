@@ -20,10 +20,13 @@ import functools
 import io
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 _BICUBIC = Image.Resampling.BICUBIC
 ARRAY_SUFFIXES = (".npy", ".safetensors")
@@ -262,22 +265,84 @@ def load_array(data: bytes, ext: str) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def to_float_pixels(stack: np.ndarray):
-    """Channels-last uint8 numpy → channels at axis 1, float32 torch tensor in [-1, 1]: ``(B, H, W, 3)`` →
-    ``(B, 3, H, W)`` for images, ``(B, T, H, W, 3)`` → ``(B, 3, T, H, W)`` for clips.
+PIXEL_SCALE = 127.5  # uint8 value v -> float32 v / 127.5 - 1: 0 -> -1.0, 255 -> 1.0
 
-    Inside a DataLoader worker the result is written straight into shared memory (as DataLoader's own collate
-    does), so sending the batch to the main process does not copy it once more.
-    """
+
+def _scale_(x):
+    """The one place of the pixel arithmetic: a float32 tensor holding uint8 values, in place, ``x / 127.5 - 1``
+    (true float32 division, then subtraction: the values batches have always held, so cached latents and
+    resumed runs are unchanged)."""
+    return x.div_(PIXEL_SCALE).sub_(1.0)
+
+
+def _channels_first(stack: np.ndarray, dtype, itemsize: int):
+    """Channels-last uint8 numpy → a contiguous ``dtype`` torch tensor with channels at axis 1; inside a DataLoader
+    worker it is written straight into shared memory (as DataLoader's own collate does), so sending the batch to
+    the main process does not copy it once more."""
     import torch
     from torch.utils.data import get_worker_info
 
+    if stack.dtype != np.uint8:
+        raise TypeError(f"pixels must be uint8, got {stack.dtype}")
     x = torch.from_numpy(stack).movedim(-1, 1)  # (B, 3, [T,] H, W) uint8 view
-    out = None
-    if get_worker_info() is not None:
-        storage = torch.empty(0).untyped_storage()._new_shared(x.numel() * 4)
-        out = torch.empty(0).set_(storage, 0, tuple(x.shape))  # (B, 3, [T,] H, W) float32, shared
-        out.copy_(x)
-    else:
-        out = x.to(torch.float32, memory_format=torch.contiguous_format)
-    return out.div_(127.5).sub_(1.0)
+    if get_worker_info() is None:
+        return x.to(dtype, memory_format=torch.contiguous_format)
+    storage = torch.empty(0, dtype=torch.uint8).untyped_storage()._new_shared(x.numel() * itemsize)
+    out = torch.empty(0, dtype=dtype).set_(storage, 0, tuple(x.shape))  # (B, 3, [T,] H, W), shared
+    return out.copy_(x)
+
+
+def to_uint8_pixels(stack: np.ndarray):
+    """Channels-last uint8 numpy → channels at axis 1, a contiguous uint8 torch tensor: ``(B, H, W, 3)`` →
+    ``(B, 3, H, W)`` for images, ``(B, T, H, W, 3)`` → ``(B, 3, T, H, W)`` for clips — what a loader batch holds
+    (:class:`data_pipeline.batch.Batch`) on its way to the device: one byte a value, a quarter of float32's."""
+    import torch
+
+    return _channels_first(stack, torch.uint8, 1)
+
+
+@functools.cache
+def pixel_table(device) -> torch.Tensor:
+    """The 256 float32 values of :func:`normalize_pixels`, index = uint8 value, computed on the CPU by
+    :func:`_scale_` and copied to ``device`` (once per device)."""
+    import torch
+
+    table = _scale_(torch.arange(256, dtype=torch.uint8).to(torch.float32))  # (256,)
+    return table.to(device)
+
+
+def normalize_by_table(x):
+    """:func:`normalize_pixels` as a gather from :func:`pixel_table`: the CPU's values on any device, bit for bit."""
+    import torch
+
+    out = pixel_table(x.device).index_select(0, x.reshape(-1).to(torch.int32))  # (numel,)
+    return out.view(x.shape)
+
+
+def normalize_pixels(x):
+    """uint8 pixels → float32 in [-1, 1] (``v / 127.5 - 1``), same shape, on ``x``'s device: the one conversion
+    every consumer of loader pixels goes through (:attr:`data_pipeline.batch.Batch.pixels`).
+
+    On the CPU the arithmetic runs as it always did (:func:`_scale_`). Elsewhere the values are gathered from a
+    256-entry table computed on the CPU (:func:`normalize_by_table`): CUDA divides a tensor by a Python number as a
+    multiplication by its float32 reciprocal, which rounds 126 of the 256 values differently, so the arithmetic
+    on a GPU would give other latents than a CPU run (and than the float batches made before).
+    """
+    import torch
+
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_pixels: expected uint8 pixels, got {x.dtype}")
+    if x.device.type == "cpu":
+        return _scale_(x.to(torch.float32, memory_format=torch.contiguous_format))
+    return normalize_by_table(x)
+
+
+def to_float_pixels(stack: np.ndarray):
+    """Channels-last uint8 numpy → channels at axis 1, float32 torch tensor in [-1, 1]: ``(B, H, W, 3)`` →
+    ``(B, 3, H, W)`` for images, ``(B, T, H, W, 3)`` → ``(B, 3, T, H, W)`` for clips, on the CPU (in shared
+    memory inside a DataLoader worker). Loader batches no longer carry these (they hold :func:`to_uint8_pixels`,
+    normalised on the device); this is the float path for code that needs it on the host (and
+    ``build_loader(..., float_pixels=True)``, the loader's former behaviour kept for the before/after benchmark)."""
+    import torch
+
+    return _scale_(_channels_first(stack, torch.float32, 4))

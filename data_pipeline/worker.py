@@ -117,6 +117,7 @@ class Context:
     workers: int  # logical workers of this rank (max(1, num_workers))
     mode: str
     buckets: Optional[BucketSet]
+    float_pixels: bool = False  # batches carry float32 pixels made in the worker (the former path; benchmarks)
 
     def slot(self, worker: int) -> int:
         return self.rank + self.world_size * worker
@@ -265,7 +266,7 @@ class WorkerPipeline:
         extras = {array_name(ext): [a.get(ext) for _, (_, a) in items] for ext in cfg.extra_keys}
         batch = collate(decoded, [r.caption for r, _ in items], [r.key for r, _ in items],
                         [r.meta for r, _ in items], [self.ctx.sources[r.src].name for r, _ in items],
-                        latents, extras)
+                        latents, extras, float_pixels=self.ctx.float_pixels)
         self.counters.samples += len(items)
         self.counters.batches += 1
         return batch

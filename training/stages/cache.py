@@ -149,7 +149,8 @@ def cache_shards(
     skips = SkipLog()  # samples the cache could not write (and, at the end, what the loader skipped)
     with ShardWriter(out_dir, prefix, WriterOptions(cfg.max_samples_per_shard, overwrite=True), skips) as writer:
         for batch in loader:
-            moments = posterior_moments(autoencoder, batch.pixels.to(device))  # (B, 2C, h, w) or (B, 2C, T, h, w)
+            pixels = batch.to(device).pixels  # uint8 moved, float [-1, 1] made on the device
+            moments = posterior_moments(autoencoder, pixels)  # (B, 2C, h, w) or (B, 2C, T, h, w)
             cond = text_encoder.encode(list(batch.captions))
             context = cond.context.float().cpu().numpy()  # (B, L, D)
             mask = cond.context_mask.cpu().numpy().astype(np.uint8)  # (B, L)
@@ -170,7 +171,7 @@ def cache_shards(
                 meta = dict(batch.metadata[i])
                 meta.update(source_key=batch.keys[i], original_size=batch.original_size[i].tolist(),
                             crop_top_left=batch.crop_top_left[i].tolist(), target_size=batch.target_size[i].tolist())
-                if batch.pixels.ndim == 5:  # a clip (an image in a video run: one frame)
+                if pixels.ndim == 5:  # a clip (an image in a video run: one frame)
                     meta["clip_frames"] = batch.num_frames
                 try:
                     writer.write_members(members, meta)

@@ -63,7 +63,7 @@ from data_pipeline.errors import SkipSample
 from data_pipeline.preference import iter_preference_pairs
 from data_pipeline.sampletext import printable, text_problem
 from data_pipeline.sources import SkipLog
-from data_pipeline.transforms import to_float_pixels
+from data_pipeline.transforms import normalize_pixels, to_uint8_pixels
 from data_pipeline.writer import ShardWriter, WriterOptions
 from models.conditioning import Conditioning, cat_conditioning, drop_conditioning, trim_together
 from training.finetune import LoraAdapterConfig, adapters_disabled
@@ -186,7 +186,7 @@ def cache_preference_pairs(
     written = 0
 
     def encode(images: list[np.ndarray]) -> np.ndarray:
-        pixels = to_float_pixels(np.stack(images)).to(device)  # (B, 3, H, W) or (B, 3, T, H, W) in [-1, 1]
+        pixels = normalize_pixels(to_uint8_pixels(np.stack(images)).to(device))  # (B, 3, [T,] H, W) in [-1, 1]
         if autoencoder is None:
             return pixels.cpu().numpy()
         return posterior_moments(autoencoder, pixels)  # (B, 2C, h, w)
