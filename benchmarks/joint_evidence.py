@@ -16,6 +16,8 @@ showed (0–4) and for those only its images showed (5–9). Imagen Video's clai
 (right digit, moving as asked) where ``video`` cannot, at no loss on 0–4.
 
     python benchmarks/joint_evidence.py --seeds 2 --threads 1
+    python benchmarks/joint_evidence.py --arms joint --image-weight 0.5 --tag=-2to1 \
+        --json runs/joint_evidence_2to1.json diffusion.train.max_steps=2700   # as many clip batches as `video`
 
 Needs the image quickstart's shards and models (``make quickstart``: data/demo, runs/quickstart) and writes the
 0–4 clip shards itself. CPU, 2 cores: about 6 minutes a run on a quiet machine.
@@ -51,10 +53,11 @@ def write_clip_shards(out: Path) -> Path:
     return out
 
 
-def data_overrides(arm: str, clips: Path, images: Path) -> list[str]:
+def data_overrides(arm: str, clips: Path, images: Path, image_weight: float = 1.0) -> list[str]:
     sources = [f"{{urls: '{clips}/train-000000.tar', name: clips-0to4}}"]
     if arm == "joint":
-        sources.append(f"{{urls: '{images}/train-{{000000..000001}}.tar', name: still-images}}")
+        sources.append(f"{{urls: '{images}/train-{{000000..000001}}.tar', name: still-images, "
+                       f"weight: {image_weight}}}")
     return ["data.urls=", f"data.sources=[{', '.join(sources)}]", "data.image_keys=[mp4, png]",
             f"val_data.urls={clips}/val-000000.tar"]
 
@@ -84,11 +87,12 @@ def measure(run_dir: Path, per_prompt: int, seed: int) -> dict[str, Any]:
 
 
 def run_arm(arm: str, seed: int, clips: Path, images: Path, out_dir: Path, threads: int,
-            extra: list[str]) -> dict[str, Any]:
-    name = f"joint-evidence-{arm}-s{seed}"
+            extra: list[str], image_weight: float = 1.0, tag: str = "") -> dict[str, Any]:
+    name = f"joint-evidence{tag}-{arm}-s{seed}"
     cmd = [sys.executable, "-m", "launch", "train", "--config", "quickstart-video", f"run.name={name}",
            f"run.output_dir={out_dir}", f"run.seed={seed}", f"data.seed={seed}", "diffusion.inflate_from=null",
-           "diffusion.train.progress=false", "report.enabled=false", *data_overrides(arm, clips, images), *extra]
+           "diffusion.train.progress=false", "report.enabled=false",
+           *data_overrides(arm, clips, images, image_weight), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -130,6 +134,8 @@ def main() -> int:
     parser.add_argument("--images", default=str(REPO / "data" / "demo"), help="the image quickstart's shards")
     parser.add_argument("--output-dir", default=str(REPO / "runs"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-weight", type=float, default=1.0, help="images per clip in the joint mix")
+    parser.add_argument("--tag", default="", help="run-name suffix for runs with other settings")
     parser.add_argument("--json", default=str(REPO / "runs" / "joint_evidence.json"))
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
@@ -144,7 +150,7 @@ def main() -> int:
         for arm in args.arms:
             if any(r["arm"] == arm and r["seed"] == seed for r in rows):
                 continue  # measured before (delete the JSON to measure again)
-            r = run_arm(arm, seed, clips, images, out_dir, args.threads, args.overrides)
+            r = run_arm(arm, seed, clips, images, out_dir, args.threads, args.overrides, args.image_weight, args.tag)
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {v:.1%}" for k, v in r.items()
                                                       if k.startswith(("seen_", "unseen_")))
                   + f" ({r['seconds']:.0f} s)", flush=True)

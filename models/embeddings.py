@@ -72,6 +72,41 @@ def micro_vector(original_size: Tensor, crop_top_left: Tensor, target_size: Tens
     return fourier_features(values, dim)  # (B, 6*dim)
 
 
+SIZE_CONDITIONING = ("none", "sdxl", "pixart")  # the kinds of image-size conditioning a denoiser takes in cond.vector
+
+
+def size_conditioning_vector(kind: str, original_size: Tensor, crop_top_left: Tensor, target_size: Tensor,
+                             fourier_dim: int = 256) -> Optional[Tensor]:
+    """``cond.vector`` of a denoiser trained with image-size conditioning of kind ``kind``; geometry ``(B, 2)``
+    (height, width) in pixels, as a :class:`~data_pipeline.batch.Batch` holds it (at sampling: the drawn size as
+    original and target, no crop).
+
+    * ``"sdxl"``: :func:`micro_vector` (Podell et al. 2023): original size, crop top-left, target size →
+      ``(B, 6·fourier_dim)``.
+    * ``"pixart"``: PixArt-α's multi-scale conditioning (Chen et al. 2023; its ``InternalDataMS`` training data):
+      the image's original resolution (height, width) and the aspect ratio height / width of the bucket it was
+      resized to, 256 sinusoid features each → ``(B, 768)``
+      (:func:`models.dit_checkpoints.pixart_size_vector`). An unknown original size (zeros) counts as the target's.
+    * ``"none"``: None.
+    """
+    if kind == "none":
+        return None
+    if kind == "sdxl":
+        return micro_vector(original_size, crop_top_left, target_size, fourier_dim)
+    if kind == "pixart":
+        from models.dit_checkpoints import pixart_size_vector
+
+        target = target_size.reshape(-1, 2).float()  # (B, 2)
+        if (target <= 0).any():
+            raise ValueError(f"pixart size conditioning: target sizes {target.tolist()} must be positive (height, "
+                             "width) pixels")
+        original = original_size.reshape(-1, 2).float().to(target.device)  # (B, 2)
+        known = (original > 0).all(dim=1, keepdim=True)  # (B, 1)
+        resolution = torch.where(known, original, target)  # (B, 2)
+        return pixart_size_vector(resolution, target[:, :1] / target[:, 1:])  # (B, 768)
+    raise ValueError(f"size conditioning {kind!r}: expected one of {', '.join(SIZE_CONDITIONING)}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (RoPE)
 # ----------------------------------------------------------------------------------------------------------------

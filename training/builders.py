@@ -277,7 +277,7 @@ def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str 
     (default: CUDA when available), in eval mode. ``cfg`` is the run's ``RunConfig`` when the caller holds it
     (default: read back from ``run_dir/config.yaml``)."""
     from training.diffusion import build_process
-    from training.stages.diffusion import build_denoiser, micro_fourier_dim
+    from training.stages.diffusion import build_denoiser, sdxl_fourier_dim
 
     run_dir = Path(run_dir)
     cfg = cfg if cfg is not None else run_config_of(run_dir)
@@ -286,10 +286,9 @@ def open_run(run_dir: str | Path, weights: str = "export", device: Optional[str 
         raise FileNotFoundError(f"weights file {path} does not exist")
     st = cfg.diffusion
     text_encoder, autoencoder = frozen_parts(cfg, run_dir)
-    micro = micro_fourier_dim(st.model_config) if st.micro_conditioning else None
     pipe = Inference(build_denoiser(dataclasses.replace(st, weights=None, pretrained=None)), build_process(st.process),
-                     text_encoder,
-                     autoencoder, sampling or st.sampling, (cfg.data.resolution, cfg.data.resolution), micro)
+                     text_encoder, autoencoder, sampling or st.sampling, (cfg.data.resolution, cfg.data.resolution),
+                     sdxl_fourier_dim(st), size_conditioning=st.micro_conditioning)
     load_denoiser_weights(pipe.denoiser, path, is_ema)
     if adapters:  # a diffusers / kohya file's text-encoder layers are merged into the text encoder
         from training.inference import apply_adapters

@@ -482,7 +482,7 @@ def open_for_export(run_dir: str | Path, weights: str = "export", adapters: tupl
     if pipe.autoencoder is not None and not isinstance(pipe.autoencoder, AutoencoderKL):
         raise ExportError(f"run {run_dir}: the autoencoder {type(pipe.autoencoder).__name__} is a video "
                           "autoencoder; only the image AutoencoderKL is exported")
-    if st.micro_conditioning or getattr(denoiser.config, "addition_embed_type", "none") != "none":
+    if st.micro_conditioning == "sdxl" or getattr(denoiser.config, "addition_embed_type", "none") != "none":
         raise ExportError(f"run {run_dir}: diffusion.micro_conditioning / addition_embed_type='text_time' (an "
                           "SDXL-style U-Net) needs SDXL's two text encoders; not exported")
     return RunParts(cfg, pipe, denoiser, family)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.conditioning import Conditioning, trim_together
-from models.embeddings import micro_vector
+from models.embeddings import SIZE_CONDITIONING, size_conditioning_vector
 from training.sampling import SamplingConfig, sample_latents
 
 WEIGHTS_CHOICES = ("export (the finished stage's EMA export) | latest (EMA of the last checkpoint) | a checkpoint "
@@ -42,6 +42,18 @@ class Inference:
     sampling: SamplingConfig  # sampler, steps, guidance, seed, negative prompt
     image_size: tuple[int, int]  # default (height, width) in pixels
     micro_fourier_dim: Optional[int] = None  # SDXL size/crop micro-conditioning width; None: not used
+    # image-size conditioning in cond.vector (models.embeddings.SIZE_CONDITIONING: none | sdxl | pixart); None:
+    # sdxl where micro_fourier_dim is given, else none
+    size_conditioning: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.size_conditioning is None:
+            self.size_conditioning = "none" if self.micro_fourier_dim is None else "sdxl"
+        if self.size_conditioning not in SIZE_CONDITIONING:
+            raise ValueError(f"size_conditioning: {self.size_conditioning!r}; expected one of "
+                             f"{', '.join(SIZE_CONDITIONING)}")
+        if self.size_conditioning == "sdxl" and self.micro_fourier_dim is None:
+            raise ValueError("size_conditioning='sdxl' needs micro_fourier_dim (the Fourier width per number)")
 
     @property
     def device(self) -> torch.device:
@@ -69,15 +81,17 @@ class Inference:
     def conditioning(self, prompts: Sequence[str], negative_prompt: str, height: int, width: int
                      ) -> tuple[Conditioning, Conditioning]:
         """(prompt, negative-prompt) conditioning for a batch, trimmed to their common token length, with the
-        micro-conditioning of an uncropped ``height`` × ``width`` image where the denoiser was trained with it."""
+        size conditioning of an uncropped ``height`` × ``width`` image (original = target = the drawn size, on both
+        branches, as diffusers' SDXL and PixArt-α pipelines pass it) where the denoiser was trained with it."""
         device = self.device
         cond = self.text_encoder.encode(list(prompts)).to(device)
         null = self.text_encoder.encode([negative_prompt] * len(prompts)).to(device)
         cond, null = trim_together(cond, null)
-        if self.micro_fourier_dim is not None:
-            size = torch.tensor([[height, width]] * len(prompts), dtype=torch.int64)
-            vector = micro_vector(size, torch.zeros_like(size), size, self.micro_fourier_dim).to(device)
-            cond.vector, null.vector = vector, vector
+        size = torch.tensor([[height, width]] * len(prompts), dtype=torch.int64)  # (B, 2)
+        vector = size_conditioning_vector(str(self.size_conditioning), size, torch.zeros_like(size), size,
+                                          self.micro_fourier_dim or 256)
+        if vector is not None:
+            cond.vector = null.vector = vector.to(device)  # (B, V)
         return cond, null
 
     @property

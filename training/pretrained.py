@@ -24,7 +24,10 @@ scaling and shift factor (the autoencoder's config), the sampler the pipeline sh
 
 * What the files *describe* decides: the denoiser architecture (``denoiser`` and the ``model.<arch>`` section), the
   process fields the scheduler gives, the text encoder's identity (``format``, ``pretrained``, ``checkpoint``,
-  ``layer``, ``hidden_ln_final``, ``mask_padding``, ``max_length``) and SDXL's micro-conditioning. A YAML value that
+  ``layer``, ``hidden_ln_final``, ``mask_padding``, ``max_length``) and the image-size conditioning
+  (``micro_conditioning``: ``sdxl`` for an SDXL U-Net, ``pixart`` for PixArt-α's multi-scale transformers, the
+  ``-MS`` ``.pth`` files with ``csize_embedder`` / ``ar_embedder`` and diffusers folders whose transformer has
+  ``use_additional_conditions``, true by default at ``sample_size`` 128). A YAML value that
   differs from its default *and* from the files' value is an error naming both. (A value equal to the default cannot
   be told from an unset one and is replaced by the files' value.) The run-time fields of the model section
   (:data:`RUNTIME_MODEL_FIELDS`: gradient checkpointing, attention backend, dropout) are the user's to set.
@@ -118,7 +121,7 @@ class Pretrained:
     process: Mapping[str, Any] = field(default_factory=dict)  # DiffusionConfig fields the files decide
     process_defaults: Mapping[str, Any] = field(default_factory=dict)  # the family's, where the YAML says nothing
     sampling: Mapping[str, Any] = field(default_factory=dict)  # SamplingConfig fields of the shipped scheduler
-    micro_conditioning: bool = False  # SDXL size/crop conditioning
+    micro_conditioning: str = "none"  # the denoiser's image-size conditioning: none | sdxl | pixart (multi-scale)
     image_size: int = 512  # default image side in pixels
 
     @property
@@ -282,7 +285,19 @@ def _read_folder(root: Path, named: str) -> Pretrained:
         denoiser_source=str(denoiser_file.parent), learned_sigma=learned, autoencoder_config=ae_config,
         autoencoder_source=ae_source, text_encoder=text, text_encoder_note=note, num_classes=num_classes,
         class_names=names, process=process, sampling=sampling,
-        micro_conditioning=getattr(config, "addition_embed_type", "none") == "text_time", image_size=side)
+        micro_conditioning=_size_conditioning(config), image_size=side)
+
+
+def _size_conditioning(config: Any) -> str:
+    """The image-size conditioning a denoiser config was built for: ``sdxl`` for a U-Net with SDXL's ``text_time``
+    addition embedding, ``pixart`` for a PixArt DiT with the size embedders (its ``vector_dim``: diffusers'
+    ``use_additional_conditions``, true by default at ``sample_size`` 128; the original ``csize_embedder``), else
+    ``none``."""
+    if getattr(config, "addition_embed_type", "none") == "text_time":
+        return "sdxl"
+    if getattr(config, "adaln_single", False) and getattr(config, "vector_dim", None):
+        return "pixart"
+    return "none"
 
 
 def _class_names(id2label: Any) -> dict[str, int]:
@@ -439,7 +454,7 @@ def _read_sd_single_file(path: Path, named: str, shapes: Mapping[str, tuple[int,
         autoencoder_config=vae, autoencoder_source=str(path), text_encoder=text, text_encoder_note=note,
         text_encoder_replaceable=family != "sd2",
         text_encoder_defaults={k: v for k, v in PUBLISHED[family].items() if k != "format"},
-        process_defaults=SD_PROCESS, sampling=SD_SAMPLING, micro_conditioning=family == "sdxl",
+        process_defaults=SD_PROCESS, sampling=SD_SAMPLING, micro_conditioning="sdxl" if family == "sdxl" else "none",
         image_size=spec["image"])
 
 
@@ -458,9 +473,6 @@ def _read_original_transformer(path: Path, named: str, shapes: Mapping[str, tupl
         config = config_from_original_state_dict(meta, **heads)
     except (KeyError, ValueError) as e:
         raise PretrainedError(f"diffusion.pretrained={named!r}: {path.name}: {e}") from None
-    if config.vector_dim is not None:
-        raise PretrainedError(f"diffusion.pretrained={named!r}: {path.name} is a multi-scale PixArt model (size and "
-                              "aspect-ratio conditioning), which sampling does not feed yet")
     learned = bool(config.learn_sigma)
     config = dataclasses.replace(config, learn_sigma=False)
     pixart = config.context_dim is not None
@@ -471,7 +483,7 @@ def _read_original_transformer(path: Path, named: str, shapes: Mapping[str, tupl
         denoiser_source=str(path), learned_sigma=learned, text_encoder_note=note,
         num_classes=None if pixart else config.num_classes, process_defaults=DIT_PROCESS,
         text_encoder_defaults=dict(layer="last", max_length=120) if pixart else {},
-        sampling=dict(sampler="ddim"), image_size=config.sample_size * 8)
+        sampling=dict(sampler="ddim"), image_size=config.sample_size * 8, micro_conditioning=_size_conditioning(config))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -693,8 +705,12 @@ def apply_pretrained(cfg: Any) -> None:
     elif cfg.latents != "pixels" and cfg.autoencoder_weights == _default(DiffusionStageConfig, "autoencoder_weights"):
         raise PretrainedError(f"diffusion.pretrained={src!r} holds no autoencoder: set diffusion.autoencoder_weights "
                               "(a diffusers VAE folder such as sd-vae-ft-ema's, or an original SD single file)")
-    if cfg.micro_conditioning and not p.micro_conditioning:
-        _decide("micro_conditioning", True, False, False, src)
+    asked = cfg.micro_conditioning
+    if isinstance(asked, bool):  # an older config's true / false (sdxl / none), compared in its own terms
+        _decide("micro_conditioning", asked, False, {"sdxl": True, "none": False}.get(p.micro_conditioning,
+                                                                                        p.micro_conditioning), src)
+    else:
+        _decide("micro_conditioning", asked, "none", p.micro_conditioning, src)
     cfg.micro_conditioning = p.micro_conditioning
     cfg.sampling = sampling_with(cfg.sampling, p.sampling, SamplingConfig)
 
@@ -731,7 +747,7 @@ def open_pretrained(pretrained: Union[str, Path], device: Optional[Union[str, to
     from training.config_io import from_dict, to_dict
     from training.diffusion import build_process
     from training.inference import Inference
-    from training.stages.diffusion import DiffusionStageConfig, build_denoiser, micro_fourier_dim
+    from training.stages.diffusion import DiffusionStageConfig, build_denoiser, sdxl_fourier_dim
 
     fields: dict[str, Any] = {"latents": "encode", **dict(diffusion or {}), "pretrained": str(pretrained)}
     if sampling is not None:
@@ -740,9 +756,9 @@ def open_pretrained(pretrained: Union[str, Path], device: Optional[Union[str, to
     bundle = read_pretrained(pretrained)
     text = class_label_encoder(st) or TextEncoder(st.text_encoder)
     auto = load_autoencoder_any(st.autoencoder_weights) if st.latents != "pixels" else None
-    micro = micro_fourier_dim(st.model_config) if st.micro_conditioning else None
     pipe = Inference(build_denoiser(st).eval(), build_process(st.process), text, auto, st.sampling,
-                     (bundle.image_size, bundle.image_size), micro)
+                     (bundle.image_size, bundle.image_size), sdxl_fourier_dim(st),
+                     size_conditioning=st.micro_conditioning)
     if adapters:
         from training.inference import apply_adapters
 

@@ -16,14 +16,15 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from models.autoencoder import DiagonalGaussian
 from models.conditioning import Conditioning, drop_conditioning, trim_together
-from models.embeddings import micro_vector
+from models.dit_checkpoints import PIXART_VECTOR_DIM
+from models.embeddings import SIZE_CONDITIONING, size_conditioning_vector
 from models.registry import build_model, get_architecture, list_architectures, resolve
 from models.text_encoder import TextEncoderConfig
 from training.config_io import ConfigError, from_dict, to_dict
@@ -66,7 +67,10 @@ class DiffusionStageConfig:
     image_noise: float = 0.0  # std of Gaussian noise added to the conditioning frame's normalised latent (augmentation)
     latents: Literal["cache", "encode", "pixels"] = "cache"  # cached shards · frozen autoencoder · pixel space
     autoencoder_weights: str = "auto"  # frozen autoencoder (.safetensors + .json beside); auto: this run's export
-    micro_conditioning: bool = False  # SDXL size/crop conditioning as Fourier features in cond.vector
+    # image-size conditioning in cond.vector: none · sdxl (original size, crop, target size as Fourier features,
+    # Podell et al. 2023) · pixart (original resolution and aspect ratio, PixArt-α's multi-scale models); the
+    # booleans of older configs still read (true: sdxl, false: none)
+    micro_conditioning: Union[Literal["none", "sdxl", "pixart"], bool] = "none"
     batch_size: Optional[int] = None  # per-rank batch size for this stage (null: data.batch_size)
     train: TrainConfig = field(default_factory=TrainConfig)  # steps, optimizer, EMA, checkpoints
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # validation and `loom sample` defaults
@@ -76,6 +80,9 @@ class DiffusionStageConfig:
     validation_fps: float = 8.0  # frame rate of the validation clips (mp4, animated grid)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.micro_conditioning, bool) and self.micro_conditioning not in SIZE_CONDITIONING:
+            raise ValueError(f"micro_conditioning: {self.micro_conditioning!r}; expected one of "
+                             f"{', '.join(SIZE_CONDITIONING)} (or true / false: sdxl / none)")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout: {self.cond_dropout} must be in [0, 1]")
         if not 0.0 <= self.image_dropout <= 1.0:
@@ -95,10 +102,17 @@ class DiffusionStageConfig:
             from training.pretrained import apply_pretrained
 
             apply_pretrained(self)  # fills denoiser, model, process, text_encoder, autoencoder_weights, sampling
+        if isinstance(self.micro_conditioning, bool):  # an older config's true / false
+            self.micro_conditioning = "sdxl" if self.micro_conditioning else "none"
         configs = {name.lower(): denoiser_config(name, overrides, f"model.{name}")
                    for name, overrides in self.model.items()}
         active = configs.get(self.denoiser.lower())
         self._model_config = active if active is not None else denoiser_config(self.denoiser, {}, "denoiser")
+        if self.micro_conditioning == "pixart" and getattr(self._model_config, "vector_dim", None) != PIXART_VECTOR_DIM:
+            raise ValueError(f"micro_conditioning: 'pixart' feeds a {PIXART_VECTOR_DIM}-wide cond.vector (height, "
+                             f"width, aspect ratio); the denoiser {self.denoiser!r} has vector_dim="
+                             f"{getattr(self._model_config, 'vector_dim', None)!r} (set model.{self.denoiser}."
+                             f"vector_dim: {PIXART_VECTOR_DIM} on a DiT)")
         if getattr(self._model_config, "learn_sigma", False):
             raise ValueError(f"model: {self.denoiser}.learn_sigma=true predicts a variance the training loss does "
                              f"not use yet; set model.{self.denoiser}.learn_sigma=false")
@@ -206,6 +220,12 @@ def micro_fourier_dim(model_config: Any) -> int:
     if width is None and getattr(model_config, "vector_dim", None):
         width = model_config.vector_dim // 6
     return int(width or MICRO_FOURIER_DIM)
+
+
+def sdxl_fourier_dim(cfg: DiffusionStageConfig) -> Optional[int]:
+    """:func:`micro_fourier_dim` of the stage's denoiser where it takes SDXL's micro-conditioning, else None (what
+    :class:`~training.inference.Inference` takes)."""
+    return micro_fourier_dim(cfg.model_config) if cfg.micro_conditioning == "sdxl" else None
 
 
 class StagePart:
@@ -393,9 +413,10 @@ class DiffusionStage(Stage):
                                 pooled=ex["pooled"].float() if "pooled" in ex else None)
         else:
             cond = self.text_encoder.encode(list(batch.captions)).to(self.device, torch.float32)
-        if self.cfg.micro_conditioning:
-            cond.vector = micro_vector(batch.original_size, batch.crop_top_left, batch.target_size,
-                                       micro_fourier_dim(self.cfg.model_config)).to(self.device)
+        vector = size_conditioning_vector(self.cfg.micro_conditioning, batch.original_size, batch.crop_top_left,
+                                          batch.target_size, micro_fourier_dim(self.cfg.model_config))
+        if vector is not None:
+            cond.vector = vector.to(self.device)  # (B, V)
         return cond.trim_context() if trim else cond
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
@@ -410,10 +431,9 @@ class DiffusionStage(Stage):
 
     def inference(self, model: nn.Module) -> Inference:
         """``model`` (an evaluation copy) with this stage's frozen parts and sampling settings, for drawing samples."""
-        micro = micro_fourier_dim(self.cfg.model_config) if self.cfg.micro_conditioning else None
         return Inference(model, self.process, self.text_encoder,
                          self.autoencoder if self.cfg.latents != "pixels" else None, self.cfg.sampling,
-                         self.image_size, micro)
+                         self.image_size, sdxl_fourier_dim(self.cfg), size_conditioning=self.cfg.micro_conditioning)
 
     def validate(self, model: nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         autocast = self.adapters is not None or self.objective.autocast_eval

@@ -387,7 +387,7 @@ def make_dpo_stage(cfg: DiffusionStageConfig, dpo: DpoStageConfig, text_encoder:
     weights), with LoRA adapters as the policy (``policy: lora``) or every weight trained (``policy: full``)."""
     if not cfg.weights:
         raise ValueError("dpo: needs base denoiser weights (diffusion.weights, or a diffusion stage before it)")
-    if cfg.micro_conditioning:
+    if cfg.micro_conditioning != "none":
         raise ValueError("diffusion.micro_conditioning: the dpo stage does not cache the pairs' size/crop "
                          "conditioning yet; set it to false")
     adapters = LoraAdapters(dpo.adapter, cast_base=dpo.cast_base) if dpo.policy == "lora" else None
