@@ -162,6 +162,38 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: {msg}") from e
 
 
+def architecture_config(name: str, role: str, overrides: Any, key: str) -> tuple[Any, Any]:
+    """``(architecture, typed config)`` of the registered architecture or preset ``name`` of ``role``
+    (``"denoiser"``, ``"autoencoder"``), with ``overrides`` (a mapping of its fields, or the whole typed config)
+    over its fields, checked like any config: an unknown name, another role, an unknown field, a wrong type or a
+    failed check is a ``ValueError`` naming ``key``."""
+    from models.registry import list_architectures, resolve
+
+    try:
+        arch, base = resolve(name)
+    except KeyError as e:
+        raise ValueError(f"{key}: {e.args[0]}") from None
+    if arch.role != role:
+        raise ValueError(f"{key}: {name!r} is registered as an architecture of role {arch.role!r}, not of role "
+                         f"{role!r}; {role} architectures: {', '.join(list_architectures(role))}")
+    return arch, with_overrides(base, overrides, key)
+
+
+def with_overrides(base: Any, overrides: Any, key: str) -> Any:
+    """``base`` (a typed config) with ``overrides`` over its fields (a mapping, or a whole config of the same type,
+    which replaces it), checked like any config (errors are ``ValueError`` naming ``key`` and the field)."""
+    if isinstance(overrides, type(base)):  # Python callers may give the whole typed config
+        return overrides
+    if not overrides:
+        return base
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{key}: got {overrides!r}; expected a mapping of {type(base).__name__} fields")
+    try:
+        return from_dict(type(base), {**to_dict(base), **overrides}, key)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
 def check_field_types(obj: Any) -> None:
     """Type-check every field of dataclass ``obj`` against its hints (converting as :func:`from_dict` does, e.g.
     int → float), for dataclasses that may also be built directly in Python. Call it from ``__post_init__``."""

@@ -45,8 +45,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.blocks import fold_frames
-from models.registry import Architecture, build_model, get_architecture, list_architectures, resolve
-from training.config_io import ConfigError, _convert, from_dict, to_dict
+from models.registry import Architecture, build_model, get_architecture, resolve
+from training.config_io import ConfigError, _convert, architecture_config, from_dict, to_dict, with_overrides
 from training.evaluation import psnr, save_grid, temporal_flicker
 from training.perceptual import LPIPS
 from training.stages.base import Stage
@@ -122,7 +122,7 @@ class AutoencoderStageConfig:
             self._model_config = None  # known once the image autoencoder's config is read (model_config)
         else:
             self._overrides = {}
-            self._model_config = _with_overrides(base, overrides, "model")
+            self._model_config = with_overrides(base, overrides, "model")
 
     def _model_sections(self) -> Any:
         """The overrides of the active architecture from ``model`` (flat or per architecture name); every section
@@ -152,7 +152,7 @@ class AutoencoderStageConfig:
             if self.inflate_from and arch.name != IMAGE_AUTOENCODER:
                 check_field_overrides(arch.config_cls, section, f"model.{name}")
             else:
-                _with_overrides(base, section, f"model.{name}")
+                with_overrides(base, section, f"model.{name}")
             if name.lower() == self.architecture.lower():
                 active = section
         return active
@@ -175,7 +175,7 @@ class AutoencoderStageConfig:
             derived = causal_config_from_image(image_config)
         else:
             derived = temporal_config_from_image(image_config)
-        return _with_overrides(derived, self._overrides, "model")
+        return with_overrides(derived, self._overrides, "model")
 
     def check_clip_lengths(self, frames: Sequence[int], key: str) -> None:
         """Refuse clip lengths a causal autoencoder would cut (it keeps ``1 + r·k`` frames of a clip). The
@@ -200,26 +200,7 @@ def _is_registered(name: Any) -> bool:
 
 
 def _resolve_autoencoder(name: str, key: str) -> tuple[Architecture, Any]:
-    try:
-        arch, base = resolve(name)
-    except KeyError as e:
-        raise ValueError(f"{key}: {e.args[0]}") from None
-    if arch.role != "autoencoder":
-        raise ValueError(f"{key}: {name!r} is registered as an architecture of role {arch.role!r}, not an autoencoder; "
-                         f"autoencoder architectures: {', '.join(list_architectures('autoencoder'))}")
-    return arch, base
-
-
-def _with_overrides(base: Any, overrides: Any, key: str) -> Any:
-    """``base`` (a typed config) with ``overrides`` over its fields, checked like any config."""
-    if isinstance(overrides, type(base)):
-        return overrides
-    if not overrides:
-        return base
-    try:
-        return from_dict(type(base), {**to_dict(base), **overrides}, key)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    return architecture_config(name, "autoencoder", {}, key)
 
 
 def check_field_overrides(cls: type, overrides: Mapping[str, Any], key: str) -> None:

@@ -25,9 +25,9 @@ from models.autoencoder import DiagonalGaussian
 from models.conditioning import Conditioning, drop_conditioning, trim_together
 from models.dit_checkpoints import PIXART_VECTOR_DIM
 from models.embeddings import SIZE_CONDITIONING, size_conditioning_vector
-from models.registry import build_model, get_architecture, list_architectures, resolve
+from models.registry import build_model, get_architecture
 from models.text_encoder import TextEncoderConfig
-from training.config_io import ConfigError, from_dict, to_dict
+from training.config_io import architecture_config
 from training.diffusion import DiffusionConfig, build_process
 from training.evaluation import save_clip_grid_animation, save_clip_mp4, save_grid
 from training.inference import Inference
@@ -130,25 +130,9 @@ class DiffusionStageConfig:
 
 
 def denoiser_config(name: str, overrides: Mapping[str, Any], key: str) -> Any:
-    """The typed config of the architecture or preset ``name`` with ``overrides`` over its fields, checked like
-    any config (unknown field, wrong type, failed check: a ``ValueError`` naming ``key`` and the field)."""
-    try:
-        arch, base = resolve(name)
-    except KeyError as e:
-        raise ValueError(f"{key}: {e.args[0]}") from None
-    if arch.role != "denoiser":
-        raise ValueError(f"{key}: {name!r} is registered as an architecture of role {arch.role!r}, not a "
-                         f"denoiser; denoiser architectures: {', '.join(list_architectures('denoiser'))}")
-    if isinstance(overrides, type(base)):  # Python callers may give the whole typed config
-        return overrides
-    if not overrides:
-        return base
-    if not isinstance(overrides, Mapping):
-        raise ValueError(f"{key}: got {overrides!r}; expected a mapping of {type(base).__name__} fields")
-    try:
-        return from_dict(type(base), {**to_dict(base), **overrides}, key)
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    """The typed config of the denoiser architecture or preset ``name`` with ``overrides`` over its fields, checked
+    like any config (unknown field, wrong type, failed check: a ``ValueError`` naming ``key`` and the field)."""
+    return architecture_config(name, "denoiser", overrides, key)[1]
 
 
 def build_denoiser(cfg: DiffusionStageConfig) -> nn.Module:
