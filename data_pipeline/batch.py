@@ -46,11 +46,23 @@ class Batch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # other precomputed arrays, (B, ...) each
     sources: list[str] = field(default_factory=list)  # the source name each sample came from
 
-    def __init__(self, pixels: Optional[torch.Tensor], captions: list[str], keys: list[str], metadata: list[dict],
-                 original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor,
-                 latents: Optional[torch.Tensor] = None, extras: Optional[dict[str, torch.Tensor]] = None,
-                 sources: Optional[list[str]] = None):
-        """``pixels``: uint8 (normalised when read, on their device) or float32 in [-1, 1] (kept)."""
+    def __init__(self, pixels: Optional[torch.Tensor] = None, captions: Optional[list[str]] = None,
+                 keys: Optional[list[str]] = None, metadata: Optional[list[dict]] = None,
+                 original_size: Optional[torch.Tensor] = None, crop_top_left: Optional[torch.Tensor] = None,
+                 target_size: Optional[torch.Tensor] = None, latents: Optional[torch.Tensor] = None,
+                 extras: Optional[dict[str, torch.Tensor]] = None, sources: Optional[list[str]] = None, *,
+                 pixel_data: Optional[torch.Tensor] = None):
+        """``pixels``: uint8 (normalised when read, on their device) or float32 in [-1, 1] (kept). ``pixel_data``
+        is the same argument under the field's name, so ``dataclasses.replace(batch, ...)`` works."""
+        if pixel_data is not None:
+            if pixels is not None:
+                raise TypeError("Batch: give pixels or pixel_data, not both")
+            pixels = pixel_data
+        required = {"captions": captions, "keys": keys, "metadata": metadata, "original_size": original_size,
+                    "crop_top_left": crop_top_left, "target_size": target_size}
+        missing = [name for name, value in required.items() if value is None]
+        if missing:
+            raise TypeError(f"Batch: missing {', '.join(missing)}")
         self.pixel_data = pixels
         self.captions, self.keys, self.metadata = captions, keys, metadata
         self.original_size, self.crop_top_left, self.target_size = original_size, crop_top_left, target_size

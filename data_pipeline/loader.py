@@ -481,8 +481,12 @@ class StreamingLoader:
             _close_workers(stream)
 
     def __del__(self) -> None:  # a loader dropped without close(): its persistent workers go with it
+        # at once (SIGKILL, no end-of-work message and join): the garbage collector may run this in the middle of an
+        # import, where the graceful shutdown's queue threads wait on the import lock for seconds per worker
         try:
-            self.close()
+            if self._stream is not None:
+                stream, self._stream = self._stream, None
+                _close_workers(stream, wait=False)
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down what closing needs
             pass
 

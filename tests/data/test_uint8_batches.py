@@ -174,3 +174,17 @@ def test_pinned_uint8_batches_normalise_on_the_gpu_bit_for_bit(images, clips):
             assert x.device.type == "cuda" and x.dtype == torch.float32
             assert torch.equal(bits(x.cpu()), bits(old_float(b.pixel_data.movedim(1, -1).numpy())))
         loader.close()
+
+
+def test_dataclasses_replace_keeps_the_uint8_pixels():
+    """``dataclasses.replace`` (a user's or a test's way to edit a batch) keeps the uint8 pixels and their reading."""
+    from data_pipeline.batch import Batch
+
+    pixels = torch.arange(2 * 3 * 2 * 2, dtype=torch.uint8).reshape(2, 3, 2, 2)
+    size = torch.tensor([[2, 2], [2, 2]])
+    batch = Batch(pixels, ["a", "b"], ["k0", "k1"], [{}, {}], size, torch.zeros_like(size), size)
+    edited = dataclasses.replace(batch, captions=["c", "d"])
+    assert edited.captions == ["c", "d"] and edited.pixel_data.dtype == torch.uint8
+    assert torch.equal(edited.pixels, batch.pixels)
+    with pytest.raises(TypeError, match="missing keys"):
+        Batch(pixels, ["a", "b"], None, [{}, {}], size, size, size)
