@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
+from sdmaker import SD_DDIM, SIZE, tiny_sd_pipeline, tiny_vae
 
 from training.config_io import ConfigError, from_dict
 from training.pretrained import PretrainedError, open_pretrained, read_pretrained
@@ -26,40 +27,11 @@ transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
-LENGTH = 16  # tokens per prompt of the tiny tokenizer (SD: 77)
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["the cat", "a hat"]
-SIZE = 16  # pixels (the tiny VAE halves once: 8×8 latents)
-SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
-
-
-def clip_tokenizer():
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(LETTERS)})
-    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("a", "t</w>")]
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=LENGTH)
 
 
 def tiny_sd_parts(seed: int = 0, prediction: str = "epsilon"):
-    """diffusers' own SD 1.x classes at a tiny size (norm groups 32 and 8 heads as SD 1.x has them)."""
-    torch.manual_seed(seed)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8).eval()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=SIZE).eval()
-    scheduler = diffusers.DDIMScheduler(**SD_DDIM, prediction_type=prediction)
-    return diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    return tiny_sd_pipeline(seed, prediction)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +144,7 @@ def published_clip_folder(root):
         sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8).eval()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=SIZE).eval()
+    vae = tiny_vae()
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                              scheduler=diffusers.DDIMScheduler(**SD_DDIM), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)

@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sdmaker import LENGTH, SIZE, clip_config, clip_tokenizer, tiny_sd_pipeline
 
 from training.lora_formats import merge_text_encoder_layers, read_kohya
 from training.pretrained import open_pretrained
@@ -26,30 +27,10 @@ peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
-LENGTH = 16  # tokens per prompt of the tiny tokenizer
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["the cat", "a hat"]
-SIZE = 16  # pixels (8×8 latents)
-SD_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-               set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in"]
 TOL = 1e-5
-
-
-def clip_tokenizer(pad: str = "<|endoftext|>"):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(LETTERS)})
-    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("a", "t</w>")]
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=LENGTH, pad_token=pad)
-
-
-def clip_config(**overrides):
-    return transformers.CLIPTextConfig(**{**dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1), **overrides})
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float, only_lora: bool = False) -> None:
@@ -63,18 +44,7 @@ def perturb(model: torch.nn.Module, seed: int, scale: float, only_lora: bool = F
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A tiny SD 1.x pipeline of diffusers' classes, saved as a diffusers folder."""
-    torch.manual_seed(0)
-    text = transformers.CLIPTextModel(clip_config()).eval()
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8).eval()
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=SIZE).eval()
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(**SD_DDIM), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = tiny_sd_pipeline()
     root = tmp_path_factory.mktemp("sd") / "pipeline"
     pipe.save_pretrained(root)
     return root
