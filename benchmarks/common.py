@@ -1,9 +1,15 @@
 """What the benchmarks share: synthetic cached-latent batches (trained through
-:class:`data_pipeline.memory.InMemoryLoader`) and the ``--profile`` helper."""
+:class:`data_pipeline.memory.InMemoryLoader`), the ``--profile`` helper, and ``loom train`` as a timed child
+process (:func:`loom_train`)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -55,3 +61,15 @@ def loader_epoch(loader, restart: bool):
     yield from loader
     if restart:
         loader.close()
+
+
+def loom_train(args: list[str], threads: int, cwd: Path) -> float:
+    """``loom train ARGS`` in a fresh process with ``threads`` torch threads; its wall seconds. A failed run raises
+    with the command and the end of its stderr."""
+    cmd = [sys.executable, "-m", "launch", "train", *args]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported by a test
+from common import loom_train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN = range(0, 5), range(5, 10)  # digits the clips show · digits only the still images show
@@ -89,16 +89,10 @@ def measure(run_dir: Path, per_prompt: int, seed: int) -> dict[str, Any]:
 def run_arm(arm: str, seed: int, clips: Path, images: Path, out_dir: Path, threads: int,
             extra: list[str], image_weight: float = 1.0, tag: str = "") -> dict[str, Any]:
     name = f"joint-evidence{tag}-{arm}-s{seed}"
-    cmd = [sys.executable, "-m", "launch", "train", "--config", "quickstart-video", f"run.name={name}",
-           f"run.output_dir={out_dir}", f"run.seed={seed}", f"data.seed={seed}", "diffusion.inflate_from=null",
-           "diffusion.train.progress=false", "report.enabled=false",
-           *data_overrides(arm, clips, images, image_weight), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    seconds = loom_train(["--config", "quickstart-video", f"run.name={name}", f"run.output_dir={out_dir}",
+                          f"run.seed={seed}", f"data.seed={seed}", "diffusion.inflate_from=null",
+                          "diffusion.train.progress=false", "report.enabled=false",
+                          *data_overrides(arm, clips, images, image_weight), *extra], threads, REPO)
     return {"arm": arm, "seed": seed, "seconds": seconds, **measure(out_dir / name, 5, seed)}
 
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/common.py, also when imported by a test
+from common import loom_train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 INITS = {"image": [], "scratch": ["diffusion.inflate_from=null"]}
@@ -65,14 +65,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def run_one(init: str, seed: int, out_dir: Path, extra: list[str], threads: int, tag: str = "") -> dict[str, Any]:
     name = f"video-evidence{tag}-{init}-s{seed}"
-    cmd = [sys.executable, "-m", "launch", "train", "--config", "quickstart-video", f"run.name={name}",
-           f"run.output_dir={out_dir}", f"run.seed={seed}", "diffusion.train.progress=false", *INITS[init], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    seconds = loom_train(["--config", "quickstart-video", f"run.name={name}", f"run.output_dir={out_dir}",
+                          f"run.seed={seed}", "diffusion.train.progress=false", *INITS[init], *extra], threads, REPO)
     report = json.loads((out_dir / name / "report.json").read_text())
     return {**report, "seed": seed, "init": init, "seconds": seconds}
 
