@@ -24,6 +24,22 @@ def clip_tokenizer(pad: str = "<|endoftext|>"):
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=LENGTH, pad_token=pad)
 
 
+T5_WORDS = ["the", "cat", "a", "sat", "on", "mat", "with", "hat"]  # the tiny T5 tokenizer's vocabulary
+
+
+def t5_tokenizer(max_length: int = LENGTH):
+    """A word-level tokenizer with T5's special tokens (pad 0, end 1, unknown 2) that appends ``</s>``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(T5_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>", model_max_length=max_length)
+
+
 def clip_config(**overrides):
     """A two-layer CLIP text config over :func:`clip_tokenizer`'s vocabulary."""
     import transformers

@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sdmaker import LENGTH, clip_tokenizer, t5_tokenizer
 
 from models.conditioning import trim_together
 from models.hf_text_encoders import HFTextEncoder, published_text_encoder_config
@@ -15,35 +16,10 @@ from models.text_encoder import TextEncoder, TextEncoderConfig, TextEncoderLoadE
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LENGTH = 16  # tokens per prompt of the tiny tokenizers (SD: 77)
 CAPTIONS = ["the cat", "a cat sat on the mat with the hat", ""]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 # ---- tiny tokenizers -----------------------------------------------------------------------------------------
-
-
-def clip_tokenizer(pad: str = "<|endoftext|>"):
-    """A CLIP BPE tokenizer over single letters and a few merges; SDXL's second tokenizer pads with ``!``."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(LETTERS)})
-    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("a", "t</w>")]
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=LENGTH, pad_token=pad)
-
-
-def t5_tokenizer():
-    """A word-level tokenizer with T5's special tokens (pad 0, end 1, unknown 2) that appends ``</s>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    words = ["the", "cat", "a", "sat", "on", "mat", "with", "hat"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>", model_max_length=LENGTH)
 
 
 # ---- tiny models ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sdmaker import t5_tokenizer, tiny_vae
 
 from training.config_io import ConfigError, from_dict, to_dict
 from training.pretrained import open_pretrained, read_pretrained
@@ -23,21 +24,8 @@ transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
-WORDS = ["the", "cat", "a", "sat", "on", "mat", "with", "hat"]
 PROMPTS = ["the cat sat on a mat", "a hat"]  # lower case: the pipeline lower-cases prompts (clean_caption off)
 STEPS, GUIDANCE, SEED = 3, 4.5, 3
-
-
-def t5_tokenizer():
-    """A word-level tokenizer with T5's special tokens (pad 0, end 1, unknown 2) that appends ``</s>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>", model_max_length=120)
 
 
 def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -62,12 +50,10 @@ def tiny_pixart_ms():
         num_attention_heads=3, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=192, sample_size=128, patch_size=2, caption_channels=32, use_additional_conditions=True),
         seed=1)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=16).eval()
+    vae = tiny_vae(16)
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                                       prediction_type="epsilon")
-    return diffusers.PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=text, vae=vae,
+    return diffusers.PixArtAlphaPipeline(tokenizer=t5_tokenizer(120), text_encoder=text, vae=vae,
                                          transformer=transformer, scheduler=scheduler)
 
 
