@@ -243,13 +243,7 @@ def main(out_dir: str, scenarios: str = "full", precision: str = "no") -> None:
 
 
 if __name__ == "__main__":
-    import logging
+    from worker_setup import prepare_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "accelerate", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
-    if DEVICE == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    prepare_worker(DEVICE)
     main(*sys.argv[1:])

@@ -171,6 +171,23 @@ def signal_job(proc: subprocess.Popen, sig: int) -> list[int]:
     return groups
 
 
+def python_processes(pids: list[int]) -> list[int]:
+    """The processes of ``pids`` that run a Python interpreter (ranks, DataLoader workers, torchrun's agent)."""
+    return [p for p in pids if b"python" in open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0]]
+
+
+def stop_job(proc: subprocess.Popen, job: list[int], sig: int, timeout: float = 120,
+             linger: float = 15) -> tuple[int, list[int]]:
+    """Signal the whole job (:func:`signal_job`), wait up to ``timeout`` s for ``proc`` to end and up to ``linger``
+    s more for the processes ``job`` listed before; returns ``proc``'s exit status and those still alive."""
+    signal_job(proc, sig)
+    status = finish(proc, timeout=timeout)
+    deadline = time.monotonic() + linger
+    while any(alive(p) for p in job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return status, [p for p in job if alive(p)]
+
+
 def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     """Until ``path`` exists (fails, with the end of ``log`` and of any node logs beside it, if ``proc`` ended first
     or the time ran out)."""

@@ -232,13 +232,7 @@ def main(shards: str, out_dir: str, scenarios: Optional[list[str]] = None) -> No
 
 
 if __name__ == "__main__":
-    import logging
+    from worker_setup import prepare_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "deepspeed", "accelerate", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(1)
-    if DEVICE == "cuda":  # bit-identical resume needs deterministic kernels
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    prepare_worker(DEVICE)
     main(sys.argv[1], sys.argv[2], sys.argv[3].split(",") if len(sys.argv) > 3 else None)

@@ -25,7 +25,6 @@ from harness import (
     CHECKPOINT_EVERY,
     STEPS,
     TORCHRUN_SCRIPT,
-    alive,
     assert_same_weights,
     checkpoints,
     descendants,
@@ -34,9 +33,10 @@ from harness import (
     free_port,
     kill_session,
     launch_env,
+    python_processes,
     run_nodes,
-    signal_job,
     start,
+    stop_job,
     tiny_config,
     wait_for,
 )
@@ -168,15 +168,10 @@ def _stop_and_resume(cmd, env_first, env_second, stage, tmp_path, workers_per_ra
         wait_for(stage / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "trainer_state.json", proc,
                  tmp_path / "first.out")
         job = descendants(proc.pid)
-        pythons = [p for p in job if b"python" in open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0]]
+        pythons = python_processes(job)
         # the ranks and their DataLoader workers (and torchrun's agent) are all there to be signalled
         assert len(pythons) >= ranks * (1 + workers_per_rank), pythons
-        signal_job(proc, signal.SIGTERM)
-        status = finish(proc, timeout=120)
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in job) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [p for p in job if alive(p)]
+        status, left = stop_job(proc, job, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             kill_session(proc)

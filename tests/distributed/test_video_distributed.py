@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import video_worker as worker  # noqa: E402
 from harness import (  # noqa: E402
     TORCHRUN_SCRIPT,
-    alive,
     assert_same_weights,
     checkpoints,
     descendants,
@@ -44,9 +42,10 @@ from harness import (  # noqa: E402
     free_port,
     kill_session,
     launch_env,
+    python_processes,
     scalars,
-    signal_job,
     start,
+    stop_job,
     wait_for,
 )
 from sharding_launch import Ranks, base_env, sharding_device  # noqa: E402
@@ -246,14 +245,9 @@ def test_sigterm_stops_a_two_rank_video_run_and_the_same_command_resumes_it_exac
         wait_for(stage / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "trainer_state.json", proc,
                  tmp_path / "first.out", timeout=240)
         job = descendants(proc.pid)
-        pythons = [p for p in job if b"python" in open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0]]
+        pythons = python_processes(job)
         assert len(pythons) >= 2 * 2, pythons  # the two ranks and their DataLoader workers get the signal too
-        signal_job(proc, signal.SIGTERM)
-        status = finish(proc, timeout=120)
-        deadline = time.monotonic() + 15
-        while any(alive(p) for p in job) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = [p for p in job if alive(p)]
+        status, left = stop_job(proc, job, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             kill_session(proc)
