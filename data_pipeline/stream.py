@@ -34,6 +34,7 @@ from data_pipeline.sampletext import json_text_problem, parse_json_object, print
 from data_pipeline.shardlists import T_RESAMPLE, ResolvedSource, mix64, shard_order, slot_share
 from data_pipeline.stats import Counters, format_counts
 from data_pipeline.transforms import array_shape
+from data_pipeline.video import latent_window
 
 PASS_END = object()  # sentinel: this slot's share of the pass is read
 
@@ -213,6 +214,9 @@ def parse_sample(cfg: DataConfig, key: str, members: dict[str, bytes]) -> tuple[
             shape = array_shape(arrays[cfg.latent_key], cfg.latent_key)
         except Exception as e:  # noqa: BLE001
             return "bad_array", f"{cfg.latent_key}: {_error_text(e)}", {}
+        window = latent_window(cfg, shape)  # a cached clip longer than a training clip: batched as its window
+        if window is not None:
+            shape = (shape[0], window, *shape[2:])
     if member is not None:
         decoder = member_decoder(member)
         try:

@@ -233,6 +233,34 @@ def _clip_start(positions: int, mode: str, rand: int) -> int:
     return mix64(rand, T_CLIP) % positions
 
 
+def training_clip_frames(cfg: Any) -> int:
+    """Frames of the longest training clip of a ``DataConfig``: its largest clip bucket, else ``video.num_frames``."""
+    frames = list(getattr(getattr(cfg, "buckets", None), "frames", None) or [])
+    return max(frames) if frames else int(cfg.video.num_frames)
+
+
+def latent_window(cfg: Any, shape: tuple[int, ...]) -> Optional[int]:
+    """The frames a cached clip latent of ``shape`` ``(2C, T, h, w)`` is cut to, or None when it is used whole.
+
+    A cache made with ``cache.clip_frames`` keeps more frames of each clip than a training clip has (the clip's
+    whole length, say); every time such a latent is read, a window of :func:`training_clip_frames` consecutive latent
+    frames is cut from it where ``video.clip_start`` says (:func:`cut_latent_window`), so cached training keeps the
+    temporal crop that decoding the video would give. Latents with at most that many frames (images, short clips,
+    a causal 3-D autoencoder's ``1 + (T-1)/r``) are used whole."""
+    if len(shape) != 4:
+        return None
+    n = training_clip_frames(cfg)
+    return n if int(shape[1]) > n else None
+
+
+def cut_latent_window(latent: np.ndarray, n: int, mode: str, rand: int) -> tuple[np.ndarray, int]:
+    """``latent`` ``(2C, T, h, w)`` → ``(latent[:, s:s + n], s)``: the window of ``n`` frames that starts where
+    ``mode`` (``video.clip_start``) and the sample's ``rand`` put it — the draw a decoded clip's start uses, so a
+    resumed run cuts the same windows."""
+    s = _clip_start(int(latent.shape[1]) - n + 1, mode, rand)
+    return np.ascontiguousarray(latent[:, s:s + n]), s
+
+
 def _pick(frames: Iterator, times: list[float], frame_dur: float) -> list:
     """For each sample time (ascending, seconds), the frame on display then: ``[(frame, t), ...]``, shorter when
     the stream ends before the last times."""

@@ -64,6 +64,7 @@ from data_pipeline.shardlists import T_AUG, T_MIX, T_SHUFFLE, ResolvedSource, mi
 from data_pipeline.stats import Counters, format_counts
 from data_pipeline.stream import PASS_END, Raw, SourceStream, _error_text, read_samples
 from data_pipeline.transforms import array_name, load_array
+from data_pipeline.video import cut_latent_window, latent_window
 
 MODES = ("aligned", "nominal", "exhaust")
 SCHEDULE_PATIENCE = 32  # same_bucket_across_ranks: queued samples, in largest batches, before a bucket is starved
@@ -247,6 +248,12 @@ class WorkerPipeline:
                 arrays[ext] = load_array(data, ext)
             except Exception as e:  # noqa: BLE001
                 return self._bad("bad_array", raw, f"{ext}: {str(e)[:100]}")
+        latent = arrays.get(cfg.latent_key) if cfg.latent_key and raw.pixel_bytes is None else None
+        window = latent_window(cfg, latent.shape) if latent is not None else None
+        if window is not None:  # a cached clip with more frames than a training clip: a fresh window each visit
+            rand = mix64(self.ctx.seed, T_AUG, url_id(raw.url), raw.index, raw.visit)
+            arrays[cfg.latent_key], start = cut_latent_window(latent, window, cfg.video.clip_start, rand)
+            raw.meta = {**raw.meta, "latent_window_start": start, "clip_frames": window}
         self.bad_run = 0
         return dec, arrays
 

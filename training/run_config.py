@@ -85,6 +85,13 @@ class RunConfig:
             raise ValueError("pipeline: has 'cache' but diffusion.latents is not 'cache'; the cache would go unused")
         if self.parallel.sequence_parallel > 1 and {"diffusion", "lora", "dpo"} & set(self.pipeline):
             check_model_config(self.diffusion.model_config, self.parallel.sequence_parallel)
+        if "cache" in self.pipeline:
+            self.cache.check_clip_frames(self.data)
+            if (self.cache.clip_frames is not None and "autoencoder" in self.pipeline
+                    and self.autoencoder.architecture_name == "autoencoder-causal-3d"):
+                raise ValueError(f"cache.clip_frames={self.cache.clip_frames}: the autoencoder stage trains "
+                                 f"{self.autoencoder.architecture!r}, which compresses time; cache.clip_frames needs a "
+                                 "per-frame encoder (autoencoder-kl, autoencoder-kl-temporal) - set it null")
         if "autoencoder" in self.pipeline:  # a causal video autoencoder keeps 1 + r·k frames of a clip
             from data_pipeline.worker import clip_frames
 

@@ -44,7 +44,7 @@ from training.run_config import RunConfig
 from training.sequence_parallel import data_parallel_position
 from training.sharding import wait_for_main_process
 from training.stages.autoencoder import AutoencoderStage, validation_pixels
-from training.stages.cache import cache_dir, cache_shards, data_signature, reuse_or_build
+from training.stages.cache import CacheConfig, cache_dir, cache_shards, data_signature, reuse_or_build
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -74,20 +74,22 @@ def run_cache(cfg: RunConfig, run_dir: Path, config_yaml: str = "") -> Path:
         device = pick_device(cfg.device)
         encoders: list = []  # loaded on first need: nothing is loaded when every cache is reused
 
-        def build(data: DataConfig, prefix: str) -> None:
+        def build(data: DataConfig, prefix: str, settings: CacheConfig) -> None:
             if not encoders:
                 ae = resolve_autoencoder(cfg, run_dir)
                 if ae is None:
                     raise ValueError("pipeline has 'cache' but diffusion.latents=pixels: there is nothing to encode")
                 encoders.extend([ae.to(device), build_text_encoder(cfg.diffusion.text_encoder, run_dir,
                                                                     cfg.run.seed).to(device)])
-            cache_shards(data, prefix, out, encoders[0], encoders[1], cfg.cache, device)
+            cache_shards(data, prefix, out, encoders[0], encoders[1], settings, device)
 
         for prefix, data in (("train", cfg.data), ("val", cfg.val_data)):
             if prefix == "train" or data.source_list():
-                signature = {"data": data_signature(data), "cache": dataclasses.asdict(cfg.cache),
+                # validation reads the centred clip: only the training cache keeps longer clips (cache.clip_frames)
+                settings = cfg.cache if prefix == "train" else dataclasses.replace(cfg.cache, clip_frames=None)
+                signature = {"data": data_signature(data), "cache": dataclasses.asdict(settings),
                              **encoder_signature(cfg, run_dir)}
-                reuse_or_build(out, prefix, signature, functools.partial(build, data, prefix))
+                reuse_or_build(out, prefix, signature, functools.partial(build, data, prefix, settings))
 
     # rank 0 encodes; the others wait however long that takes (a plain barrier would hit the collective timeout)
     wait_for_main_process(encode)

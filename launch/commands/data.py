@@ -99,6 +99,13 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
         return 1 + (t - 1) // r
 
     item = 2 if cfg.cache.dtype == "float16" else 4
+    longest = max((s[0] for s, _ in rows if len(s) == 3), default=0)
+    keep = cfg.cache.clip_frames if mode == "cache" else None
+
+    def cached_frames(t: int) -> int:
+        """Frames a cached clip of a training bucket of ``t`` frames holds (cache.clip_frames: the longest keep more)."""
+        return max(t, keep) if keep and t > 1 and t == longest else t
+
     gflop = _encoder_gflop_per_frame(ae_cfg, sorted({s[-2:] for s, _ in rows}))
     time_note = ("every frame encoded on its own (T' = T)" if r == 1
                  else f"{r}x fewer frames, causally (T' = 1 + (T-1)/{r})")
@@ -114,8 +121,9 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
             continue
         if t is not None and r > 1:
             lat = (lat[0], latent_frames(t), *lat[2:])
-        moments = (2 * C, *lat[1:])
-        per = 2 * C * latent_frames(frames) * (shape[-2] // f) * (shape[-1] // f) * item
+        kept = cached_frames(frames)
+        moments = (2 * C, latent_frames(kept), *lat[2:]) if t else (2 * C, *lat[1:])
+        per = 2 * C * latent_frames(kept) * (shape[-2] // f) * (shape[-1] // f) * item
         cost = gflop.get(shape[-2:])
         enc = f", ~{cost * frames * n:,.0f} GFLOP" if cost is not None else ""
         what = "clip" if t and t > 1 else "image"  # a one-frame bucket holds the images of a video run
@@ -124,12 +132,16 @@ def latent_plan(cfg: RunConfig, loader: StreamingLoader) -> list[str]:
                      f"{frames * n} frame(s) through the encoder per step{enc}")
     total = sum(s.total or 0 for s in loader.sources)
     if mode == "cache":
-        biggest = max((2 * C * latent_frames(s[0] if len(s) == 3 else 1) * (s[-2] // f) * (s[-1] // f) * item
+        biggest = max((2 * C * latent_frames(cached_frames(s[0] if len(s) == 3 else 1)) * (s[-2] // f) * (s[-1] // f)
+                       * item
                        for s, _ in rows),
                       default=0)
         disk = f", at most {_size(biggest * total)} for {total:,} samples" if total else ""
         lines.append(f"  mode cache: the cache stage encodes every sample once (one pass) into {cfg.cache.output}/"
                      f"{disk}; training then reads the moments and draws a latent per step (no encoder)")
+        if keep:
+            lines.append(f"  cache.clip_frames={keep}: {longest}-frame clips are cached with up to {keep} frames; "
+                         f"every read cuts a {longest}-frame window (video.clip_start={cfg.data.video.clip_start})")
     else:
         lines.append("  mode encode: no cache on disk; the frozen encoder runs on every training batch (the cost "
                      "above, each step)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +42,14 @@ def _read_split(folder: Path, split: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     demo._digits.cache_clear()
-    import sklearn.datasets  # noqa: F401  (import time is not the build's)
 
     out = tmp_path_factory.mktemp("demo_a")
-    start = time.perf_counter()
-    summaries = build_demo_set(out, seed=0)
-    seconds = time.perf_counter() - start
-    return out, summaries, seconds
+    return out, build_demo_set(out, seed=0)
 
 
-def test_build_is_fast_and_complete(built):
-    out, summaries, seconds = built
-    assert seconds < 5.0, f"demo build took {seconds:.1f} s"
+def test_build_is_complete(built):
+    # its time is part of `make quickstart`'s, measured in benchmarks/RESULTS.md (no timed test here)
+    out, summaries = built
     assert summaries["train"].samples == 1617 and summaries["val"].samples == 180
     assert sorted(p.name for p in out.iterdir()) == [
         "train-000000.tar", "train-000001.tar", "train.shardindex.json", "val-000000.tar", "val.shardindex.json",
@@ -64,7 +59,7 @@ def test_build_is_fast_and_complete(built):
 
 
 def test_samples_agree_and_images_are_32x32_rgb(built):
-    out, _, _ = built
+    out, _ = built
     indices = {}
     for split in ("train", "val"):
         samples = _read_split(out, split)
@@ -84,7 +79,7 @@ def test_samples_agree_and_images_are_32x32_rgb(built):
 def test_shard_labels_match_sklearn(built):
     from sklearn.datasets import load_digits
 
-    out, _, _ = built
+    out, _ = built
     target = load_digits().target
     for s in _read_split(out, "val"):
         meta = json.loads(s["json"])
@@ -113,7 +108,7 @@ def test_stratified_split_on_uneven_classes():
 
 
 def test_rebuild_is_byte_identical(built, tmp_path):
-    out, _, _ = built
+    out, _ = built
     build_demo_set(tmp_path, seed=0)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir())
@@ -122,7 +117,7 @@ def test_rebuild_is_byte_identical(built, tmp_path):
 
 
 def test_other_seed_gives_another_split(built, tmp_path):
-    out, _, _ = built
+    out, _ = built
     build_demo_set(tmp_path, seed=1)
     val0 = {json.loads(s["json"])["index"] for s in _read_split(out, "val")}
     val1 = {json.loads(s["json"])["index"] for s in _read_split(tmp_path, "val")}
@@ -130,7 +125,7 @@ def test_other_seed_gives_another_split(built, tmp_path):
 
 
 def test_load_digits_split_matches_the_shards(built):
-    out, _, _ = built
+    out, _ = built
     train_x, train_y, val_x, val_y = load_digits_split(seed=0, val_fraction=0.1)
     assert train_x.shape == (1617, 32, 32, 3) and val_x.shape == (180, 32, 32, 3)
     assert train_x.dtype == np.uint8 and train_y.dtype == np.int64
@@ -181,7 +176,7 @@ def test_refuses_existing_files_before_writing(tmp_path):
 
 def test_webdataset_reads_the_demo_set(built):
     wds = pytest.importorskip("webdataset")
-    out, _, _ = built
+    out, _ = built
     ds = wds.WebDataset(str(out / "val-000000.tar"), shardshuffle=False).decode("rgb8")
     n = 0
     for s in ds:

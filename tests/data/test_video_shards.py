@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from pathlib import Path
 
 import av
@@ -311,17 +310,14 @@ def test_clip_frames_move_the_digit():
 @pytest.fixture(scope="module")
 def moving_set(tmp_path_factory):
     _digits.cache_clear()
-    import sklearn.datasets  # noqa: F401  (import time is not the build's)
 
     out = tmp_path_factory.mktemp("moving_digits")
-    start = time.perf_counter()
-    summaries = md.build_moving_digits(out, seed=0)
-    return out, summaries, time.perf_counter() - start
+    return out, md.build_moving_digits(out, seed=0)
 
 
 def test_moving_digits_build(moving_set):
-    out, summaries, seconds = moving_set
-    assert seconds < 45.0, f"moving-digits build took {seconds:.1f} s"
+    # its time is part of `make quickstart-video`'s, measured in benchmarks/RESULTS.md (no timed test here)
+    out, summaries = moving_set
     assert summaries["train"].samples == 1617 and summaries["val"].samples == 180
     assert sorted(p.name for p in out.iterdir()) == [
         "train-000000.tar", "train-000001.tar", "train.shardindex.json", "val-000000.tar", "val.shardindex.json"]
@@ -341,7 +337,7 @@ def test_moving_digits_build(moving_set):
 def test_moving_digits_decode_close_to_the_encoded_frames_and_stay_readable(moving_set):
     from training.evaluation import DigitClassifier
 
-    out, _, _ = moving_set
+    out, _ = moving_set
     images, _ = _digits()
     val = _read_tar(out / "val-000000.tar")
     psnrs, recentred, labels = [], [], []
@@ -362,7 +358,7 @@ def test_moving_digits_decode_close_to_the_encoded_frames_and_stay_readable(movi
 def test_moving_digits_are_reproducible(moving_set, tmp_path):
     """The same seed writes the same shard bytes: samples, json, keys and every mp4 (tiny frames encode without
     x264's SIMD, which read uninitialised bytes past the rows and made ~1 clip in 100 differ between runs)."""
-    out, _, _ = moving_set
+    out, _ = moving_set
     samples = md.clip_samples("val", seed=0)
     for attempt in range(2):  # twice in one process: the differing clips showed up in long-running processes
         options = WriterOptions(overwrite=True, video_crf=md.CRF)

@@ -118,3 +118,103 @@ def test_loom_data_plan_counts_causal_latent_frames(shards, tmp_path, capsys):
     assert "9x16x16 (batch 2): latent (16, 3, 2, 2) per clip" in out  # 9 frames -> 3 latent frames, 8x per side
     assert "latent.npy (32, 3, 2, 2) float16 = 768 B per clip" in out  # 2 * 16 * 3 * 2 * 2 * 2 bytes
     assert "5x16x16 (batch 3): latent (16, 2, 2, 2) per clip" in out
+
+
+# ----------------------------------------------------------------------------- cache.clip_frames: longer clips kept
+
+def windowed_cfg(shards, clip_start: str = "random", seed: int = 0) -> DataConfig:
+    """Training clips of 4 frames (short videos padded), images as one-frame clips."""
+    return DataConfig(urls=str(shards), image_keys=["mp4", "png"], resolution=16, batch_size=2, num_workers=0,
+                      seed=seed, video=VideoConfig(num_frames=4, frame_stride=1, clip_start=clip_start,
+                                                   short_clips="pad"),
+                      buckets=BucketConfig(frames=[4]))
+
+
+def window_reads(cache_dir, data: DataConfig, epochs: int) -> list[tuple[str, int, np.ndarray]]:
+    """``(source key, window start, latent)`` of every cached sample read in ``epochs`` passes of training."""
+    cached = dataclasses.replace(cache_data_config(cache_dir, "train", data), full_pass=True)
+    loader = build_loader(cached)
+    out = []
+    for _ in range(epochs):  # each pass over the loader is the next epoch
+        for batch in loader:
+            assert batch.latents.shape[2] in (1, 4)  # every clip comes out at the training length
+            out += [(m["source_key"], m.get("latent_window_start", -1), lat.numpy())
+                    for m, lat in zip(batch.metadata, batch.latents)]
+    return out
+
+
+def test_clip_frames_caches_long_clips_and_every_read_cuts_a_fresh_window(shards, models, tmp_path):
+    """cache.clip_frames=8: videos with 8 frames or more are cached with 8, shorter ones at the training length;
+    training reads windows of 4 frames at random starts, each the per-frame encoding of those 4 decoded frames."""
+    ae, te = models
+    data = windowed_cfg(shards)
+    cache_shards(data, "train", tmp_path, ae, te, CacheConfig(batch_size=2, clip_frames=8), torch.device("cpu"),
+                 progress=False)
+    # the pixels the cache pass encodes: the centred 8 frames (4 for the short videos), decoded here once more
+    one_pass = dataclasses.replace(data, shuffle_buffer=0, shard_shuffle=False, full_pass=True,
+                                   video=dataclasses.replace(data.video, clip_start="center", num_frames=8),
+                                   buckets=BucketConfig(frames=[8, 4]))
+    pixels = {k: p for batch in build_loader(one_pass) for k, p in zip(batch.keys, batch.pixels)}
+    assert {k: p.shape[1] for k, p in pixels.items()} == {"v0": 8, "v1": 4, "v2": 8, "v3": 4, "v4": 8,
+                                                          "i0": 1, "i1": 1, "i2": 1}
+
+    reads = window_reads(tmp_path, data, epochs=8)
+    starts: dict[str, set] = {}
+    for key, start, lat in reads:
+        starts.setdefault(key, set()).add(start)
+        if pixels[key].shape[1] == 8:  # a kept clip: the window is the encoding of its 4 frames
+            assert 0 <= start <= 4 and lat.shape == (4, 4, 8, 8)
+            window = pixels[key][None, :, start:start + 4]
+            np.testing.assert_allclose(lat, posterior_moments(ae, window)[0], rtol=1e-4, atol=1e-5)
+        else:  # clips of the training length and images: used whole, never cut
+            assert start == -1 and lat.shape[1] == pixels[key].shape[1]
+    # fresh windows across epochs, not one frozen clip (5 starts: the same one 8 times has odds 5**-7 per clip)
+    assert all(len(starts[k]) >= 2 for k in ("v0", "v2", "v4")), starts
+    assert starts["v1"] == starts["i0"] == {-1}
+
+    # the draws are the sample's own: the same seed reads the same windows (a resumed run too), another seed others
+    again = window_reads(tmp_path, data, epochs=8)
+    assert [(k, s) for k, s, _ in again] == [(k, s) for k, s, _ in reads]
+    other = window_reads(tmp_path, windowed_cfg(shards, seed=1), epochs=8)
+    assert [s for _, s, _ in other] != [s for _, s, _ in reads]
+    # clip_start: center takes the middle window every time (8 cached frames, 4 wanted: start 2)
+    centre = window_reads(tmp_path, windowed_cfg(shards, "center"), epochs=2)
+    assert {s for k, s, _ in centre if pixels[k].shape[1] == 8} == {2}
+
+
+def test_clip_frames_is_refused_where_a_window_would_be_wrong(shards, models, tmp_path):
+    from models.registry import build_model
+
+    ae, te = models
+    data = windowed_cfg(shards)
+    with pytest.raises(ValueError, match=r"cache.clip_frames=3: fewer than the 4 frames of a training clip"):
+        CacheConfig(clip_frames=3).check_clip_frames(data)
+    images = dataclasses.replace(data, image_keys=["png"], buckets=BucketConfig())
+    with pytest.raises(ValueError, match=r"cache.clip_frames=8: the data reads no clips"):
+        CacheConfig(clip_frames=8).check_clip_frames(images)
+    with pytest.raises(ValueError, match="clip_frames: got 0"):
+        CacheConfig(clip_frames=0)
+    causal = build_model("tiny-causal-vae").eval()  # 4x in time: a window of latent frames is not those frames
+    with pytest.raises(ValueError, match=r"cache.clip_frames=9: the autoencoder \(CausalAutoencoder3D\) compresses "
+                                         r"time 4x"):
+        cache_shards(dataclasses.replace(data, buckets=BucketConfig(frames=[5])), "train", tmp_path, causal, te,
+                     CacheConfig(clip_frames=9), torch.device("cpu"), progress=False)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_loom_data_plans_the_longer_cached_clips_and_a_bad_clip_frames_stops_before_work(shards, tmp_path, capsys):
+    cli = pytest.importorskip("launch.cli")
+    common = ["data", f"data.urls={shards}", "data.image_keys=[mp4,png]", "data.resolution=16", "data.batch_size=2",
+              "data.buckets.frames=[8,4]", "data.num_workers=0", "autoencoder.model.block_out_channels=[8,16]",
+              "autoencoder.model.norm_num_groups=4", "autoencoder.model.latent_channels=2",
+              "diffusion.latents=cache", "cache.dtype=float16", f"run.output_dir={tmp_path}", "--dry-run"]
+    assert cli.main(common + ["cache.clip_frames=12"]) == 0
+    out = capsys.readouterr().out
+    assert "latent.npy (4, 12, 8, 8) float16 = 6.0 KiB per clip" in out  # 4 * 12 * 8 * 8 * 2 bytes, not 8 frames
+    assert "latent.npy (4, 4, 8, 8) float16 = 2.0 KiB per clip" in out  # the shorter bucket keeps its length
+    assert "cache.clip_frames=12: 8-frame clips are cached with up to 12 frames; every read cuts a 8-frame window" in out
+    train = ["train", "pipeline=[cache,diffusion]", *common[1:-1], "--dry-run"]
+    assert cli.main(train + ["cache.clip_frames=6"]) == 2  # a config error: nothing ran
+    err = capsys.readouterr().err
+    assert "cache.clip_frames=6: fewer than the 8 frames of a training clip" in err
+    assert not any(tmp_path.iterdir())  # no run directory, no cache

@@ -18,6 +18,15 @@ taken. The cached shards stream back like image caches: latents-only batches gro
 ``Batch.latents`` ``(B, 2C, T, h, w)`` for clips. The alternative, ``diffusion.latents: encode``, runs the frozen
 encoder on every training batch instead (no pass, no disk; the encoder's cost each step): ``loom data`` prints
 both costs.
+
+Temporal crops survive caching with ``cache.clip_frames``: a clip is then encoded with up to that many frames (its
+centred window of them; a video too short for that gets the run's own clip length), and every time training reads
+it the loader cuts a window of the training clip's length at ``data.video.clip_start`` — a fresh random window per
+epoch, drawn from the sample's counter-based seed as a decoded clip's start is (so a resumed run cuts the same
+ones; :func:`data_pipeline.video.cut_latent_window`). Without it the cache holds the centred clip only, and every
+epoch trains on the same frames of each video whatever ``clip_start`` says. A window of cached latent frames is the
+encoding of those frames only when the autoencoder encodes frame by frame (temporal factor 1: the image autoencoder,
+the SVD temporal decoder); a causal 3-D autoencoder is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +50,8 @@ from data_pipeline.loader import build_loader
 from data_pipeline.sampletext import text_problem
 from data_pipeline.sources import SkipLog
 from data_pipeline.stats import format_counts
+from data_pipeline.video import training_clip_frames
+from data_pipeline.worker import clip_frames as bucket_frames
 from data_pipeline.writer import ShardWriter, WriterOptions
 
 log = logging.getLogger(__name__)
@@ -56,12 +67,31 @@ class CacheConfig:
     batch_size: int = 64  # images encoded at once (clip buckets scale it by their token budget)
     dtype: Literal["float16", "float32"] = "float32"  # storage precision of the cached arrays
     max_samples_per_shard: int = 1000  # samples per cached tar
+    # clips: frames kept per training clip (its centred window of this many; fewer when the video is shorter), from
+    # which every read cuts a fresh training clip at data.video.clip_start; null: the training clip's frames (the
+    # centred clip, the same every epoch). Needs an autoencoder that encodes frames one by one (temporal factor 1).
+    clip_frames: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
         if self.max_samples_per_shard < 1:
             raise ValueError(f"max_samples_per_shard: {self.max_samples_per_shard} must be >= 1")
+        if self.clip_frames is not None and (not isinstance(self.clip_frames, int) or self.clip_frames < 1):
+            raise ValueError(f"clip_frames: got {self.clip_frames!r}; expected an int >= 1 (or null)")
+
+    def check_clip_frames(self, data: DataConfig, where: str = "cache.clip_frames") -> None:
+        """Raise a ValueError naming ``where`` unless ``clip_frames`` (when set) suits ``data``: a video run whose
+        training clips are no longer than it."""
+        if self.clip_frames is None:
+            return
+        if not bucket_frames(data):
+            raise ValueError(f"{where}={self.clip_frames}: the data reads no clips (image_keys "
+                             f"{list(data.image_keys)}); remove it")
+        need = training_clip_frames(data)
+        if self.clip_frames < need:
+            raise ValueError(f"{where}={self.clip_frames}: fewer than the {need} frames of a training clip "
+                             "(data.video.num_frames / data.buckets.frames); give at least that many, or null")
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -132,11 +162,28 @@ def cache_shards(
     device: torch.device,
     progress: bool = True,
 ) -> int:
-    """Encode every sample of ``data`` into ``out_dir/<prefix>-*.tar``; returns the number of samples written."""
+    """Encode every sample of ``data`` into ``out_dir/<prefix>-*.tar``; returns the number of samples written.
+
+    With ``cfg.clip_frames``, clips are encoded with up to that many frames (a clip bucket of that length beside the
+    run's own, so a shorter video still gives a clip of the run's length) for training to cut windows from; the
+    autoencoder must encode frames one by one (temporal factor 1), so a window of the cached latent equals the
+    encoding of that window of frames."""
+    cfg.check_clip_frames(data)
+    video = dataclasses.replace(data.video, clip_start="center")  # the clip a validation pass would take
+    buckets = data.buckets
+    if cfg.clip_frames is not None:
+        factor = int(getattr(autoencoder, "temporal_factor", 1))
+        if factor != 1:
+            raise ValueError(
+                f"cache.clip_frames={cfg.clip_frames}: the autoencoder ({type(autoencoder).__name__}) compresses "
+                f"time {factor}x, so a window of its latent frames is not the encoding of those frames; "
+                "cache.clip_frames needs a per-frame encoder (autoencoder-kl, autoencoder-kl-temporal) - set it null")
+        frames = sorted(set(bucket_frames(data)) | {cfg.clip_frames}, reverse=True)
+        video = dataclasses.replace(video, num_frames=max(frames))
+        buckets = dataclasses.replace(buckets, frames=frames)
     one_pass = dataclasses.replace(
         data, batch_size=cfg.batch_size, shuffle_buffer=0, shard_shuffle=False, resampled=False, epoch_samples=None,
-        crop="center", flip=False, full_pass=True,
-        video=dataclasses.replace(data.video, clip_start="center"),  # the clip a validation pass would take
+        crop="center", flip=False, full_pass=True, video=video, buckets=buckets,
     )
     loader = build_loader(one_pass, rank=0, world_size=1)
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
