@@ -4,13 +4,15 @@ The video quickstart's report animates 20 still validation digits (the demo imag
 and reads whether each clip moves as prompted (:mod:`training.motion_check`). This script repeats that reading per
 direction, for three kinds of first frame, and reads the real clips the same way (the check's own ceiling):
 
-* ``centred``: the still digit itself — the report's case. In the training clips (9 frames, the still in the
-  middle, 5-frame windows from a random start) a window starts at the centred still one time in five, and from
-  there the digit must leave the frame at once (the demo digits fill the frame's height, so an upward or downward
-  move cuts rows immediately);
-* ``start-0`` / ``start-2``: the first frame of the training window that starts at frame 0 / 2 (the digit shifted
-  4 / 2 pixels against the prompted direction). These are frames the model saw as first frames; their position
-  hints the direction, so they measure whether motion is learnt in distribution, not from a neutral frame.
+* ``centred``: the still digit itself — the report's case. The moving-digits clips have 9 frames with the still in
+  the middle, and a training clip is a 5-frame window of one. With ``cache.clip_frames: 9`` (the preset since
+  2026-12-07) every read cuts a fresh window, one in five of them starting at the still; a cache of 5-frame clips
+  (``cache.clip_frames: null``, the earlier runs) holds the centred window only (frames 2–6), whose first frame is
+  ``start-2`` below, so the model never saw a clip start at the still. From the still the digit must leave the
+  frame at once (the demo digits fill the frame's height, so an upward or downward move cuts rows immediately);
+* ``start-0`` / ``start-2``: the first frame of the window that starts at frame 0 / 2 (the digit shifted 4 / 2
+  pixels against the prompted direction; ``start-2`` is the first frame of every clip a 5-frame cache holds). Their
+  position hints the direction, so they measure whether motion is learnt in distribution, not from a neutral frame.
 
     python benchmarks/i2v_breakdown.py runs/quickstart-video [more runs]
 """

@@ -78,13 +78,14 @@ def write_diagonal_shards(out: Path = DIAGONAL_DIR) -> dict[str, int]:
 
 def lora_overrides(base: Path, seed: int, extra: list[str]) -> list[str]:
     """``loom train --config lora-diagonal`` pointed at ``base``'s exported DiT and the frozen parts it used."""
-    from training.builders import run_config_of
+    from training.builders import exported_autoencoder_path, run_config_of
 
     d = run_config_of(base).diffusion
+    ae = exported_autoencoder_path(base) if d.autoencoder_weights == "auto" else d.autoencoder_weights  # base's own
     sources = [{"urls": f"{DIAGONAL_DIR}/train-*.tar", "name": "diagonal"},
                {"urls": f"{PLAIN_DIR}/train-{{000000..000001}}.tar", "name": "plain"}]
     return [f"diffusion.weights={base / 'diffusion/export/model.safetensors'}",
-            f"diffusion.autoencoder_weights={d.autoencoder_weights}",
+            f"diffusion.autoencoder_weights={ae}",
             f"diffusion.text_encoder.checkpoint={d.text_encoder.checkpoint}",
             f"data.sources={json.dumps(sources)}", f"val_data.urls={DIAGONAL_DIR}/val-000000.tar",
             f"run.name=lora-diagonal-s{seed}", f"run.seed={seed}", f"data.seed={seed}", *extra]

@@ -34,7 +34,7 @@ def joint_run(tmp_path_factory) -> tuple[Path, RunConfig]:
         f"data.sources=[{{urls: {root}/clips/train-000000.tar, name: clips}}, "
         f"{{urls: {root}/images/train-000000.tar, name: images}}]",
         f"val_data.urls={root}/clips/val-000000.tar",
-        f"run.output_dir={root / 'runs'}", "run.name=joint", "diffusion.batch_size=4", "diffusion.inflate_from=null",
+        f"run.output_dir={root / 'runs'}", "run.name=joint", "pipeline=[cache,diffusion]", "diffusion.batch_size=4", "diffusion.inflate_from=null",
         f"diffusion.autoencoder_weights={ae_path}", "diffusion.text_encoder.checkpoint=null",
         "diffusion.model.dit.hidden_size=32", "diffusion.model.dit.depth=1", "diffusion.model.dit.num_heads=2",
         "diffusion.train.max_steps=8", "diffusion.train.checkpoint_every=8", "diffusion.train.progress=false",

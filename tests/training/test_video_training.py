@@ -53,7 +53,7 @@ def _video_config(base: dict[str, Path], out: Path, *extra: str) -> RunConfig:
     clips = base["clips"]
     overrides = [
         f"data.urls={clips}/train-000000.tar", f"val_data.urls={clips}/val-000000.tar", "data.num_workers=0",
-        f"run.output_dir={out}", "run.name=video", "data.batch_size=4", "diffusion.batch_size=4",
+        f"run.output_dir={out}", "run.name=video", "pipeline=[cache,diffusion]", "data.batch_size=4", "diffusion.batch_size=4",
         f"diffusion.inflate_from={base['dit']}", f"diffusion.autoencoder_weights={base['ae']}",
         "diffusion.text_encoder.checkpoint=null", "diffusion.model.dit.hidden_size=32",
         "diffusion.model.dit.depth=1", "diffusion.model.dit.num_heads=2", "diffusion.train.max_steps=3",
