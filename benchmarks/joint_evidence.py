@@ -2,8 +2,9 @@
 
 The clips of the moving-digits set are cut to the digits 0–4; the digits 5–9 appear only as still images (the image
 quickstart's demo shards, every digit, captioned "a handwritten digit seven"). Two video runs, same network (the
-quickstart-video DiT from scratch: ``inflate_from=null``, so no image model carries the digits in), same steps and
-batch size, same seed:
+quickstart-video DiT from scratch: ``inflate_from=null``, so no image model carries the digits in; the image
+quickstart's autoencoder frame by frame, no autoencoder stage; the preset's clip cache, fresh 5-frame windows of 9),
+same steps and batch size, same seed:
 
 * ``video``: the clips of 0–4 alone;
 * ``joint``: the same clips mixed 1:1 per sample with the still images (``data.sources``; an image is a one-frame
@@ -37,6 +38,9 @@ from common import loom_train  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN = range(0, 5), range(5, 10)  # digits the clips show · digits only the still images show
 ARMS = ("video", "joint")
+# the arms differ in their data only: no autoencoder stage, the image quickstart's autoencoder frame by frame
+FROZEN_PARTS = ["pipeline=[cache,diffusion]",
+                "diffusion.autoencoder_weights=runs/quickstart/autoencoder/export/model.safetensors"]
 MEASURES = ("direction_accuracy", "digit_accuracy", "temporal_consistency")
 
 
@@ -91,7 +95,7 @@ def run_arm(arm: str, seed: int, clips: Path, images: Path, out_dir: Path, threa
     name = f"joint-evidence{tag}-{arm}-s{seed}"
     seconds = loom_train(["--config", "quickstart-video", f"run.name={name}", f"run.output_dir={out_dir}",
                           f"run.seed={seed}", f"data.seed={seed}", "diffusion.inflate_from=null",
-                          "diffusion.train.progress=false", "report.enabled=false",
+                          *FROZEN_PARTS, "diffusion.train.progress=false", "report.enabled=false",
                           *data_overrides(arm, clips, images, image_weight), *extra], threads, REPO)
     return {"arm": arm, "seed": seed, "seconds": seconds, **measure(out_dir / name, 5, seed)}
 

@@ -1,7 +1,7 @@
 """Evidence that the ``lora`` stage teaches a video model a motion it never saw, measured from generated clips.
 
-    python benchmarks/video_lora_evidence.py --base runs/video-evidence-image-s0           # seed 0 (~5 min CPU)
-    python benchmarks/video_lora_evidence.py --base runs/video-evidence-image-s0 --seed 1  # another adapter seed
+    python benchmarks/video_lora_evidence.py --base runs/quickstart-video           # seed 0 (~5 min CPU)
+    python benchmarks/video_lora_evidence.py --base runs/quickstart-video --seed 1  # another adapter seed
     python benchmarks/video_lora_evidence.py --skip-train     # measure the existing adapter again
     python benchmarks/video_lora_evidence.py --set lora.adapter.rank=4 --set run.name=lora-diagonal-r4
 
@@ -58,7 +58,7 @@ from training.motion_check import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_RUN = Path("runs/video-evidence-image-s0")
+BASE_RUN = Path("runs/quickstart-video")
 DIAGONAL_DIR = Path("data/moving-diagonal")
 PLAIN_DIR = Path("data/moving-digits")
 CONFIG = "lora-diagonal"

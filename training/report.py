@@ -38,7 +38,8 @@ def _autoencoder_section(cfg: RunConfig, run_dir: Path, ae: Any, lines: list[str
     out["autoencoder_psnr_db"] = value
     grid = save_grid(torch.cat([x[:16], recon[:16]]), run_dir / "report" / "reconstructions.png", nrow=16, scale=3)
     lines += ["## Autoencoder", "",
-              f"Reconstruction PSNR on the {len(x)} validation images: **{value:.2f} dB** "
+              f"Reconstruction PSNR on the {len(x)} validation "
+              f"{f'clips ({x.shape[2]} frames, {type(ae).__name__})' if x.ndim == 5 else 'images'}: **{value:.2f} dB** "
               f"(latent {ae.config.latent_channels}×{x.shape[-1] // ae.spatial_factor}², "
               f"scaling factor {ae.config.scaling_factor:.4f}).", "",
               f"![reconstructions (top: input, bottom: reconstruction)]({grid.relative_to(run_dir)})", ""]
