@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from training.config_io import ConfigError, from_dict, load_config, parse_overrides, to_dict
+from training.config_io import CONFIG_DIR, ConfigError, from_dict, load_config, parse_overrides, to_dict
 
 
 @dataclass
@@ -95,3 +95,13 @@ def test_base_loop_and_bad_yaml_are_errors(tmp_path):
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="no preset of that name"):
         load_config(Outer, ["definitely-not-a-preset"])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_preset_loads_and_validates(preset):
+    """Each YAML in configs/ builds a valid RunConfig as shipped (types, allowed values, cross-field checks): a
+    preset a user copies must not stop at its first line (the SVD presets once asked for a bfloat16 cache)."""
+    from training.run_config import RunConfig
+
+    cfg = load_config(RunConfig, [preset])
+    assert cfg.pipeline, preset
