@@ -233,10 +233,16 @@ def _clip_start(positions: int, mode: str, rand: int) -> int:
     return mix64(rand, T_CLIP) % positions
 
 
-def training_clip_frames(cfg: Any) -> int:
-    """Frames of the longest training clip of a ``DataConfig``: its largest clip bucket, else ``video.num_frames``."""
+def clip_lengths(cfg: Any) -> list[int]:
+    """The clip lengths a ``DataConfig`` trains on: its ``buckets.frames``, else ``[video.num_frames]`` (16 without
+    a ``video`` section)."""
     frames = list(getattr(getattr(cfg, "buckets", None), "frames", None) or [])
-    return max(frames) if frames else int(cfg.video.num_frames)
+    return frames or [int(getattr(getattr(cfg, "video", None), "num_frames", 16))]
+
+
+def training_clip_frames(cfg: Any) -> int:
+    """Frames of the longest training clip of a ``DataConfig`` (:func:`clip_lengths`)."""
+    return max(clip_lengths(cfg))
 
 
 def latent_window(cfg: Any, shape: tuple[int, ...]) -> Optional[int]:

@@ -64,7 +64,7 @@ from data_pipeline.shardlists import T_AUG, T_MIX, T_SHUFFLE, ResolvedSource, mi
 from data_pipeline.stats import Counters, format_counts
 from data_pipeline.stream import PASS_END, Raw, SourceStream, _error_text, read_samples
 from data_pipeline.transforms import array_name, load_array
-from data_pipeline.video import cut_latent_window, latent_window
+from data_pipeline.video import clip_lengths, cut_latent_window, latent_window
 
 MODES = ("aligned", "nominal", "exhaust")
 SCHEDULE_PATIENCE = 32  # same_bucket_across_ranks: queued samples, in largest batches, before a bucket is starved
@@ -79,10 +79,8 @@ def clip_frames(cfg: DataConfig) -> list[int]:
     never a video run here: their batches are keyed by the latent shape."""
     if not cfg.image_keys:
         return []
-    if cfg.buckets.frames:
-        return list(cfg.buckets.frames)
-    if any(member_decoder(k).kind != "image" for k in cfg.image_keys):
-        return [int(getattr(getattr(cfg, "video", None), "num_frames", 16))]
+    if cfg.buckets.frames or any(member_decoder(k).kind != "image" for k in cfg.image_keys):
+        return clip_lengths(cfg)
     return []
 
 

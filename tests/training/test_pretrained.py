@@ -30,13 +30,9 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 PROMPTS = ["the cat", "a hat"]
 
 
-def tiny_sd_parts(seed: int = 0, prediction: str = "epsilon"):
-    return tiny_sd_pipeline(seed, prediction)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    pipe = tiny_sd_parts()
+    pipe = tiny_sd_pipeline()
     root = tmp_path_factory.mktemp("sd") / "pipeline"
     pipe.save_pretrained(root)
     return root, pipe
